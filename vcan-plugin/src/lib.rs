@@ -1,0 +1,1 @@
+//! vcan-plugin library
