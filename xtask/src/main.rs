@@ -1,1 +1,79 @@
-fn main() {}
+//! Developer commands for vcan-plugin (`cargo xtask <command>`).
+//!
+//! The host kernel has no CAN support, so everything that needs vcan, vxcan, can-gw or eBPF on
+//! CAN interfaces runs in a qemu VM booting Debian's stock kernel; see [`vm`].
+
+mod ci;
+mod setup;
+mod util;
+mod vm;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer commands for vcan-plugin"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the VM tests (every ignored test) in the CAN test-bed VM.
+    VmTest(vm::tests::VmTestArgs),
+    /// Boot the test-bed VM and run a host command in it; exits with the command's status.
+    VmRun {
+        /// Limit for the VM run, boot included, in seconds.
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        timeout: u64,
+        /// VM settings.
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Install the Debian packages the project needs (only those missing).
+    Setup,
+    /// Setup, fmt, clippy, host tests and VM tests, stopping at the first failure.
+    Ci(vm::tests::VmTestArgs),
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::VmTest(args) => Ok(if vm::tests::vm_test(&args)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
+        Cmd::VmRun {
+            timeout,
+            vm,
+            command,
+        } => {
+            let status = vm::vm_run(&command, Duration::from_secs(timeout), vm)?;
+            // Statuses outside 0..=255 cannot be passed on; report them as plain failure.
+            Ok(u8::try_from(status).map_or(ExitCode::FAILURE, ExitCode::from))
+        }
+        Cmd::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
+        Cmd::Ci(args) => ci::ci(&args).map(|()| ExitCode::SUCCESS),
+    }
+}

@@ -1,0 +1,161 @@
+//! Running code inside another network namespace.
+//!
+//! A network namespace belongs to a thread, not to a process, so entering one on a tokio worker would
+//! move every task that later runs on that worker into the pod's namespace. Everything here therefore
+//! happens on a fresh OS thread that enters the target namespace, does its work and exits; the
+//! calling thread's namespace is never changed. This is the only module that calls `setns`.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// A network namespace, named by a bind-mounted path or by a process living in it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Netns {
+    /// A namespace file, such as `/var/run/netns/cni-…` (what containerd creates for a pod sandbox).
+    Path(PathBuf),
+    /// The network namespace of a process, `/proc/<pid>/ns/net`.
+    Pid(u32),
+}
+
+impl Netns {
+    /// The file that refers to this namespace.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Netns::Path(p) => p.clone(),
+            Netns::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        }
+    }
+}
+
+impl fmt::Display for Netns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Netns::Path(p) => write!(f, "{}", p.display()),
+            Netns::Pid(pid) => write!(f, "pid {pid}"),
+        }
+    }
+}
+
+/// Why a namespace could not be entered.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// The namespace file does not exist: the pod is gone or the path is wrong.
+    #[error(
+        "network namespace {0} does not exist: the pod sandbox may have been removed, or the \
+         namespace directory is not mounted into the plugin (mount /var/run/netns with \
+         HostToContainer propagation)"
+    )]
+    NotFound(String),
+    /// The namespace file exists but could not be opened.
+    #[error("cannot open network namespace {ns}: {source}")]
+    Open {
+        /// The namespace.
+        ns: String,
+        /// The error from `open`.
+        source: io::Error,
+    },
+    /// `setns` failed: the file is not a network namespace, or the process lacks CAP_SYS_ADMIN.
+    #[error(
+        "cannot enter network namespace {ns}: {source} (is it a network namespace file, and does \
+         the plugin have CAP_SYS_ADMIN?)"
+    )]
+    Enter {
+        /// The namespace.
+        ns: String,
+        /// The error from `setns`.
+        source: io::Error,
+    },
+    /// The helper thread could not be started or panicked.
+    #[error("namespace worker thread failed: {0}")]
+    Thread(String),
+}
+
+/// Opens the namespace file, mapping a missing file to [`NetnsError::NotFound`].
+fn open(ns: &Netns) -> Result<File, NetnsError> {
+    let path = ns.path();
+    File::open(&path).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            NetnsError::NotFound(ns.to_string())
+        } else {
+            NetnsError::Open {
+                ns: ns.to_string(),
+                source,
+            }
+        }
+    })
+}
+
+/// Runs `f` on a new OS thread that has entered `ns`, and returns its result.
+///
+/// Blocks the caller until `f` returns; from async code call it inside `spawn_blocking`. Sockets
+/// opened by `f` stay in `ns` after the thread exits, so the usual pattern is to open a netlink socket
+/// here and use it from anywhere.
+pub fn run<T, F>(ns: &Netns, f: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    // Opening before spawning reports a missing namespace without paying for a thread.
+    let file = open(ns)?;
+    let name = ns.to_string();
+    let handle = std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || -> Result<T, NetnsError> {
+            // SAFETY: setns only changes this thread's namespace; the fd is valid for the call.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(NetnsError::Enter {
+                    ns: name,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            Ok(f())
+        })
+        .map_err(|e| NetnsError::Thread(e.to_string()))?;
+    handle
+        .join()
+        .map_err(|_| NetnsError::Thread("the worker panicked".into()))?
+}
+
+/// The inode of a namespace file: two paths name the same namespace exactly when their inodes match.
+pub fn inode(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_namespace_is_reported_with_its_path() {
+        let err = run(&Netns::Path("/var/run/netns/does-not-exist".into()), || ())
+            .expect_err("a missing namespace must fail");
+        assert!(matches!(err, NetnsError::NotFound(_)), "{err:?}");
+        assert!(err.to_string().contains("/var/run/netns/does-not-exist"));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_namespace_cannot_be_entered() {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let err = run(&Netns::Path(file.path().into()), || ()).expect_err("must fail");
+        assert!(matches!(err, NetnsError::Enter { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn the_callers_namespace_is_unchanged() {
+        let before = inode(Path::new("/proc/thread-self/ns/net")).expect("own namespace");
+        let inside = run(&Netns::Pid(std::process::id()), || {
+            inode(Path::new("/proc/thread-self/ns/net")).expect("worker namespace")
+        })
+        .expect("entering our own namespace works");
+        assert_eq!(before, inside);
+        assert_eq!(
+            before,
+            inode(Path::new("/proc/thread-self/ns/net")).expect("own namespace")
+        );
+    }
+}
