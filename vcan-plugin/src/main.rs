@@ -1,1 +1,115 @@
-fn main() {}
+//! The vcan-plugin daemon: wires configuration, logging and the library together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use vcan_plugin::config::{Config, LogFormat};
+use vcan_plugin::health;
+use vcan_plugin::injector::Injector;
+use vcan_plugin::kubelet::registration::Registrar;
+use vcan_plugin::podresources::PodResources;
+use vcan_plugin::resource::DeviceSet;
+use vcan_plugin::runtime::{self, CriRuntime};
+
+/// How often pods that went away are forgotten.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_logging(config.log_format);
+    let containerd_socket = config
+        .containerd_socket
+        .clone()
+        .unwrap_or_else(runtime::default_containerd_socket);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        resource = %config.resource_name,
+        devices = config.devices,
+        containerd = %containerd_socket.display(),
+        "starting vcan-plugin"
+    );
+    if !containerd_socket.exists() {
+        tracing::warn!(
+            socket = %containerd_socket.display(),
+            "container runtime socket not found yet; PreStart calls fail until it appears \
+             (set --containerd-socket and mount its directory)"
+        );
+    }
+
+    let injector = Arc::new(Injector::new(
+        config.resource_name.clone(),
+        DeviceSet::new(&config.resource_name, config.devices as usize),
+        PodResources::new(&config.pod_resources_socket),
+        Arc::new(CriRuntime::new(&containerd_socket)),
+    ));
+    let health = health::watch(Duration::from_secs(config.health_interval.max(1)));
+
+    // Interfaces of running pods survive a plugin restart; take them over from what the kubelet and
+    // the runtime report rather than from anything this process remembered.
+    match injector.recover().await {
+        Ok(n) => tracing::info!(pods = n, "adopted running pods"),
+        Err(e) => tracing::warn!(error = %e, "could not adopt running pods yet"),
+    }
+
+    let shutdown = CancellationToken::new();
+    let reconciler = {
+        let injector = injector.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                match injector.reconcile().await {
+                    Ok(gone) => {
+                        for pod in gone {
+                            tracing::info!(pod = %pod.pod, "pod went away: forgotten");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconcile skipped"),
+                }
+            }
+        })
+    };
+
+    let registrar = Registrar::new(&config.device_plugin_dir, injector.clone(), health);
+    let signals = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        })
+    };
+    registrar
+        .run(shutdown.clone())
+        .await
+        .context("device-plugin registration failed")?;
+    shutdown.cancel();
+    let _ = reconciler.await;
+    signals.abort();
+    Ok(())
+}

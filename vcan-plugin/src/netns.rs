@@ -120,6 +120,33 @@ where
         .map_err(|_| NetnsError::Thread("the worker panicked".into()))?
 }
 
+/// Runs `f` on a new OS thread inside a new, empty network namespace, which the kernel destroys
+/// (with every link in it) once the thread exits and nothing else refers to it.
+///
+/// Used to probe what the kernel supports without touching any real namespace.
+pub fn run_in_new<T, F>(f: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let handle = std::thread::Builder::new()
+        .name("netns-probe".into())
+        .spawn(move || -> Result<T, NetnsError> {
+            // SAFETY: unshare only changes this thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(NetnsError::Enter {
+                    ns: "a new namespace".into(),
+                    source: io::Error::last_os_error(),
+                });
+            }
+            Ok(f())
+        })
+        .map_err(|e| NetnsError::Thread(e.to_string()))?;
+    handle
+        .join()
+        .map_err(|_| NetnsError::Thread("the worker panicked".into()))?
+}
+
 /// The inode of a namespace file: two paths name the same namespace exactly when their inodes match.
 pub fn inode(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -143,6 +170,24 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("temp file");
         let err = run(&Netns::Path(file.path().into()), || ()).expect_err("must fail");
         assert!(matches!(err, NetnsError::Enter { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_new_namespace_is_empty_and_separate() {
+        let own = inode(Path::new("/proc/thread-self/ns/net")).expect("own namespace");
+        let (inside, links) = run_in_new(|| {
+            let ino = inode(Path::new("/proc/thread-self/ns/net")).expect("worker namespace");
+            let names: Vec<String> = crate::link::Links::current()
+                .and_then(|mut l| l.list())
+                .expect("list")
+                .into_iter()
+                .map(|l| l.name)
+                .collect();
+            (ino, names)
+        })
+        .expect("unshare works as root");
+        assert_ne!(own, inside);
+        assert_eq!(links, ["lo"]);
     }
 
     #[test]

@@ -1,0 +1,69 @@
+//! Command-line flags (each with an environment variable of the same meaning).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::resource::ResourceName;
+
+/// Kubernetes device plugin that gives pods virtual SocketCAN (vcan) interfaces.
+///
+/// A pod that requests `<resource>: N` gets N vcan interfaces in its own network namespace, created
+/// and up before its first container starts. Interface names and CAN mode come from pod annotations
+/// under the resource's domain, e.g. for socketcan.io/vcan: `socketcan.io/names: "can0,can1"` and
+/// `socketcan.io/fd: "false"` (default: vcan0..vcanN-1, CAN FD capable, MTU 72).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "vcan-plugin", version, about, long_about)]
+pub struct Config {
+    /// Extended resource to advertise, as domain/name. Also sets the annotation domain.
+    #[arg(long, env = "VCAN_RESOURCE_NAME", default_value = "socketcan.io/vcan")]
+    pub resource_name: ResourceName,
+
+    /// Number of devices (interfaces) the node advertises.
+    #[arg(long, env = "VCAN_DEVICES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=9999))]
+    pub devices: u32,
+
+    /// The kubelet's device-plugin directory (holds kubelet.sock and the plugin's socket).
+    #[arg(
+        long,
+        env = "VCAN_DEVICE_PLUGIN_DIR",
+        default_value = "/var/lib/kubelet/device-plugins"
+    )]
+    pub device_plugin_dir: PathBuf,
+
+    /// The kubelet's PodResources socket.
+    #[arg(
+        long,
+        env = "VCAN_POD_RESOURCES_SOCKET",
+        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )]
+    pub pod_resources_socket: PathBuf,
+
+    /// containerd's socket (its CRI service). Default: the first that exists of
+    /// /run/containerd/containerd.sock, /run/k3s/containerd/containerd.sock,
+    /// /var/snap/microk8s/common/run/containerd.sock.
+    #[arg(long, env = "VCAN_CONTAINERD_SOCKET")]
+    pub containerd_socket: Option<PathBuf>,
+
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "VCAN_METRICS_ADDRESS", default_value = "0.0.0.0:9720")]
+    pub metrics_address: SocketAddr,
+
+    /// Seconds between checks that this node can still create vcan interfaces.
+    #[arg(long, env = "VCAN_HEALTH_INTERVAL", default_value_t = 30)]
+    pub health_interval: u64,
+
+    /// Log format.
+    #[arg(long, env = "VCAN_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

@@ -1,0 +1,315 @@
+//! Putting a pod's vcan interfaces into its network namespace.
+//!
+//! PreStartContainer carries only device IDs. The injector finds the pod holding them (PodResources),
+//! its sandbox (the runtime), reads its annotations and creates every interface of the pod in the
+//! sandbox's namespace. All containers of a pod share that namespace, so any container's PreStart
+//! creates the pod's whole set, and repeating it (container restarts, sibling containers) finds the
+//! interfaces already there. Nothing here holds a lock across slow work, so pods never wait on each
+//! other.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+
+use crate::link::{LinkError, LinkInfo, Links};
+use crate::netns::Netns;
+use crate::pod_config::{self, PodConfigError};
+use crate::podresources::{PodDevices, PodRef, PodResources, PodResourcesError};
+use crate::resource::{DeviceSet, ResourceName};
+use crate::runtime::{RuntimeError, SandboxLookup};
+
+/// The environment variable that lists a container's interface names.
+pub const INTERFACES_ENV: &str = "VCAN_INTERFACES";
+
+/// A pod whose interfaces the plugin created or adopted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedPod {
+    /// The pod.
+    pub pod: PodRef,
+    /// The runtime's sandbox ID.
+    pub sandbox: String,
+    /// The sandbox's network namespace.
+    pub netns: PathBuf,
+    /// The interfaces, as created.
+    pub interfaces: Vec<LinkInfo>,
+}
+
+/// How long each part of a PreStart took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PreStartTimings {
+    /// Finding the pod in PodResources.
+    pub pod_lookup: Duration,
+    /// Finding its sandbox and namespace in the runtime.
+    pub namespace_lookup: Duration,
+    /// Creating the links.
+    pub link_creation: Duration,
+}
+
+/// Why a PreStart (or Allocate) failed; the message is what the pod's events show.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// The kubelet sent device IDs that make no sense.
+    #[error("{0}")]
+    InvalidIds(String),
+    /// The owning pod could not be found.
+    #[error(transparent)]
+    PodResources(#[from] PodResourcesError),
+    /// The pod's sandbox could not be found.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The pod shares the node's network namespace.
+    #[error(
+        "pod {0} uses hostNetwork: vcan interfaces are per pod and the plugin never creates them \
+         in the node's namespace; remove hostNetwork: true or do not request the resource"
+    )]
+    HostNetwork(PodRef),
+    /// The pod's annotations are invalid.
+    #[error("pod {pod}: {source}")]
+    PodConfig {
+        /// The pod.
+        pod: PodRef,
+        /// What is wrong.
+        source: PodConfigError,
+    },
+    /// Creating an interface failed.
+    #[error("pod {pod}: {source}")]
+    Link {
+        /// The pod.
+        pod: PodRef,
+        /// What failed.
+        source: Box<LinkError>,
+    },
+}
+
+impl InjectError {
+    /// The gRPC status code the kubelet should see.
+    pub fn code(&self) -> Code {
+        match self {
+            InjectError::InvalidIds(_) => Code::InvalidArgument,
+            InjectError::PodResources(PodResourcesError::NotFound { .. }) => Code::NotFound,
+            InjectError::PodResources(_)
+            | InjectError::Runtime(RuntimeError::Unavailable { .. }) => Code::Unavailable,
+            InjectError::Runtime(_) => Code::NotFound,
+            InjectError::HostNetwork(_) | InjectError::PodConfig { .. } => Code::FailedPrecondition,
+            InjectError::Link { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<InjectError> for tonic::Status {
+    fn from(e: InjectError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Creates pods' interfaces and remembers which pods it served.
+pub struct Injector {
+    resource: ResourceName,
+    devices: DeviceSet,
+    pod_resources: PodResources,
+    runtime: Arc<dyn SandboxLookup>,
+    /// Served pods by sandbox ID. Held only for map updates, never across I/O.
+    served: Mutex<HashMap<String, ServedPod>>,
+}
+
+impl std::fmt::Debug for Injector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Injector")
+            .field("resource", &self.resource)
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Injector {
+    /// An injector for `resource`'s `devices`.
+    pub fn new(
+        resource: ResourceName,
+        devices: DeviceSet,
+        pod_resources: PodResources,
+        runtime: Arc<dyn SandboxLookup>,
+    ) -> Self {
+        Injector {
+            resource,
+            devices,
+            pod_resources,
+            runtime,
+            served: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The resource served.
+    pub fn resource(&self) -> &ResourceName {
+        &self.resource
+    }
+
+    /// The advertised devices.
+    pub fn devices(&self) -> &DeviceSet {
+        &self.devices
+    }
+
+    /// Rejects empty, unknown or repeated device IDs.
+    pub fn check_ids(&self, ids: &[String]) -> Result<(), InjectError> {
+        if ids.is_empty() {
+            return Err(InjectError::InvalidIds(format!(
+                "no device IDs given for {}",
+                self.resource
+            )));
+        }
+        let mut seen = HashSet::new();
+        for id in ids {
+            if !self.devices.contains(id) {
+                return Err(InjectError::InvalidIds(format!(
+                    "unknown device ID {id:?} for {}",
+                    self.resource
+                )));
+            }
+            if !seen.insert(id) {
+                return Err(InjectError::InvalidIds(format!(
+                    "device ID {id:?} appears more than once"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The environment for a container allocated `ids`.
+    ///
+    /// Allocate runs at admission, before the pod's sandbox exists and without the pod's identity,
+    /// so the names are the defaults for a pod whose only requesting container holds these devices;
+    /// pods that rename interfaces by annotation already know their names.
+    pub fn allocate_env(&self, ids: &[String]) -> Result<HashMap<String, String>, InjectError> {
+        self.check_ids(ids)?;
+        let names: Vec<String> = (0..ids.len()).map(pod_config::default_name).collect();
+        Ok(HashMap::from([(
+            INTERFACES_ENV.to_string(),
+            names.join(","),
+        )]))
+    }
+
+    /// Creates the interfaces of the pod holding `ids`, returning once they are up.
+    pub async fn prestart(
+        &self,
+        ids: &[String],
+    ) -> Result<(ServedPod, PreStartTimings), InjectError> {
+        self.check_ids(ids)?;
+        let mut timings = PreStartTimings::default();
+        let started = Instant::now();
+        let owner = self
+            .pod_resources
+            .owner_of(&self.resource.to_string(), ids)
+            .await?;
+        timings.pod_lookup = started.elapsed();
+        let served = self.inject(owner, &mut timings).await?;
+        Ok((served, timings))
+    }
+
+    async fn inject(
+        &self,
+        owner: PodDevices,
+        timings: &mut PreStartTimings,
+    ) -> Result<ServedPod, InjectError> {
+        let started = Instant::now();
+        let sandbox = self.runtime.sandbox(&owner.pod).await?;
+        timings.namespace_lookup = started.elapsed();
+        let netns = sandbox
+            .netns
+            .clone()
+            .ok_or_else(|| InjectError::HostNetwork(owner.pod.clone()))?;
+        let specs = pod_config::interfaces(
+            self.resource.domain(),
+            &sandbox.annotations,
+            owner.device_ids.len(),
+        )
+        .map_err(|source| InjectError::PodConfig {
+            pod: owner.pod.clone(),
+            source,
+        })?;
+
+        let started = Instant::now();
+        let target = Netns::Path(netns.clone());
+        let interfaces =
+            tokio::task::spawn_blocking(move || -> Result<Vec<LinkInfo>, LinkError> {
+                let mut links = Links::open(&target)?;
+                specs.iter().map(|s| links.ensure_vcan(s)).collect()
+            })
+            .await
+            .map_err(|e| InjectError::Link {
+                pod: owner.pod.clone(),
+                source: Box::new(LinkError::Netns(crate::netns::NetnsError::Thread(
+                    e.to_string(),
+                ))),
+            })?
+            .map_err(|source| InjectError::Link {
+                pod: owner.pod.clone(),
+                source: Box::new(source),
+            })?;
+        timings.link_creation = started.elapsed();
+
+        let served = ServedPod {
+            pod: owner.pod,
+            sandbox: sandbox.id.clone(),
+            netns,
+            interfaces,
+        };
+        self.lock_served().insert(sandbox.id, served.clone());
+        Ok(served)
+    }
+
+    fn lock_served(&self) -> std::sync::MutexGuard<'_, HashMap<String, ServedPod>> {
+        // A panic while holding the lock cannot leave the map half-updated (single inserts and
+        // removals), so a poisoned lock is still usable.
+        self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pods currently served.
+    pub fn served(&self) -> Vec<ServedPod> {
+        let mut pods: Vec<ServedPod> = self.lock_served().values().cloned().collect();
+        pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        pods
+    }
+
+    /// Rebuilds the served pods from the kubelet and the runtime after a plugin restart.
+    ///
+    /// Every pod holding devices whose sandbox is running is adopted: its interfaces are ensured
+    /// (creating nothing new when they exist), so state never depends on the previous process.
+    /// Returns how many pods were adopted.
+    pub async fn recover(&self) -> Result<usize, InjectError> {
+        let pods = self
+            .pod_resources
+            .pods_with(&self.resource.to_string())
+            .await?;
+        let mut adopted = 0;
+        for owner in pods {
+            let pod = owner.pod.clone();
+            let mut timings = PreStartTimings::default();
+            match self.inject(owner, &mut timings).await {
+                Ok(_) => adopted += 1,
+                // Pods not started yet get their interfaces from their own PreStart.
+                Err(e) => tracing::info!(%pod, reason = %e, "not adopting pod"),
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// Forgets pods that no longer hold devices or whose namespace is gone; returns them.
+    pub async fn reconcile(&self) -> Result<Vec<ServedPod>, InjectError> {
+        let holders: HashSet<PodRef> = self
+            .pod_resources
+            .pods_with(&self.resource.to_string())
+            .await?
+            .into_iter()
+            .map(|p| p.pod)
+            .collect();
+        let mut served = self.lock_served();
+        let gone: Vec<String> = served
+            .iter()
+            .filter(|(_, s)| !holders.contains(&s.pod) || !s.netns.exists())
+            .map(|(id, _)| id.clone())
+            .collect();
+        Ok(gone.iter().filter_map(|id| served.remove(id)).collect())
+    }
+}

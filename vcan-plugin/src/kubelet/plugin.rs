@@ -1,0 +1,187 @@
+//! The `v1beta1.DevicePlugin` service the kubelet calls.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::api::deviceplugin::v1beta1::device_plugin_server::DevicePlugin;
+use crate::api::deviceplugin::v1beta1::{
+    AllocateRequest, AllocateResponse, ContainerAllocateResponse,
+    ContainerPreferredAllocationResponse, Device, DevicePluginOptions, Empty, ListAndWatchResponse,
+    PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
+    PreferredAllocationResponse,
+};
+use crate::health::Health;
+use crate::injector::Injector;
+
+/// `Device.health` for usable devices.
+pub const HEALTHY: &str = "Healthy";
+/// `Device.health` for unusable devices.
+pub const UNHEALTHY: &str = "Unhealthy";
+
+/// The options the plugin announces: the kubelet must call PreStartContainer.
+pub fn options() -> DevicePluginOptions {
+    DevicePluginOptions {
+        pre_start_required: true,
+        get_preferred_allocation_available: false,
+    }
+}
+
+/// The device-plugin service of one registration generation.
+///
+/// Each re-registration gets a fresh `stop` token: cancelling it ends the ListAndWatch streams of
+/// the previous kubelet so the old server can shut down.
+#[derive(Debug, Clone)]
+pub struct PluginService {
+    injector: Arc<Injector>,
+    health: watch::Receiver<Health>,
+    stop: CancellationToken,
+}
+
+impl PluginService {
+    /// A service backed by `injector`, advertising devices as `health` says.
+    pub fn new(
+        injector: Arc<Injector>,
+        health: watch::Receiver<Health>,
+        stop: CancellationToken,
+    ) -> Self {
+        PluginService {
+            injector,
+            health,
+            stop,
+        }
+    }
+
+    fn snapshot(&self, health: &Health) -> ListAndWatchResponse {
+        let state = if health.is_healthy() {
+            HEALTHY
+        } else {
+            UNHEALTHY
+        };
+        ListAndWatchResponse {
+            devices: self
+                .injector
+                .devices()
+                .ids()
+                .map(|id| Device {
+                    id,
+                    health: state.to_string(),
+                    topology: None,
+                })
+                .collect(),
+        }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ListAndWatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DevicePlugin for PluginService {
+    async fn get_device_plugin_options(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<DevicePluginOptions>, Status> {
+        Ok(Response::new(options()))
+    }
+
+    type ListAndWatchStream = SnapshotStream;
+
+    async fn list_and_watch(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListAndWatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        let mut health = self.health.clone();
+        tokio::spawn(async move {
+            loop {
+                let snapshot = service.snapshot(&health.borrow_and_update().clone());
+                tracing::debug!(
+                    devices = snapshot.devices.len(),
+                    "sending ListAndWatch snapshot"
+                );
+                if tx.send(Ok(snapshot)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    changed = health.changed() => if changed.is_err() { return },
+                    () = service.stop.cancelled() => return,
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_preferred_allocation(
+        &self,
+        _: Request<PreferredAllocationRequest>,
+    ) -> Result<Response<PreferredAllocationResponse>, Status> {
+        // Devices are interchangeable; the kubelet's own choice is as good as any.
+        Ok(Response::new(PreferredAllocationResponse {
+            container_responses: vec![ContainerPreferredAllocationResponse::default()],
+        }))
+    }
+
+    async fn allocate(
+        &self,
+        request: Request<AllocateRequest>,
+    ) -> Result<Response<AllocateResponse>, Status> {
+        let started = Instant::now();
+        let requests = request.into_inner().container_requests;
+        if requests.is_empty() {
+            return Err(Status::invalid_argument(
+                "Allocate without container requests",
+            ));
+        }
+        let mut responses = Vec::with_capacity(requests.len());
+        for container in &requests {
+            let envs = self
+                .injector
+                .allocate_env(&container.devices_ids)
+                .inspect_err(|e| tracing::warn!(ids = ?container.devices_ids, error = %e, "Allocate refused"))?;
+            responses.push(ContainerAllocateResponse {
+                envs,
+                ..Default::default()
+            });
+        }
+        tracing::debug!(containers = requests.len(), elapsed = ?started.elapsed(), "Allocate");
+        Ok(Response::new(AllocateResponse {
+            container_responses: responses,
+        }))
+    }
+
+    async fn pre_start_container(
+        &self,
+        request: Request<PreStartContainerRequest>,
+    ) -> Result<Response<PreStartContainerResponse>, Status> {
+        let ids = request.into_inner().devices_ids;
+        let started = Instant::now();
+        match self.injector.prestart(&ids).await {
+            Ok((served, timings)) => {
+                let names: Vec<&str> = served.interfaces.iter().map(|l| l.name.as_str()).collect();
+                tracing::info!(
+                    pod = %served.pod,
+                    netns = %served.netns.display(),
+                    interfaces = ?names,
+                    elapsed = ?started.elapsed(),
+                    pod_lookup = ?timings.pod_lookup,
+                    namespace_lookup = ?timings.namespace_lookup,
+                    link_creation = ?timings.link_creation,
+                    "PreStartContainer: interfaces up"
+                );
+                Ok(Response::new(PreStartContainerResponse {}))
+            }
+            Err(e) => {
+                tracing::warn!(?ids, error = %e, "PreStartContainer failed");
+                Err(e.into())
+            }
+        }
+    }
+}

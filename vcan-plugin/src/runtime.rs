@@ -1,0 +1,241 @@
+//! A pod's sandbox as the container runtime knows it: its network namespace and annotations.
+//!
+//! The lookup goes through the CRI RuntimeService that containerd serves on its own socket, so it
+//! needs neither the API server nor containerd-specific APIs, and its verbose sandbox status carries
+//! the pod annotations the kubelet passed in.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tonic::transport::Channel;
+
+use crate::api::cri::v1::runtime_service_client::RuntimeServiceClient;
+use crate::api::cri::v1::{
+    ListPodSandboxRequest, NamespaceMode, PodSandboxFilter, PodSandboxState, PodSandboxStateValue,
+    PodSandboxStatusRequest,
+};
+use crate::podresources::PodRef;
+use crate::uds;
+
+/// Where a pod's sandbox lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// The runtime's sandbox ID.
+    pub id: String,
+    /// The pod's UID (label `io.kubernetes.pod.uid`).
+    pub uid: String,
+    /// The sandbox's network namespace file; `None` for hostNetwork pods.
+    pub netns: Option<PathBuf>,
+    /// The pod's annotations.
+    pub annotations: HashMap<String, String>,
+}
+
+/// Why a sandbox could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime did not answer.
+    #[error(
+        "cannot reach the container runtime's CRI service at {path}: {status} (set \
+         --containerd-socket to the runtime's socket and mount its directory into the plugin)"
+    )]
+    Unavailable {
+        /// The socket.
+        path: String,
+        /// The gRPC status.
+        status: Box<tonic::Status>,
+    },
+    /// No ready sandbox for the pod.
+    #[error("the container runtime has no ready sandbox for pod {0}")]
+    NoSandbox(PodRef),
+    /// The sandbox status lacks the network namespace path.
+    #[error("the runtime's status of sandbox {id} of pod {pod} has no network namespace: {why}")]
+    NoNetns {
+        /// Sandbox ID.
+        id: String,
+        /// The pod.
+        pod: PodRef,
+        /// What was missing.
+        why: String,
+    },
+}
+
+/// Looks up pod sandboxes. The plugin uses [`CriRuntime`]; tests substitute their own.
+#[async_trait::async_trait]
+pub trait SandboxLookup: Send + Sync + 'static {
+    /// The ready sandbox of `pod`.
+    async fn sandbox(&self, pod: &PodRef) -> Result<Sandbox, RuntimeError>;
+}
+
+/// Sandbox lookup over CRI (containerd's socket also serves `runtime.v1.RuntimeService`).
+#[derive(Debug, Clone)]
+pub struct CriRuntime {
+    client: RuntimeServiceClient<Channel>,
+    path: PathBuf,
+}
+
+/// The sockets containerd listens on in common distributions, in order of preference.
+pub const CONTAINERD_SOCKETS: &[&str] = &[
+    "/run/containerd/containerd.sock",
+    "/run/k3s/containerd/containerd.sock",
+    "/var/snap/microk8s/common/run/containerd.sock",
+];
+
+/// The first of [`CONTAINERD_SOCKETS`] that exists, or the first one if none does yet.
+pub fn default_containerd_socket() -> PathBuf {
+    CONTAINERD_SOCKETS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(CONTAINERD_SOCKETS[0]))
+}
+
+impl CriRuntime {
+    /// A client for the CRI socket at `path`; connects on first use and after runtime restarts.
+    pub fn new(path: &Path) -> Self {
+        CriRuntime {
+            client: RuntimeServiceClient::new(uds::lazy_channel(path)),
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn unavailable(&self, status: tonic::Status) -> RuntimeError {
+        RuntimeError::Unavailable {
+            path: self.path.display().to_string(),
+            status: Box::new(status),
+        }
+    }
+}
+
+/// Finds the network namespace path in a verbose sandbox status's `info` JSON.
+///
+/// containerd reports it as `netNamespacePath` and inside the OCI runtime spec; either will do.
+pub fn netns_from_info(info: &str) -> Result<Option<PathBuf>, String> {
+    let json: serde_json::Value =
+        serde_json::from_str(info).map_err(|e| format!("unparseable info JSON: {e}"))?;
+    if let Some(path) = json
+        .get("netNamespacePath")
+        .and_then(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+    {
+        return Ok(Some(PathBuf::from(path)));
+    }
+    let namespaces = json
+        .pointer("/runtimeSpec/linux/namespaces")
+        .and_then(|n| n.as_array());
+    Ok(namespaces.and_then(|list| {
+        list.iter()
+            .find(|n| n.get("type").and_then(|t| t.as_str()) == Some("network"))
+            .and_then(|n| n.get("path"))
+            .and_then(|p| p.as_str())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    }))
+}
+
+#[async_trait::async_trait]
+impl SandboxLookup for CriRuntime {
+    async fn sandbox(&self, pod: &PodRef) -> Result<Sandbox, RuntimeError> {
+        let mut client = self.client.clone();
+        let labels = HashMap::from([
+            ("io.kubernetes.pod.name".to_string(), pod.name.clone()),
+            (
+                "io.kubernetes.pod.namespace".to_string(),
+                pod.namespace.clone(),
+            ),
+        ]);
+        let items = client
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    state: Some(PodSandboxStateValue {
+                        state: PodSandboxState::SandboxReady as i32,
+                    }),
+                    label_selector: labels,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|s| self.unavailable(s))?
+            .into_inner()
+            .items;
+        // A restarted pod can briefly have an old sandbox too; the newest is the live one.
+        let newest = items
+            .into_iter()
+            .max_by_key(|s| s.created_at)
+            .ok_or_else(|| RuntimeError::NoSandbox(pod.clone()))?;
+        let response = client
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: newest.id.clone(),
+                verbose: true,
+            })
+            .await
+            .map_err(|s| self.unavailable(s))?
+            .into_inner();
+        let status = response.status.unwrap_or_default();
+        let network_mode = status
+            .linux
+            .as_ref()
+            .and_then(|l| l.namespaces.as_ref())
+            .and_then(|n| n.options.as_ref())
+            .map(|o| o.network)
+            .unwrap_or_default();
+        let netns = if network_mode == NamespaceMode::Node as i32 {
+            None
+        } else {
+            let info = response
+                .info
+                .get("info")
+                .ok_or_else(|| RuntimeError::NoNetns {
+                    id: newest.id.clone(),
+                    pod: pod.clone(),
+                    why: "the verbose status has no `info` entry".into(),
+                })?;
+            let path = netns_from_info(info).map_err(|why| RuntimeError::NoNetns {
+                id: newest.id.clone(),
+                pod: pod.clone(),
+                why,
+            })?;
+            Some(path.ok_or_else(|| RuntimeError::NoNetns {
+                id: newest.id.clone(),
+                pod: pod.clone(),
+                why: "no network namespace path in the info".into(),
+            })?)
+        };
+        Ok(Sandbox {
+            uid: newest
+                .labels
+                .get("io.kubernetes.pod.uid")
+                .cloned()
+                .unwrap_or_default(),
+            id: newest.id,
+            netns,
+            annotations: if status.annotations.is_empty() {
+                newest.annotations
+            } else {
+                status.annotations
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_path_is_found_in_either_place() {
+        let direct = r#"{"netNamespacePath":"/var/run/netns/cni-1"}"#;
+        assert_eq!(
+            netns_from_info(direct).expect("parses"),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        let spec = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"pid"},
+            {"type":"network","path":"/var/run/netns/cni-2"}]}}}"#;
+        assert_eq!(
+            netns_from_info(spec).expect("parses"),
+            Some(PathBuf::from("/var/run/netns/cni-2"))
+        );
+        let host = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"pid"}]}}}"#;
+        assert_eq!(netns_from_info(host).expect("parses"), None);
+        assert!(netns_from_info("not json").is_err());
+    }
+}

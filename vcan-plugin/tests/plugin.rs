@@ -1,0 +1,358 @@
+//! The device-plugin API end to end on the host: registration, restarts, Allocate and PreStart
+//! against fake kubelet and runtime servers over real Unix sockets.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Harness, RESOURCE, next_registration, start_kubelet};
+use tonic::Code;
+use vcan_plugin::api::deviceplugin::v1beta1::{
+    AllocateRequest, ContainerAllocateRequest, Empty, PreStartContainerRequest,
+};
+use vcan_plugin::health::Health;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn ids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn registers_with_prestart_required_and_streams_a_full_snapshot() {
+    let h = Harness::new(100);
+    let mut kubelet = start_kubelet(h.dir.path());
+    let (stop, registered) = h.start_registrar();
+
+    let mut reg = next_registration(&mut kubelet, WAIT).await;
+    assert_eq!(reg.request.version, "v1beta1");
+    assert_eq!(reg.request.resource_name, RESOURCE);
+    assert_eq!(reg.request.endpoint, "example.com-vcan.sock");
+    assert!(
+        reg.request
+            .options
+            .expect("options in the request")
+            .pre_start_required
+    );
+    assert!(reg.options.pre_start_required);
+
+    let first = reg.snapshots.recv().await.expect("snapshot");
+    assert_eq!(first.devices.len(), 100);
+    assert!(
+        first
+            .devices
+            .iter()
+            .all(|d| d.health == "Healthy" && d.id.len() <= 63)
+    );
+    assert_eq!(first.devices[7].id, "vcan-0007");
+
+    // The node loses vcan: every device turns unhealthy in a new full snapshot, and back.
+    h.health
+        .send(Health::Unhealthy("no vcan".into()))
+        .expect("health watchers");
+    let second = tokio::time::timeout(WAIT, reg.snapshots.recv())
+        .await
+        .expect("in time")
+        .expect("snapshot");
+    assert_eq!(second.devices.len(), 100);
+    assert!(second.devices.iter().all(|d| d.health == "Unhealthy"));
+    h.health.send(Health::Healthy).expect("health watchers");
+    let third = tokio::time::timeout(WAIT, reg.snapshots.recv())
+        .await
+        .expect("in time")
+        .expect("snapshot");
+    assert!(third.devices.iter().all(|d| d.health == "Healthy"));
+
+    assert!(registered.load(std::sync::atomic::Ordering::SeqCst));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn options_are_never_empty() {
+    let h = Harness::new(3);
+    let _kubelet = start_kubelet(h.dir.path());
+    let (stop, _) = h.start_registrar();
+    let mut client = h.client().await;
+    let options = client
+        .get_device_plugin_options(Empty {})
+        .await
+        .expect("options")
+        .into_inner();
+    assert!(options.pre_start_required);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_kubelet_restart_is_followed_by_a_new_registration_within_a_second() {
+    let h = Harness::new(4);
+    let kubelet = start_kubelet(h.dir.path());
+    let (stop, _) = h.start_registrar();
+    let mut kubelet = kubelet;
+    next_registration(&mut kubelet, WAIT).await;
+
+    // What a restarting kubelet does: delete every socket in the directory, then serve anew.
+    drop(kubelet);
+    for entry in std::fs::read_dir(h.dir.path()).expect("dir").flatten() {
+        if entry.file_name() != "pod-resources.sock" {
+            std::fs::remove_file(entry.path()).expect("remove socket");
+        }
+    }
+    let restarted = Instant::now();
+    let mut kubelet = start_kubelet(h.dir.path());
+    let mut reg = next_registration(&mut kubelet, WAIT).await;
+    let took = restarted.elapsed();
+    println!("re-registered {took:?} after the kubelet restart");
+    assert!(
+        took < Duration::from_secs(1),
+        "re-registration took {took:?}"
+    );
+    assert!(h.dir.path().join("example.com-vcan.sock").exists());
+    assert_eq!(
+        reg.snapshots.recv().await.expect("snapshot").devices.len(),
+        4
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn registration_retries_while_the_kubelet_is_away() {
+    let h = Harness::new(2);
+    let (stop, registered) = h.start_registrar();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!registered.load(std::sync::atomic::Ordering::SeqCst));
+    let mut kubelet = start_kubelet(h.dir.path());
+    next_registration(&mut kubelet, Duration::from_secs(3)).await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn allocate_names_the_interfaces_and_rejects_bad_ids() {
+    let h = Harness::new(10);
+    let _kubelet = start_kubelet(h.dir.path());
+    let (stop, _) = h.start_registrar();
+    let mut client = h.client().await;
+
+    let ok = client
+        .allocate(AllocateRequest {
+            container_requests: vec![ContainerAllocateRequest {
+                devices_ids: ids(&["vcan-0003", "vcan-0001"]),
+            }],
+        })
+        .await
+        .expect("allocate")
+        .into_inner();
+    assert_eq!(ok.container_responses.len(), 1);
+    assert_eq!(
+        ok.container_responses[0].envs["VCAN_INTERFACES"],
+        "vcan0,vcan1"
+    );
+
+    for (bad, expected) in [
+        (ids(&[]), "no device IDs"),
+        (ids(&["vcan-0099"]), "unknown device ID \"vcan-0099\""),
+        (ids(&["gpu-0001"]), "unknown device ID"),
+        (ids(&["vcan-0001", "vcan-0001"]), "appears more than once"),
+    ] {
+        let status = client
+            .allocate(AllocateRequest {
+                container_requests: vec![ContainerAllocateRequest {
+                    devices_ids: bad.clone(),
+                }],
+            })
+            .await
+            .expect_err("bad ids");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(status.message().contains(expected), "{}", status.message());
+
+        let status = client
+            .pre_start_container(PreStartContainerRequest {
+                devices_ids: bad.clone(),
+            })
+            .await
+            .expect_err("bad ids");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(status.message().contains(expected), "{}", status.message());
+    }
+    stop.cancel();
+}
+
+/// A named network namespace on the host, removed on drop.
+struct HostNetns(String);
+
+impl HostNetns {
+    fn new(tag: &str) -> Self {
+        let name = format!("vcanplug-{}-{tag}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip");
+        assert!(ok.success(), "ip netns add {name}");
+        HostNetns(name)
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for HostNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+async fn prestart_errors_name_the_pod_and_the_problem() {
+    let h = Harness::new(10);
+    let _kubelet = start_kubelet(h.dir.path());
+    let (stop, _) = h.start_registrar();
+    let mut client = h.client().await;
+    let ns = HostNetns::new("errors");
+
+    // The devices belong to no pod.
+    let status = client
+        .pre_start_container(PreStartContainerRequest {
+            devices_ids: ids(&["vcan-0000"]),
+        })
+        .await
+        .expect_err("no owner");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(
+        status.message().contains("no pod holds devices"),
+        "{}",
+        status.message()
+    );
+
+    // The pod is known to the kubelet but has no sandbox.
+    h.pod_resources
+        .set_pod("default", "nosandbox", &[("app", &["vcan-0000"])]);
+    let status = client
+        .pre_start_container(PreStartContainerRequest {
+            devices_ids: ids(&["vcan-0000"]),
+        })
+        .await
+        .expect_err("no sandbox");
+    assert!(
+        status
+            .message()
+            .contains("no ready sandbox for pod default/nosandbox"),
+        "{}",
+        status.message()
+    );
+
+    // hostNetwork pods are refused; nothing is created in the node's namespace.
+    h.pod_resources
+        .set_pod("default", "hostnet", &[("app", &["vcan-0001"])]);
+    h.runtime.add("default", "hostnet", None, &[]);
+    let status = client
+        .pre_start_container(PreStartContainerRequest {
+            devices_ids: ids(&["vcan-0001"]),
+        })
+        .await
+        .expect_err("host network");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status
+            .message()
+            .contains("default/hostnet uses hostNetwork"),
+        "{}",
+        status.message()
+    );
+
+    // Bad annotations fail with what is wrong.
+    h.pod_resources
+        .set_pod("team", "badnames", &[("app", &["vcan-0002", "vcan-0003"])]);
+    h.runtime.add(
+        "team",
+        "badnames",
+        Some(ns.path()),
+        &[("example.com/names", "can0,can0")],
+    );
+    let status = client
+        .pre_start_container(PreStartContainerRequest {
+            devices_ids: ids(&["vcan-0002", "vcan-0003"]),
+        })
+        .await
+        .expect_err("duplicate names");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("team/badnames"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("\"can0\" appears more than once"),
+        "{}",
+        status.message()
+    );
+
+    h.runtime.add(
+        "team",
+        "badnames",
+        Some(ns.path()),
+        &[("example.com/speed", "fast")],
+    );
+    let status = client
+        .pre_start_container(PreStartContainerRequest {
+            devices_ids: ids(&["vcan-0002"]),
+        })
+        .await
+        .expect_err("unknown option");
+    assert!(
+        status
+            .message()
+            .contains("unknown annotation example.com/speed"),
+        "{}",
+        status.message()
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn prestart_reaches_the_pods_own_namespace_and_retries_when_rate_limited() {
+    let h = Harness::new(10);
+    let _kubelet = start_kubelet(h.dir.path());
+    let (stop, _) = h.start_registrar();
+    let mut client = h.client().await;
+    let ns = HostNetns::new("reach");
+    h.pod_resources
+        .set_pod("default", "app", &[("main", &["vcan-0004"])]);
+    h.runtime.add("default", "app", Some(ns.path()), &[]);
+    h.pod_resources
+        .exhausted
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+
+    let status = client
+        .pre_start_container(PreStartContainerRequest {
+            devices_ids: ids(&["vcan-0004"]),
+        })
+        .await;
+    // The three rate-limited answers were retried.
+    assert!(
+        h.pod_resources
+            .calls
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 4
+    );
+    if std::path::Path::new("/sys/module/vcan").exists() {
+        status.expect("vcan created");
+    } else {
+        // This host's kernel has no vcan (the VM tests cover creation): the request got as far as
+        // creating the link in the pod's namespace and says what to do.
+        let status = status.expect_err("no vcan on this kernel");
+        assert_eq!(status.code(), Code::Internal);
+        assert!(
+            status.message().contains("pod default/app"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("modprobe vcan"),
+            "{}",
+            status.message()
+        );
+    }
+    stop.cancel();
+}
