@@ -9,15 +9,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
 
 use crate::link::{LinkError, LinkInfo, Links};
+use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::pod_config::{self, PodConfigError};
-use crate::podresources::{PodDevices, PodRef, PodResources, PodResourcesError};
+use crate::podresources::{self, PodDevices, PodRef, PodResources, PodResourcesError};
 use crate::resource::{DeviceSet, ResourceName};
 use crate::runtime::{RuntimeError, SandboxLookup};
 
@@ -46,6 +48,8 @@ pub struct PreStartTimings {
     pub namespace_lookup: Duration,
     /// Creating the links.
     pub link_creation: Duration,
+    /// Attaching the frame counters.
+    pub bpf_attach: Duration,
 }
 
 /// Why a PreStart (or Allocate) failed; the message is what the pod's events show.
@@ -113,6 +117,9 @@ pub struct Injector {
     runtime: Arc<dyn SandboxLookup>,
     /// Served pods by sandbox ID. Held only for map updates, never across I/O.
     served: Mutex<HashMap<String, ServedPod>>,
+    /// Devices held by pods at the last look at PodResources.
+    allocated: AtomicUsize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Injector {
@@ -131,6 +138,7 @@ impl Injector {
         devices: DeviceSet,
         pod_resources: PodResources,
         runtime: Arc<dyn SandboxLookup>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Injector {
             resource,
@@ -138,7 +146,26 @@ impl Injector {
             pod_resources,
             runtime,
             served: Mutex::new(HashMap::new()),
+            allocated: AtomicUsize::new(0),
+            metrics,
         }
+    }
+
+    /// The metrics requests are recorded in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Devices held by pods, as of the last PodResources query.
+    pub fn allocated(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    fn note_allocations(&self, pods: &[PodDevices]) {
+        self.allocated.store(
+            pods.iter().map(|p| p.device_ids.len()).sum(),
+            Ordering::Relaxed,
+        );
     }
 
     /// The resource served.
@@ -198,10 +225,10 @@ impl Injector {
         self.check_ids(ids)?;
         let mut timings = PreStartTimings::default();
         let started = Instant::now();
-        let owner = self
-            .pod_resources
-            .owner_of(&self.resource.to_string(), ids)
-            .await?;
+        let resource = self.resource.to_string();
+        let pods = self.pod_resources.pods_with(&resource).await?;
+        self.note_allocations(&pods);
+        let owner = podresources::owner_of(pods, &resource, ids)?;
         timings.pod_lookup = started.elapsed();
         let served = self.inject(owner, &mut timings).await?;
         Ok((served, timings))
@@ -282,6 +309,7 @@ impl Injector {
             .pod_resources
             .pods_with(&self.resource.to_string())
             .await?;
+        self.note_allocations(&pods);
         let mut adopted = 0;
         for owner in pods {
             let pod = owner.pod.clone();
@@ -297,13 +325,12 @@ impl Injector {
 
     /// Forgets pods that no longer hold devices or whose namespace is gone; returns them.
     pub async fn reconcile(&self) -> Result<Vec<ServedPod>, InjectError> {
-        let holders: HashSet<PodRef> = self
+        let pods = self
             .pod_resources
             .pods_with(&self.resource.to_string())
-            .await?
-            .into_iter()
-            .map(|p| p.pod)
-            .collect();
+            .await?;
+        self.note_allocations(&pods);
+        let holders: HashSet<PodRef> = pods.into_iter().map(|p| p.pod).collect();
         let mut served = self.lock_served();
         let gone: Vec<String> = served
             .iter()

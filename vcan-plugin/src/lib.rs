@@ -13,6 +13,7 @@ pub mod health;
 pub mod injector;
 pub mod kubelet;
 pub mod link;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod pod_config;

@@ -1,6 +1,7 @@
 //! The vcan-plugin daemon: wires configuration, logging and the library together.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,15 +10,39 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use vcan_plugin::config::{Config, LogFormat};
-use vcan_plugin::health;
+use vcan_plugin::health::{self, Health};
 use vcan_plugin::injector::Injector;
 use vcan_plugin::kubelet::registration::Registrar;
+use vcan_plugin::metrics::{self, Metrics, Snapshot, StateSource};
 use vcan_plugin::podresources::PodResources;
 use vcan_plugin::resource::DeviceSet;
 use vcan_plugin::runtime::{self, CriRuntime};
 
 /// How often pods that went away are forgotten.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The live state behind /metrics and /readyz.
+struct Live {
+    injector: Arc<Injector>,
+    health: tokio::sync::watch::Receiver<Health>,
+    registered: Arc<AtomicBool>,
+}
+
+impl StateSource for Live {
+    fn snapshot(&self) -> Snapshot {
+        let devices = self.injector.devices().len();
+        let supported = self.health.borrow().is_healthy();
+        Snapshot {
+            devices,
+            healthy: if supported { devices } else { 0 },
+            allocated: self.injector.allocated(),
+            pods_served: self.injector.served().len(),
+            registered: self.registered.load(Ordering::SeqCst),
+            vcan_supported: supported,
+            traffic: Vec::new(),
+        }
+    }
+}
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -51,11 +76,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    let metrics = Arc::new(Metrics::new(&config.resource_name.to_string(), "none"));
     let injector = Arc::new(Injector::new(
         config.resource_name.clone(),
         DeviceSet::new(&config.resource_name, config.devices as usize),
         PodResources::new(&config.pod_resources_socket),
         Arc::new(CriRuntime::new(&containerd_socket)),
+        metrics.clone(),
     ));
     let health = health::watch(Duration::from_secs(config.health_interval.max(1)));
 
@@ -89,7 +116,27 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    let registrar = Registrar::new(&config.device_plugin_dir, injector.clone(), health);
+    let registrar = Registrar::new(&config.device_plugin_dir, injector.clone(), health.clone());
+    let live = Arc::new(Live {
+        injector: injector.clone(),
+        health,
+        registered: registrar.registered_flag(),
+    });
+    let http = {
+        let server = metrics::serve(
+            config.metrics_address,
+            metrics.clone(),
+            live,
+            shutdown.clone().cancelled_owned(),
+        );
+        let shutdown_all = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "metrics endpoint failed; stopping");
+                shutdown_all.cancel();
+            }
+        })
+    };
     let signals = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -110,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         .context("device-plugin registration failed")?;
     shutdown.cancel();
     let _ = reconciler.await;
+    let _ = http.await;
     signals.abort();
     Ok(())
 }

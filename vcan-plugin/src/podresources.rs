@@ -48,8 +48,8 @@ pub enum PodResourcesError {
     Unavailable {
         /// The socket.
         path: String,
-        /// The gRPC status.
-        status: Box<tonic::Status>,
+        /// The gRPC status message.
+        status: String,
     },
     /// No pod holds the devices.
     #[error(
@@ -101,7 +101,7 @@ impl PodResources {
                 Err(status) => {
                     return Err(PodResourcesError::Unavailable {
                         path: self.path.display().to_string(),
-                        status: Box::new(status),
+                        status: uds::status_text(&status),
                     });
                 }
             }
@@ -127,20 +127,18 @@ impl PodResources {
             })
             .collect())
     }
+}
 
-    /// The pod holding all of `ids` of `resource`.
-    pub async fn owner_of(
-        &self,
-        resource: &str,
-        ids: &[String],
-    ) -> Result<PodDevices, PodResourcesError> {
-        self.pods_with(resource)
-            .await?
-            .into_iter()
-            .find(|p| ids.iter().all(|id| p.device_ids.contains(id)))
-            .ok_or_else(|| PodResourcesError::NotFound {
-                ids: ids.to_vec(),
-                resource: resource.to_string(),
-            })
-    }
+/// The pod among `pods` holding all of `ids` of `resource`.
+pub fn owner_of(
+    pods: Vec<PodDevices>,
+    resource: &str,
+    ids: &[String],
+) -> Result<PodDevices, PodResourcesError> {
+    pods.into_iter()
+        .find(|p| ids.iter().all(|id| p.device_ids.contains(id)))
+        .ok_or_else(|| PodResourcesError::NotFound {
+            ids: ids.to_vec(),
+            resource: resource.to_string(),
+        })
 }

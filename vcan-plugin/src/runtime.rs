@@ -41,8 +41,8 @@ pub enum RuntimeError {
     Unavailable {
         /// The socket.
         path: String,
-        /// The gRPC status.
-        status: Box<tonic::Status>,
+        /// The gRPC status message.
+        status: String,
     },
     /// No ready sandbox for the pod.
     #[error("the container runtime has no ready sandbox for pod {0}")]
@@ -101,7 +101,7 @@ impl CriRuntime {
     fn unavailable(&self, status: tonic::Status) -> RuntimeError {
         RuntimeError::Unavailable {
             path: self.path.display().to_string(),
-            status: Box::new(status),
+            status: uds::status_text(&status),
         }
     }
 }

@@ -34,3 +34,8 @@ pub async fn connect(path: &Path) -> Result<Channel, tonic::transport::Error> {
         }))
         .await
 }
+
+/// A gRPC status as one readable phrase, for error messages.
+pub fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}

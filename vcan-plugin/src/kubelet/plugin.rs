@@ -19,6 +19,7 @@ use crate::api::deviceplugin::v1beta1::{
 };
 use crate::health::Health;
 use crate::injector::Injector;
+use crate::metrics::Outcome;
 
 /// `Device.health` for usable devices.
 pub const HEALTHY: &str = "Healthy";
@@ -142,15 +143,24 @@ impl DevicePlugin for PluginService {
         }
         let mut responses = Vec::with_capacity(requests.len());
         for container in &requests {
-            let envs = self
-                .injector
-                .allocate_env(&container.devices_ids)
-                .inspect_err(|e| tracing::warn!(ids = ?container.devices_ids, error = %e, "Allocate refused"))?;
+            let envs = match self.injector.allocate_env(&container.devices_ids) {
+                Ok(envs) => envs,
+                Err(e) => {
+                    tracing::warn!(ids = ?container.devices_ids, error = %e, "Allocate refused");
+                    self.injector
+                        .metrics()
+                        .allocate(Outcome::Error, started.elapsed());
+                    return Err(e.into());
+                }
+            };
             responses.push(ContainerAllocateResponse {
                 envs,
                 ..Default::default()
             });
         }
+        self.injector
+            .metrics()
+            .allocate(Outcome::Success, started.elapsed());
         tracing::debug!(containers = requests.len(), elapsed = ?started.elapsed(), "Allocate");
         Ok(Response::new(AllocateResponse {
             container_responses: responses,
@@ -176,10 +186,18 @@ impl DevicePlugin for PluginService {
                     link_creation = ?timings.link_creation,
                     "PreStartContainer: interfaces up"
                 );
+                self.injector.metrics().prestart(
+                    Outcome::Success,
+                    started.elapsed(),
+                    Some(&timings),
+                );
                 Ok(Response::new(PreStartContainerResponse {}))
             }
             Err(e) => {
                 tracing::warn!(?ids, error = %e, "PreStartContainer failed");
+                self.injector
+                    .metrics()
+                    .prestart(Outcome::Error, started.elapsed(), None);
                 Err(e.into())
             }
         }

@@ -283,6 +283,7 @@ impl Harness {
             DeviceSet::new(&resource, devices),
             podresources::PodResources::new(&pr_path),
             runtime.clone(),
+            Arc::new(vcan_plugin::metrics::Metrics::new(RESOURCE, "none")),
         ));
         let (health, _) = watch::channel(Health::Healthy);
         Harness {

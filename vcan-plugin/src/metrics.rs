@@ -1,0 +1,455 @@
+//! Prometheus metrics and the HTTP endpoint serving them with the health probes.
+//!
+//! Request counters and latency histograms live in a registry for the process's lifetime. Everything
+//! describing current state — devices, served pods and the per-pod CAN traffic — is built afresh at
+//! each scrape from the live sources, so a pod's series disappear with the pod.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::injector::PreStartTimings;
+
+/// Prefix of every metric.
+pub const PREFIX: &str = "vcan_plugin";
+
+/// Latency buckets in seconds, from 100 µs (Allocate) to the kubelet's 30 s PreStart timeout.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Whether a request succeeded, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It succeeded.
+    Success,
+    /// It failed.
+    Error,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// One series of CAN traffic counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficSample {
+    /// Kubernetes namespace of the pod.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Interface name inside the pod.
+    pub interface: String,
+    /// `tx` or `rx`.
+    pub direction: &'static str,
+    /// `classic`, `remote`, `error`, `fd`, `fd_brs` or `xl`.
+    pub kind: &'static str,
+    /// `standard` or `extended`.
+    pub id_format: &'static str,
+    /// Frames counted.
+    pub frames: u64,
+    /// Payload bytes counted.
+    pub bytes: u64,
+}
+
+/// The node's current state, gathered for one scrape.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Devices advertised.
+    pub devices: usize,
+    /// Devices advertised healthy.
+    pub healthy: usize,
+    /// Devices held by pods.
+    pub allocated: usize,
+    /// Pods whose interfaces the plugin created or adopted.
+    pub pods_served: usize,
+    /// Whether the kubelet accepted the current registration.
+    pub registered: bool,
+    /// Whether the node can create vcan interfaces.
+    pub vcan_supported: bool,
+    /// CAN traffic per pod, interface, direction and kind.
+    pub traffic: Vec<TrafficSample>,
+}
+
+/// The plugin's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    resource: String,
+    allocate_requests: IntCounterVec,
+    prestart_requests: IntCounterVec,
+    allocate_duration: Histogram,
+    prestart_duration: Histogram,
+    prestart_phase: HistogramVec,
+}
+
+fn name(suffix: &str) -> String {
+    format!("{PREFIX}_{suffix}")
+}
+
+impl Metrics {
+    /// Metrics for `resource`, with build information (`attach_mode` of the eBPF program).
+    pub fn new(resource: &str, attach_mode: &str) -> Self {
+        let registry = Registry::new();
+        let allocate_requests = IntCounterVec::new(
+            Opts::new(
+                name("allocate_requests_total"),
+                "Allocate calls from the kubelet, by outcome.",
+            ),
+            &["resource", "outcome"],
+        )
+        .expect("valid metric");
+        let prestart_requests = IntCounterVec::new(
+            Opts::new(
+                name("prestart_requests_total"),
+                "PreStartContainer calls from the kubelet, by outcome. Errors fail the container's start.",
+            ),
+            &["resource", "outcome"],
+        )
+        .expect("valid metric");
+        let allocate_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                name("allocate_duration_seconds"),
+                "Time to answer Allocate.",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let prestart_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                name("prestart_duration_seconds"),
+                "Time to answer PreStartContainer: until the pod's interfaces are up.",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let prestart_phase = HistogramVec::new(
+            HistogramOpts::new(
+                name("prestart_phase_duration_seconds"),
+                "Parts of PreStartContainer: pod_lookup (PodResources), namespace_lookup (runtime), \
+                 link_creation (netlink), bpf_attach (counters).",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let build_info = GaugeVec::new(
+            Opts::new(
+                name("build_info"),
+                "Build and node information; the value is always 1.",
+            ),
+            &["version", "kernel", "attach_mode"],
+        )
+        .expect("valid metric");
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), kernel.as_str(), attach_mode])
+            .set(1.0);
+        for c in [
+            Box::new(allocate_requests.clone()) as Box<dyn Collector>,
+            Box::new(prestart_requests.clone()),
+            Box::new(allocate_duration.clone()),
+            Box::new(prestart_duration.clone()),
+            Box::new(prestart_phase.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        // Known label values start at zero so rates and alerts work before the first event.
+        for outcome in [Outcome::Success, Outcome::Error] {
+            allocate_requests.with_label_values(&[resource, outcome.label()]);
+            prestart_requests.with_label_values(&[resource, outcome.label()]);
+        }
+        Metrics {
+            registry,
+            resource: resource.to_string(),
+            allocate_requests,
+            prestart_requests,
+            allocate_duration,
+            prestart_duration,
+            prestart_phase,
+        }
+    }
+
+    /// Records an Allocate call.
+    pub fn allocate(&self, outcome: Outcome, took: Duration) {
+        self.allocate_requests
+            .with_label_values(&[self.resource.as_str(), outcome.label()])
+            .inc();
+        self.allocate_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a PreStartContainer call and, when it got that far, its parts.
+    pub fn prestart(&self, outcome: Outcome, took: Duration, timings: Option<&PreStartTimings>) {
+        self.prestart_requests
+            .with_label_values(&[self.resource.as_str(), outcome.label()])
+            .inc();
+        self.prestart_duration.observe(took.as_secs_f64());
+        if let Some(t) = timings {
+            for (phase, d) in [
+                ("pod_lookup", t.pod_lookup),
+                ("namespace_lookup", t.namespace_lookup),
+                ("link_creation", t.link_creation),
+                ("bpf_attach", t.bpf_attach),
+            ] {
+                self.prestart_phase
+                    .with_label_values(&[phase])
+                    .observe(d.as_secs_f64());
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of everything, with `now` as the current state.
+    pub fn render(&self, now: &Snapshot) -> String {
+        let mut families = self.registry.gather();
+        families.extend(state_families(&self.resource, now));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+fn gauge(suffix: &str, help: &str, value: f64) -> Vec<prometheus::proto::MetricFamily> {
+    let g = Gauge::with_opts(Opts::new(name(suffix), help)).expect("valid metric");
+    g.set(value);
+    g.collect()
+}
+
+fn resource_gauge(
+    suffix: &str,
+    help: &str,
+    resource: &str,
+    value: f64,
+) -> Vec<prometheus::proto::MetricFamily> {
+    let g = GaugeVec::new(Opts::new(name(suffix), help), &["resource"]).expect("valid metric");
+    g.with_label_values(&[resource]).set(value);
+    g.collect()
+}
+
+/// Families describing the current state; built per scrape.
+fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
+    let mut families = Vec::new();
+    families.extend(resource_gauge(
+        "devices",
+        "Devices advertised to the kubelet.",
+        resource,
+        now.devices as f64,
+    ));
+    families.extend(resource_gauge(
+        "devices_healthy",
+        "Devices advertised healthy (0 when the node cannot create vcan interfaces).",
+        resource,
+        now.healthy as f64,
+    ));
+    families.extend(resource_gauge(
+        "devices_allocated",
+        "Devices held by pods according to the kubelet.",
+        resource,
+        now.allocated as f64,
+    ));
+    families.extend(resource_gauge(
+        "pods_served",
+        "Pods whose interfaces the plugin created or adopted.",
+        resource,
+        now.pods_served as f64,
+    ));
+    families.extend(resource_gauge(
+        "registered",
+        "1 while the kubelet has accepted the plugin's registration.",
+        resource,
+        f64::from(u8::from(now.registered)),
+    ));
+    families.extend(gauge(
+        "vcan_supported",
+        "1 if this node can create vcan interfaces (vcan module present).",
+        f64::from(u8::from(now.vcan_supported)),
+    ));
+    if !now.traffic.is_empty() {
+        let labels = [
+            "namespace",
+            "pod",
+            "interface",
+            "direction",
+            "kind",
+            "id_format",
+        ];
+        let frames = IntCounterVec::new(
+            Opts::new(
+                name("can_frames_total"),
+                "CAN frames through a pod's interface, counted at tc egress (tx) and ingress (rx). \
+                 vcan echoes every frame a pod sends back to the pod's own sockets, so each sent \
+                 frame also counts once as rx.",
+            ),
+            &labels,
+        )
+        .expect("valid metric");
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                name("can_bytes_total"),
+                "CAN payload bytes (data length, not frame overhead) through a pod's interface; rx \
+                 includes vcan's echo of the pod's own frames.",
+            ),
+            &labels,
+        )
+        .expect("valid metric");
+        for s in &now.traffic {
+            let values = [
+                s.namespace.as_str(),
+                s.pod.as_str(),
+                s.interface.as_str(),
+                s.direction,
+                s.kind,
+                s.id_format,
+            ];
+            frames.with_label_values(&values).inc_by(s.frames);
+            bytes.with_label_values(&values).inc_by(s.bytes);
+        }
+        families.extend(frames.collect());
+        families.extend(bytes.collect());
+    }
+    families
+}
+
+/// Supplies the current state at scrape time and readiness.
+pub trait StateSource: Send + Sync + 'static {
+    /// The state now.
+    fn snapshot(&self) -> Snapshot;
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    source: Arc<dyn StateSource>,
+}
+
+async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
+    let app2 = app.clone();
+    // Reading BPF maps is blocking syscalls; keep it off the async workers.
+    let body = tokio::task::spawn_blocking(move || app2.metrics.render(&app2.source.snapshot()))
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    let source = app.source.clone();
+    let now = tokio::task::spawn_blocking(move || {
+        let s = source.snapshot();
+        (s.registered, s.vcan_supported)
+    })
+    .await
+    .unwrap_or((false, false));
+    match now {
+        (true, true) => (StatusCode::OK, "ready\n".to_string()),
+        (registered, vcan) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: registered={registered} vcan_supported={vcan}\n"),
+        ),
+    }
+}
+
+/// The HTTP routes: `/metrics`, `/healthz` (process alive) and `/readyz` (registered and able to
+/// create vcan interfaces).
+pub fn router(metrics: Arc<Metrics>, source: Arc<dyn StateSource>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, source })
+}
+
+/// Serves [`router`] on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    source: Arc<dyn StateSource>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    axum::serve(listener, router(metrics, source))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_state_are_rendered_with_units_and_help() {
+        let m = Metrics::new("socketcan.io/vcan", "clsact");
+        m.allocate(Outcome::Success, Duration::from_micros(80));
+        m.prestart(
+            Outcome::Error,
+            Duration::from_millis(3),
+            Some(&PreStartTimings::default()),
+        );
+        let text = m.render(&Snapshot {
+            devices: 100,
+            healthy: 100,
+            allocated: 2,
+            pods_served: 1,
+            registered: true,
+            vcan_supported: true,
+            traffic: vec![TrafficSample {
+                namespace: "default".into(),
+                pod: "ecu".into(),
+                interface: "vcan0".into(),
+                direction: "tx",
+                kind: "classic",
+                id_format: "standard",
+                frames: 3,
+                bytes: 24,
+            }],
+        });
+        for expected in [
+            "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/vcan\"} 1",
+            "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/vcan\"} 1",
+            "vcan_plugin_devices_allocated{resource=\"socketcan.io/vcan\"} 2",
+            "vcan_plugin_can_frames_total{direction=\"tx\",id_format=\"standard\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 3",
+            "vcan_plugin_can_bytes_total{direction=\"tx\",id_format=\"standard\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 24",
+            "vcan_plugin_prestart_phase_duration_seconds_bucket{phase=\"bpf_attach\",le=\"0.0001\"} 1",
+            "# HELP vcan_plugin_can_frames_total",
+            "# TYPE vcan_plugin_prestart_duration_seconds histogram",
+            "attach_mode=\"clsact\"",
+        ] {
+            assert!(text.contains(expected), "missing {expected} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_pods_series_vanish_with_it() {
+        let m = Metrics::new("socketcan.io/vcan", "clsact");
+        let text = m.render(&Snapshot::default());
+        assert!(!text.contains("can_frames_total"));
+    }
+}
