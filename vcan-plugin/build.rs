@@ -40,5 +40,81 @@ fn main() -> Result<()> {
         .build_server(true)
         .compile_fds(fds)
         .context("tonic-build failed to generate Rust code from the proto descriptors")?;
+    build_ebpf()?;
+    Ok(())
+}
+
+// ─── eBPF counter program ───────────────────────────────────────────────────────────────────────
+//
+// The tc classifier in `vcan-ebpf/` is C (Rust BPF programs need nightly and bpf-linker, which
+// this project cannot use; see vcan-ebpf/README.md). It is compiled here so that a plain
+// `cargo build` produces a plugin with the program embedded (`src/ebpf/loader.rs` includes
+// `$OUT_DIR/vcan_count.bpf.o`). `CLANG` overrides the compiler.
+
+/// The C source, relative to the workspace root.
+const EBPF_SOURCE: &str = "vcan-ebpf/src/vcan_count.bpf.c";
+/// The compiled object, in `OUT_DIR`.
+const EBPF_OBJECT: &str = "vcan_count.bpf.o";
+/// What to tell a developer whose machine lacks the toolchain.
+const EBPF_INSTALL_HINT: &str = "install it with `apt-get install clang-19 libbpf-dev` (or run \
+     `cargo xtask setup`), or set CLANG to another clang (>= 14) with the BPF target";
+
+fn build_ebpf() -> Result<()> {
+    let manifest_dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR is not set")?,
+    );
+    let ebpf_dir = manifest_dir
+        .parent()
+        .context("vcan-plugin has no parent directory")?
+        .join("vcan-ebpf");
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR is not set")?);
+    println!("cargo:rerun-if-changed={}", ebpf_dir.join("src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("include").display()
+    );
+    println!("cargo:rerun-if-env-changed=CLANG");
+
+    let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang-19".to_string());
+    // `-target bpf` has no libc: asm/types.h (pulled in by linux/types.h) lives in the host's
+    // multiarch include directory, e.g. /usr/include/x86_64-linux-gnu.
+    let host = std::env::var("HOST").unwrap_or_default();
+    let arch = host.split('-').next().unwrap_or("x86_64");
+    let multiarch = format!("/usr/include/{arch}-linux-gnu");
+    if !PathBuf::from("/usr/include/bpf/bpf_helpers.h").exists() {
+        println!(
+            "cargo:warning=/usr/include/bpf/bpf_helpers.h not found: the eBPF program needs \
+             libbpf's headers; {EBPF_INSTALL_HINT}"
+        );
+    }
+    let object = out_dir.join(EBPF_OBJECT);
+    let output = std::process::Command::new(&clang)
+        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+        .arg("-I")
+        .arg(ebpf_dir.join("include"))
+        .arg("-I")
+        .arg(&multiarch)
+        .arg("-c")
+        .arg(ebpf_dir.join("src").join("vcan_count.bpf.c"))
+        .arg("-o")
+        .arg(&object)
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "`{clang}` was not found: vcan-plugin embeds an eBPF program written in C \
+             ({EBPF_SOURCE}) that is compiled with clang-19; {EBPF_INSTALL_HINT}"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot run `{clang}`")),
+    };
+    if !output.status.success() {
+        anyhow::bail!(
+            "`{clang}` failed to compile {EBPF_SOURCE} ({}):\n{}{}\nIf headers such as \
+             bpf/bpf_helpers.h or asm/types.h are missing, {EBPF_INSTALL_HINT}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     Ok(())
 }

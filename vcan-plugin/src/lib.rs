@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod ebpf;
 pub mod health;
 pub mod injector;
 pub mod kubelet;

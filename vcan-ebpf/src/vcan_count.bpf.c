@@ -1,0 +1,143 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR MIT)
+/*
+ * vcan_count: a tc classifier that counts the CAN frames crossing one interface, per direction
+ * and kind. See ../README.md for the design (why a slot, why two maps, why TC_ACT_UNSPEC).
+ *
+ * Built by vcan-plugin/build.rs:
+ *   clang-19 -target bpf -O2 -g -I../include -I/usr/include/<multiarch> -c vcan_count.bpf.c
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/can.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "vcan_counters.h"
+
+/*
+ * The attachment this load counts for. ifindex repeats across network namespaces (every pod's
+ * first vcan is typically index 2), and on the kernels we support a tc program cannot learn its
+ * namespace, so the loader gives each attachment its own slot and sets it here per load
+ * (aya's EbpfLoader::override_global). `const volatile` puts it in .rodata, which is frozen
+ * after load: the verifier treats it as a constant.
+ */
+const volatile __u32 slot = 0;
+
+/* Counters of every attachment, shared by all loads through the bpffs pin. Entries are created
+ * (zeroed) by the loader before it attaches and deleted when it detaches; the program only
+ * looks them up, so it never allocates and a late packet cannot resurrect a deleted entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, VCAN_MAX_SLOTS * VCAN_DIRECTIONS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vcan_key);
+	__type(value, struct vcan_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vcan_cnt_v1 SEC(".maps");
+
+/* Slot registry, used by the loader only (see struct vcan_slot). Defined here so that it is
+ * pinned next to the counters, with the same lifetime, and its layout is in this object's BTF. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VCAN_MAX_SLOTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct vcan_slot);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vcan_slots_v1 SEC(".maps");
+
+/* Largest payloads, to keep a corrupt length from inflating the byte counters. */
+#define CLASSIC_MAX_LEN 8
+#define FD_MAX_LEN 64
+#define XL_MAX_LEN 2048
+
+static __always_inline void add(struct vcan_kind *k, __u64 bytes)
+{
+	/* Per-CPU values: tc runs with migration disabled and never nests on a CPU for one
+	 * device, so plain increments are safe. */
+	k->frames += 1;
+	k->bytes += bytes;
+}
+
+static __always_inline void count_id(struct vcan_counters *c, __u32 can_id)
+{
+	if (can_id & CAN_EFF_FLAG)
+		c->ext_id += 1;
+	else
+		c->std_id += 1;
+}
+
+static __always_inline int count(struct __sk_buff *skb, __u32 dir)
+{
+	struct vcan_key key = { .slot = slot, .dir = dir };
+	struct vcan_counters *c;
+	__u8 head[8];
+	__u32 can_id;
+	__u16 xl_len;
+	__u8 len;
+
+	if (slot == 0)
+		return TC_ACT_UNSPEC; /* loaded without a slot: not an attachment */
+	c = bpf_map_lookup_elem(&vcan_cnt_v1, &key);
+	if (!c)
+		return TC_ACT_UNSPEC; /* detached, or not set up yet: count nothing */
+
+	/* CAN skbs have no link-layer header: the frame starts at offset 0. Every layout keeps
+	 * what we need in its first 8 bytes. */
+	if (bpf_skb_load_bytes(skb, 0, head, sizeof(head)) < 0) {
+		add(&c->other, skb->len);
+		return TC_ACT_UNSPEC;
+	}
+	/* Frames are in host byte order (struct can_frame is CPU-endian). */
+	__builtin_memcpy(&can_id, head, sizeof(can_id));
+	len = head[4];
+
+	switch (bpf_ntohs(skb->protocol)) {
+	case ETH_P_CAN:
+		/* struct can_frame: can_id @0, len @4 */
+		if (can_id & CAN_ERR_FLAG) {
+			add(&c->err, len > CLASSIC_MAX_LEN ? CLASSIC_MAX_LEN : len);
+			break;
+		}
+		if (can_id & CAN_RTR_FLAG)
+			add(&c->rtr, 0);
+		else
+			add(&c->classic, len > CLASSIC_MAX_LEN ? CLASSIC_MAX_LEN : len);
+		count_id(c, can_id);
+		break;
+	case ETH_P_CANFD:
+		/* struct canfd_frame: can_id @0, len @4, flags @5 */
+		if (head[5] & CANFD_BRS)
+			add(&c->fd_brs, len > FD_MAX_LEN ? FD_MAX_LEN : len);
+		else
+			add(&c->fd, len > FD_MAX_LEN ? FD_MAX_LEN : len);
+		count_id(c, can_id);
+		break;
+	case ETH_P_CANXL:
+		/* struct canxl_frame: prio @0, flags @4, sdt @5, len (u16) @6 */
+		__builtin_memcpy(&xl_len, head + 6, sizeof(xl_len));
+		add(&c->xl, xl_len > XL_MAX_LEN ? XL_MAX_LEN : xl_len);
+		break;
+	default:
+		add(&c->other, skb->len);
+		break;
+	}
+	/* UNSPEC (== TCX_NEXT): never decide the packet's fate, let later programs run. */
+	return TC_ACT_UNSPEC;
+}
+
+SEC("classifier/vcan_ingress")
+int vcan_ingress(struct __sk_buff *skb)
+{
+	return count(skb, VCAN_DIR_INGRESS);
+}
+
+SEC("classifier/vcan_egress")
+int vcan_egress(struct __sk_buff *skb)
+{
+	return count(skb, VCAN_DIR_EGRESS);
+}
+
+/* Only GPL-compatible-agnostic helpers are used; dual licence keeps both options open. */
+char _license[] SEC("license") = "Dual MIT/GPL";

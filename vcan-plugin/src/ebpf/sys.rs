@@ -1,0 +1,121 @@
+//! The few raw `bpf(2)` and `statfs(2)` calls aya 0.14 does not expose: whether a program id is
+//! still loaded, which interface a pinned TCX link is attached to, and whether a directory is on
+//! bpffs.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `BPF_LINK_TYPE_TCX` (enum bpf_link_type in linux/bpf.h).
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// `union bpf_attr` is large; the kernel only reads the prefix a command uses and requires the
+/// rest to be zero, so a zeroed, 8-byte aligned buffer of this size serves every command here.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Attr([0; 128])
+    }
+    fn put_u32(&mut self, offset: usize, v: u32) {
+        self.0[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, offset: usize, v: u64) {
+        self.0[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: attr points to a live, writable buffer of the size passed; the kernel reads at
+    // most that many bytes of it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            std::mem::size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// A command that returns a new file descriptor.
+fn bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+    let rc = sys_bpf(cmd, attr)?;
+    let fd = i32::try_from(rc).map_err(|_| io::Error::other("bpf(2) returned a bad fd"))?;
+    // SAFETY: the command returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether a program with this id is still loaded. Our loader keeps no program fds after
+/// attaching, so for clsact attachments this is "still attached somewhere": the kernel frees a
+/// program (and its id) once the last filter using it is gone with its interface.
+pub fn prog_exists(id: u32) -> io::Result<bool> {
+    if id == 0 {
+        return Ok(false);
+    }
+    let mut attr = Attr::new();
+    attr.put_u32(0, id); // prog_id
+    match bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut attr) {
+        Ok(_fd) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The interface a pinned TCX link is attached to: `Ok(None)` when the pin does not exist or
+/// the link's device is gone (the kernel clears it when the device is unregistered).
+pub fn tcx_link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("pin path contains a NUL byte"))?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64); // pathname
+    let fd = match bpf_fd(BPF_OBJ_GET, &mut attr) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // struct bpf_link_info: type @0, id @4, prog_id @8, then an 8-aligned union whose tcx
+    // member is { ifindex @16, attach_type @20 }.
+    let mut info = [0u64; 16];
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
+    attr.put_u32(4, std::mem::size_of_val(&info) as u32); // info.info_len
+    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
+    // The kernel writes at most `info_len` bytes into `info`, which outlives the call.
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let link_type = info[0] as u32;
+    let ifindex = info[2] as u32;
+    if link_type != BPF_LINK_TYPE_TCX {
+        return Err(io::Error::other(format!(
+            "{} is not a TCX link (type {link_type})",
+            pin.display()
+        )));
+    }
+    Ok((ifindex != 0).then_some(ifindex))
+}
+
+/// Whether `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("path contains a NUL byte"))?;
+    // SAFETY: statfs writes a struct statfs into `buf`, which is zero-initialised and owned.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated string and buf a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
+    Ok(buf.f_type as i64 == BPF_FS_MAGIC)
+}
