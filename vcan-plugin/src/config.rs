@@ -50,6 +50,14 @@ pub struct Config {
     #[arg(long, env = "VCAN_METRICS_ADDRESS", default_value = "0.0.0.0:9720")]
     pub metrics_address: SocketAddr,
 
+    /// bpffs directory for the pinned CAN frame counters (kept across plugin restarts).
+    #[arg(
+        long,
+        env = "VCAN_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/vcan-plugin"
+    )]
+    pub bpffs_dir: PathBuf,
+
     /// Seconds between checks that this node can still create vcan interfaces.
     #[arg(long, env = "VCAN_HEALTH_INTERVAL", default_value_t = 30)]
     pub health_interval: u64,

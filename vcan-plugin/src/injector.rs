@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::link::{LinkError, LinkInfo, Links};
+use crate::ebpf::{Attachment, Counters, EbpfError};
+use crate::link::{LinkError, LinkInfo, Links, VcanSpec};
 use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::pod_config::{self, PodConfigError};
@@ -37,6 +38,8 @@ pub struct ServedPod {
     pub netns: PathBuf,
     /// The interfaces, as created.
     pub interfaces: Vec<LinkInfo>,
+    /// Frame counters attached to the interfaces (empty when counting is unavailable).
+    pub attachments: Vec<Attachment>,
 }
 
 /// How long each part of a PreStart took.
@@ -78,6 +81,14 @@ pub enum InjectError {
         /// What is wrong.
         source: PodConfigError,
     },
+    /// Attaching the frame counters failed.
+    #[error("pod {pod}: attaching the CAN frame counters failed: {source}")]
+    Counters {
+        /// The pod.
+        pod: PodRef,
+        /// What failed.
+        source: Box<EbpfError>,
+    },
     /// Creating an interface failed.
     #[error("pod {pod}: {source}")]
     Link {
@@ -98,7 +109,7 @@ impl InjectError {
             | InjectError::Runtime(RuntimeError::Unavailable { .. }) => Code::Unavailable,
             InjectError::Runtime(_) => Code::NotFound,
             InjectError::HostNetwork(_) | InjectError::PodConfig { .. } => Code::FailedPrecondition,
-            InjectError::Link { .. } => Code::Internal,
+            InjectError::Link { .. } | InjectError::Counters { .. } => Code::Internal,
         }
     }
 }
@@ -120,6 +131,7 @@ pub struct Injector {
     /// Devices held by pods at the last look at PodResources.
     allocated: AtomicUsize,
     metrics: Arc<Metrics>,
+    counters: Option<Arc<Counters>>,
 }
 
 impl std::fmt::Debug for Injector {
@@ -148,7 +160,19 @@ impl Injector {
             served: Mutex::new(HashMap::new()),
             allocated: AtomicUsize::new(0),
             metrics,
+            counters: None,
         }
+    }
+
+    /// Attaches frame counters to every interface created from now on.
+    pub fn with_counters(mut self, counters: Arc<Counters>) -> Self {
+        self.counters = Some(counters);
+        self
+    }
+
+    /// The frame counters, if counting is available.
+    pub fn counters(&self) -> Option<&Arc<Counters>> {
+        self.counters.as_ref()
     }
 
     /// The metrics requests are recorded in.
@@ -256,31 +280,43 @@ impl Injector {
             source,
         })?;
 
-        let started = Instant::now();
         let target = Netns::Path(netns.clone());
-        let interfaces =
-            tokio::task::spawn_blocking(move || -> Result<Vec<LinkInfo>, LinkError> {
-                let mut links = Links::open(&target)?;
-                specs.iter().map(|s| links.ensure_vcan(s)).collect()
-            })
-            .await
-            .map_err(|e| InjectError::Link {
-                pod: owner.pod.clone(),
-                source: Box::new(LinkError::Netns(crate::netns::NetnsError::Thread(
-                    e.to_string(),
-                ))),
-            })?
-            .map_err(|source| InjectError::Link {
-                pod: owner.pod.clone(),
-                source: Box::new(source),
-            })?;
-        timings.link_creation = started.elapsed();
+        let counters = self.counters.clone();
+        let created =
+            tokio::task::spawn_blocking(move || create_and_count(&target, &specs, counters))
+                .await
+                .map_err(|e| InjectError::Link {
+                    pod: owner.pod.clone(),
+                    source: Box::new(LinkError::Netns(crate::netns::NetnsError::Thread(
+                        e.to_string(),
+                    ))),
+                })?;
+        let (interfaces, attachments) = match created {
+            Ok(c) => {
+                timings.link_creation = c.link_time;
+                timings.bpf_attach = c.bpf_time;
+                (c.interfaces, c.attachments)
+            }
+            Err(CreateError::Link(source)) => {
+                return Err(InjectError::Link {
+                    pod: owner.pod.clone(),
+                    source: Box::new(source),
+                });
+            }
+            Err(CreateError::Counters(source)) => {
+                return Err(InjectError::Counters {
+                    pod: owner.pod.clone(),
+                    source: Box::new(source),
+                });
+            }
+        };
 
         let served = ServedPod {
             pod: owner.pod,
             sandbox: sandbox.id.clone(),
             netns,
             interfaces,
+            attachments,
         };
         self.lock_served().insert(sandbox.id, served.clone());
         Ok(served)
@@ -331,12 +367,75 @@ impl Injector {
             .await?;
         self.note_allocations(&pods);
         let holders: HashSet<PodRef> = pods.into_iter().map(|p| p.pod).collect();
-        let mut served = self.lock_served();
-        let gone: Vec<String> = served
-            .iter()
-            .filter(|(_, s)| !holders.contains(&s.pod) || !s.netns.exists())
-            .map(|(id, _)| id.clone())
-            .collect();
-        Ok(gone.iter().filter_map(|id| served.remove(id)).collect())
+        let gone: Vec<ServedPod> = {
+            let mut served = self.lock_served();
+            let ids: Vec<String> = served
+                .iter()
+                .filter(|(_, s)| !holders.contains(&s.pod) || !s.netns.exists())
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| served.remove(id)).collect()
+        };
+        if let Some(counters) = self.counters.clone() {
+            let attachments: Vec<Attachment> =
+                gone.iter().flat_map(|p| p.attachments.clone()).collect();
+            // Detaching enters namespaces and sweeping reads the kernel: blocking work.
+            let _ = tokio::task::spawn_blocking(move || {
+                for a in &attachments {
+                    if let Err(e) = counters.detach(a) {
+                        tracing::warn!(ifname = %a.info.ifname, error = %e, "detaching counters failed");
+                    }
+                }
+                if let Err(e) = counters.sweep() {
+                    tracing::warn!(error = %e, "sweeping counters failed");
+                }
+            })
+            .await;
+        }
+        Ok(gone)
     }
+}
+
+/// What [`create_and_count`] made, and how long each half took.
+struct Created {
+    interfaces: Vec<LinkInfo>,
+    attachments: Vec<Attachment>,
+    link_time: Duration,
+    bpf_time: Duration,
+}
+
+enum CreateError {
+    Link(LinkError),
+    Counters(EbpfError),
+}
+
+/// Creates `specs` in `target` and attaches the counters to each; blocking.
+fn create_and_count(
+    target: &Netns,
+    specs: &[VcanSpec],
+    counters: Option<Arc<Counters>>,
+) -> Result<Created, CreateError> {
+    let started = Instant::now();
+    let mut links = Links::open(target).map_err(CreateError::Link)?;
+    let interfaces = specs
+        .iter()
+        .map(|s| links.ensure_vcan(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CreateError::Link)?;
+    let link_time = started.elapsed();
+    let started = Instant::now();
+    let attachments = match counters {
+        Some(c) => interfaces
+            .iter()
+            .map(|l| c.attach(target, &l.name))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CreateError::Counters)?,
+        None => Vec::new(),
+    };
+    Ok(Created {
+        interfaces,
+        attachments,
+        link_time,
+        bpf_time: started.elapsed(),
+    })
 }

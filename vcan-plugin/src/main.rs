@@ -1,5 +1,6 @@
 //! The vcan-plugin daemon: wires configuration, logging and the library together.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -10,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use vcan_plugin::config::{Config, LogFormat};
+use vcan_plugin::ebpf::{self, Counters};
 use vcan_plugin::health::{self, Health};
 use vcan_plugin::injector::Injector;
 use vcan_plugin::kubelet::registration::Registrar;
-use vcan_plugin::metrics::{self, Metrics, Snapshot, StateSource};
+use vcan_plugin::metrics::{self, Metrics, Snapshot, StateSource, TrafficSample};
 use vcan_plugin::podresources::PodResources;
 use vcan_plugin::resource::DeviceSet;
 use vcan_plugin::runtime::{self, CriRuntime};
@@ -28,6 +30,34 @@ struct Live {
     registered: Arc<AtomicBool>,
 }
 
+impl Live {
+    /// Every served pod's counters, read now; pods that went away have no series.
+    fn traffic(&self) -> Vec<TrafficSample> {
+        let Some(counters) = self.injector.counters() else {
+            return Vec::new();
+        };
+        let mut samples = Vec::new();
+        for pod in self.injector.served() {
+            for attachment in &pod.attachments {
+                let snapshot = match counters.read(attachment) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(pod = %pod.pod, error = %e, "reading counters failed");
+                        continue;
+                    }
+                };
+                samples.extend(metrics::traffic_samples(
+                    &pod.pod.namespace,
+                    &pod.pod.name,
+                    &attachment.info.ifname,
+                    &snapshot,
+                ));
+            }
+        }
+        samples
+    }
+}
+
 impl StateSource for Live {
     fn snapshot(&self) -> Snapshot {
         let devices = self.injector.devices().len();
@@ -39,14 +69,17 @@ impl StateSource for Live {
             pods_served: self.injector.served().len(),
             registered: self.registered.load(Ordering::SeqCst),
             vcan_supported: supported,
-            traffic: Vec::new(),
+            traffic: self.traffic(),
         }
     }
 }
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -76,14 +109,39 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let metrics = Arc::new(Metrics::new(&config.resource_name.to_string(), "none"));
-    let injector = Arc::new(Injector::new(
+    let bpffs_dir = config.bpffs_dir.clone();
+    let counters = match tokio::task::spawn_blocking(move || {
+        Counters::open(&ebpf::Config {
+            bpffs_dir,
+            mode: None,
+        })
+    })
+    .await?
+    {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "CAN frame counting is unavailable; interfaces are still served without counters"
+            );
+            None
+        }
+    };
+    let attach_mode = counters
+        .as_ref()
+        .map_or("none", |c| c.attach_mode().as_str());
+    let metrics = Arc::new(Metrics::new(&config.resource_name.to_string(), attach_mode));
+    let injector = Injector::new(
         config.resource_name.clone(),
         DeviceSet::new(&config.resource_name, config.devices as usize),
         PodResources::new(&config.pod_resources_socket),
         Arc::new(CriRuntime::new(&containerd_socket)),
         metrics.clone(),
-    ));
+    );
+    let injector = Arc::new(match counters {
+        Some(c) => injector.with_counters(c),
+        None => injector,
+    });
     let health = health::watch(Duration::from_secs(config.health_interval.max(1)));
 
     // Interfaces of running pods survive a plugin restart; take them over from what the kubelet and

@@ -59,14 +59,50 @@ pub struct TrafficSample {
     pub interface: String,
     /// `tx` or `rx`.
     pub direction: &'static str,
-    /// `classic`, `remote`, `error`, `fd`, `fd_brs` or `xl`.
-    pub kind: &'static str,
-    /// `standard` or `extended`.
-    pub id_format: &'static str,
-    /// Frames counted.
-    pub frames: u64,
-    /// Payload bytes counted.
-    pub bytes: u64,
+    /// What is counted.
+    pub measure: Measure,
+    /// The count.
+    pub value: u64,
+}
+
+/// One counted quantity of a [`TrafficSample`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// Frames of a kind: `classic`, `remote`, `error`, `fd`, `fd_brs`, `xl` or `other`.
+    Frames(&'static str),
+    /// Payload bytes of frames of a kind.
+    Bytes(&'static str),
+    /// Frames with an identifier format: `standard` (11-bit) or `extended` (29-bit).
+    IdFormat(&'static str),
+}
+
+/// The samples of one interface's counters.
+pub fn traffic_samples(
+    namespace: &str,
+    pod: &str,
+    interface: &str,
+    counters: &crate::ebpf::CountersSnapshot,
+) -> Vec<TrafficSample> {
+    let mut out = Vec::new();
+    for (direction, d) in [("tx", &counters.egress), ("rx", &counters.ingress)] {
+        let sample = |measure, value| TrafficSample {
+            namespace: namespace.to_string(),
+            pod: pod.to_string(),
+            interface: interface.to_string(),
+            direction,
+            measure,
+            value,
+        };
+        for (kind, k) in d.kinds() {
+            // The label says what a user sees in candump: a remote transmission request.
+            let kind = if kind == "rtr" { "remote" } else { kind };
+            out.push(sample(Measure::Frames(kind), k.frames));
+            out.push(sample(Measure::Bytes(kind), k.bytes));
+        }
+        out.push(sample(Measure::IdFormat("standard"), d.std_id));
+        out.push(sample(Measure::IdFormat("extended"), d.ext_id));
+    }
+    out
 }
 
 /// The node's current state, gathered for one scrape.
@@ -287,14 +323,7 @@ fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::Metr
         f64::from(u8::from(now.vcan_supported)),
     ));
     if !now.traffic.is_empty() {
-        let labels = [
-            "namespace",
-            "pod",
-            "interface",
-            "direction",
-            "kind",
-            "id_format",
-        ];
+        let labels = ["namespace", "pod", "interface", "direction", "kind"];
         let frames = IntCounterVec::new(
             Opts::new(
                 name("can_frames_total"),
@@ -314,20 +343,33 @@ fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::Metr
             &labels,
         )
         .expect("valid metric");
+        let ids = IntCounterVec::new(
+            Opts::new(
+                name("can_id_format_frames_total"),
+                "Classic, remote and FD frames through a pod's interface by identifier format: \
+                 standard (11-bit) or extended (29-bit); rx includes vcan's echo.",
+            ),
+            &["namespace", "pod", "interface", "direction", "id_format"],
+        )
+        .expect("valid metric");
         for s in &now.traffic {
-            let values = [
+            let (vec, label) = match s.measure {
+                Measure::Frames(kind) => (&frames, kind),
+                Measure::Bytes(kind) => (&bytes, kind),
+                Measure::IdFormat(format) => (&ids, format),
+            };
+            vec.with_label_values(&[
                 s.namespace.as_str(),
                 s.pod.as_str(),
                 s.interface.as_str(),
                 s.direction,
-                s.kind,
-                s.id_format,
-            ];
-            frames.with_label_values(&values).inc_by(s.frames);
-            bytes.with_label_values(&values).inc_by(s.bytes);
+                label,
+            ])
+            .inc_by(s.value);
         }
         families.extend(frames.collect());
         families.extend(bytes.collect());
+        families.extend(ids.collect());
     }
     families
 }
@@ -420,23 +462,40 @@ mod tests {
             pods_served: 1,
             registered: true,
             vcan_supported: true,
-            traffic: vec![TrafficSample {
-                namespace: "default".into(),
-                pod: "ecu".into(),
-                interface: "vcan0".into(),
-                direction: "tx",
-                kind: "classic",
-                id_format: "standard",
-                frames: 3,
-                bytes: 24,
-            }],
+            traffic: vec![
+                TrafficSample {
+                    namespace: "default".into(),
+                    pod: "ecu".into(),
+                    interface: "vcan0".into(),
+                    direction: "tx",
+                    measure: Measure::Frames("classic"),
+                    value: 3,
+                },
+                TrafficSample {
+                    namespace: "default".into(),
+                    pod: "ecu".into(),
+                    interface: "vcan0".into(),
+                    direction: "tx",
+                    measure: Measure::Bytes("classic"),
+                    value: 24,
+                },
+                TrafficSample {
+                    namespace: "default".into(),
+                    pod: "ecu".into(),
+                    interface: "vcan0".into(),
+                    direction: "rx",
+                    measure: Measure::IdFormat("extended"),
+                    value: 2,
+                },
+            ],
         });
         for expected in [
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/vcan\"} 2",
-            "vcan_plugin_can_frames_total{direction=\"tx\",id_format=\"standard\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 3",
-            "vcan_plugin_can_bytes_total{direction=\"tx\",id_format=\"standard\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 24",
+            "vcan_plugin_can_frames_total{direction=\"tx\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 3",
+            "vcan_plugin_can_bytes_total{direction=\"tx\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 24",
+            "vcan_plugin_can_id_format_frames_total{direction=\"rx\",id_format=\"extended\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 2",
             "vcan_plugin_prestart_phase_duration_seconds_bucket{phase=\"bpf_attach\",le=\"0.0001\"} 1",
             "# HELP vcan_plugin_can_frames_total",
             "# TYPE vcan_plugin_prestart_duration_seconds histogram",
