@@ -27,8 +27,9 @@ pub const PACKAGES: &[&str] = &[
     "llvm-19",
     "libbpf-dev",
     "bpftool",
-    // Metrics checks.
+    // Metrics checks; `cargo xtask check-manifests` also needs python3 with venv for its PyPI tools.
     "prometheus",
+    "python3-venv",
     // The kubelet API's protobuf definitions.
     "protobuf-compiler",
 ];

