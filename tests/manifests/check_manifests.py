@@ -19,6 +19,8 @@ Checks, each reported as PASS, FAIL or SKIP, then a summary line:
     plain rules file, runbook links point at real README sections
   * the Grafana dashboard's structure, every expression parses (promtool), the bus-load formula
     computes canbusload's numbers, metric names exist
+  * dashboards, alerts and their tests select and group only by labels the metrics have (e.g. no
+    id_format on the frame and byte counters), and deploy/README.md's metric table says the same
   * the Dockerfile's stages
 """
 
@@ -91,6 +93,7 @@ PLUGIN_DEFAULTS = {
     "VCAN_DEVICE_PLUGIN_DIR": "/var/lib/kubelet/device-plugins",
     "VCAN_POD_RESOURCES_SOCKET": "/var/lib/kubelet/pod-resources/kubelet.sock",
     "VCAN_METRICS_ADDRESS": "0.0.0.0:9720",
+    "VCAN_BPFFS_DIR": "/sys/fs/bpf/vcan-plugin",
 }
 
 # Capabilities: what each container may add (each needs a justification comment in the base),
@@ -108,6 +111,7 @@ REQUIRED_CAPS = {
 COUNTERS = {
     "vcan_plugin_can_frames_total",
     "vcan_plugin_can_bytes_total",
+    "vcan_plugin_can_id_format_frames_total",
     "vcan_plugin_allocate_requests_total",
     "vcan_plugin_prestart_requests_total",
     "vcan_plugin_bus_frames_forwarded_total",
@@ -139,6 +143,33 @@ KNOWN_SERIES = (
     | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
     | {"up"}
 )
+
+# The labels each metric is exported with (vcan-plugin/src/metrics.rs), without the scrape's target
+# labels. The frame counters are per kind; identifier formats are counted per direction, not per
+# kind, so only vcan_plugin_can_id_format_frames_total has id_format.
+TRAFFIC_LABELS = {"namespace", "pod", "interface", "direction"}
+METRIC_LABELS: dict[str, set[str]] = {
+    "vcan_plugin_can_frames_total": TRAFFIC_LABELS | {"kind"},
+    "vcan_plugin_can_bytes_total": TRAFFIC_LABELS | {"kind"},
+    "vcan_plugin_can_id_format_frames_total": TRAFFIC_LABELS | {"id_format"},
+    "vcan_plugin_allocate_requests_total": {"resource", "outcome"},
+    "vcan_plugin_prestart_requests_total": {"resource", "outcome"},
+    "vcan_plugin_devices": {"resource"},
+    "vcan_plugin_devices_healthy": {"resource"},
+    "vcan_plugin_devices_allocated": {"resource"},
+    "vcan_plugin_pods_served": {"resource"},
+    "vcan_plugin_registered": {"resource"},
+    "vcan_plugin_vcan_supported": set(),
+    "vcan_plugin_build_info": {"version", "kernel", "attach_mode"},
+    "vcan_plugin_allocate_duration_seconds": set(),
+    "vcan_plugin_prestart_duration_seconds": set(),
+    "vcan_plugin_prestart_phase_duration_seconds": {"phase"},
+    "vcan_plugin_bus_frames_forwarded_total": {"bus"},
+    "vcan_plugin_bus_frames_dropped_total": {"bus"},
+    "vcan_plugin_bus_members": {"bus"},
+}
+# What the scrape adds (job and instance; node from the monitors' relabeling).
+TARGET_LABELS = {"job", "instance", "node"}
 
 GRAFANA_VARIABLE_SAMPLES = {
     "__rate_interval": "5m",
@@ -270,6 +301,75 @@ def readme_anchors(readme: Path) -> set[str]:
         if m and not in_code:
             anchors.add(github_anchor(m.group(2)))
     return anchors
+
+
+def series_labels(metric: str) -> set[str] | None:
+    """Every label a series of `metric` can carry in Prometheus; None for an unknown metric."""
+    if metric == "up":
+        return set(TARGET_LABELS)
+    for h in HISTOGRAMS:
+        if metric in (h + "_bucket", h + "_sum", h + "_count"):
+            return METRIC_LABELS[h] | TARGET_LABELS | ({"le"} if metric.endswith("_bucket") else set())
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric] | TARGET_LABELS
+    return None
+
+
+def _closing_paren(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(text)
+
+
+def label_problems(expr: str) -> list[str]:
+    """Labels an expression selects on or groups by that its metrics do not have.
+
+    Checks every `metric{label...}` selector, and every `by (...)`, `on (...)` and
+    `group_left/right (...)` against the labels of the metrics in its scope (the aggregated
+    expression for `by`, the whole expression otherwise). Understands the forms the dashboard and
+    the rules use, not all of PromQL.
+    """
+    p = []
+    # Blank out string contents (label values), then comments.
+    masked = re.sub(r'"(?:[^"\\]|\\.)*"', lambda m: '"' + "_" * (len(m.group(0)) - 2) + '"', expr)
+    masked = re.sub(r"#[^\n]*", "", masked)
+    for m in re.finditer(r"\b(vcan_plugin_[a-z0-9_]+|up)\s*\{([^}]*)\}", masked):
+        known = series_labels(m.group(1))
+        if known is None:
+            continue
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", m.group(2)):
+            if label not in known:
+                p.append(f"{m.group(1)} has no label {label!r}")
+
+    def labels_of(scope: str) -> set[str] | None:
+        names = metric_names(scope)
+        sets = [series_labels(n) for n in names]
+        if not names or any(s is None for s in sets):
+            return None
+        return set().union(*sets)
+
+    everything = labels_of(masked)
+    for m in re.finditer(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", masked):
+        keyword, listed = m.group(1), [x.strip() for x in m.group(2).split(",") if x.strip()]
+        scope = everything
+        if keyword == "by":
+            rest = masked[m.end():]
+            opening = len(rest) - len(rest.lstrip())
+            if rest[opening:opening + 1] == "(":
+                scope = labels_of(rest[: _closing_paren(rest, opening) + 1])
+        if scope is None:
+            continue
+        for label in listed:
+            if label not in scope and label != "__name__":
+                p.append(f"{keyword} ({', '.join(listed)}): no metric there has label {label!r}")
+    return sorted(set(p))
 
 
 def metric_names(expr: str) -> set[str]:
@@ -537,7 +637,7 @@ def check_plugin_container(c: dict[str, Any], volumes: dict[str, Any], labels: d
         ("PodResources socket", pod_resources, False),
         ("containerd socket", socket or "", False),
         ("pod network namespaces", "/var/run/netns/cni-x", False),
-        ("bpffs", "/sys/fs/bpf/vcan-plugin", True),
+        ("bpffs directory (VCAN_BPFFS_DIR)", env["VCAN_BPFFS_DIR"], True),
     ):
         m = mount_of(path)
         if m is None:
@@ -551,6 +651,14 @@ def check_plugin_container(c: dict[str, Any], volumes: dict[str, Any], labels: d
                 p.append(f"the {what} is mounted as a file; mount its directory")
         if writable and m.get("readOnly"):
             p.append(f"the {what} mount must be writable")
+    bpffs = mount_of(env["VCAN_BPFFS_DIR"])
+    host = (volumes.get(bpffs["name"], {}).get("hostPath") or {}).get("path", "") if bpffs else ""
+    if bpffs and not (host == "/sys/fs/bpf" or host.startswith("/sys/fs/bpf/")):
+        p.append(
+            f"VCAN_BPFFS_DIR {env['VCAN_BPFFS_DIR']} is mounted from {host or 'no host path'}, not the host's "
+            "bpffs (/sys/fs/bpf): the counters' maps can only be pinned on a bpffs, and only the host's keeps "
+            "them across plugin restarts"
+        )
     netns = mounts.get("/var/run/netns")
     if not netns or netns.get("mountPropagation") != "HostToContainer":
         p.append("/var/run/netns must be mounted with mountPropagation: HostToContainer")
@@ -735,13 +843,23 @@ def check_rule_contents(root: Path) -> list[str]:
         for metric in metric_names(a["expr"]):
             if metric not in KNOWN_SERIES:
                 p.append(f"{name}: unknown metric {metric}")
+        p += [f"{name}: {problem}" for problem in label_problems(a["expr"])]
         if "rate(" in a["expr"] and "$__rate_interval" in a["expr"]:
             p.append(f"{name}: Grafana variables have no meaning in alerts")
     tested_firing: set[str] = set()
     tested_silent: set[str] = set()
-    for case in load_yaml_file(tests)["tests"]:
+    for number, case in enumerate(load_yaml_file(tests)["tests"], 1):
         for t in case.get("alert_rule_test") or []:
             (tested_firing if t.get("exp_alerts") else tested_silent).add(t["alertname"])
+        # Test input must look like what the plugin exports, or a test passes on series that
+        # never exist (e.g. frame counters with a label the plugin no longer sets).
+        for series in case.get("input_series") or []:
+            for metric in metric_names(series["series"]):
+                if metric not in KNOWN_SERIES:
+                    p.append(f"{tests.name} test {number}: input series of unknown metric {metric}")
+            p += [f"{tests.name} test {number}: input series: {problem}" for problem in label_problems(series["series"])]
+        for t in case.get("promql_expr_test") or []:
+            p += [f"{tests.name} test {number}: {problem}" for problem in label_problems(t["expr"])]
     for a in alerts:
         if a["alert"] not in tested_firing:
             p.append(f"{a['alert']}: no unit test where it fires")
@@ -867,7 +985,9 @@ def check_dashboard_structure(path: Path) -> tuple[list[str], str]:
                     p.append(f"{where}: {fn}(…[{rng}]) must use [$__rate_interval]")
             if re.search(r"\b(rate|irate|increase)\(", expr) and "$__rate_interval" not in expr:
                 p.append(f"{where}: rate() without $__rate_interval")
-            if re.search(r"\bcan_(frames|bytes)_total\b", expr) and "$namespace" not in expr:
+            if re.search(r"\bvcan_plugin_can_\w*_total\b", expr) and not all(
+                f"${v}" in expr for v in ("namespace", "pod", "interface")
+            ):
                 p.append(f"{where}: traffic queries must honour $namespace/$pod/$interface")
         ref_ids = [t.get("refId") for t in panel.get("targets", [])]
         if len(set(ref_ids)) != len(ref_ids) or None in ref_ids:
@@ -876,7 +996,7 @@ def check_dashboard_structure(path: Path) -> tuple[list[str], str]:
         if name not in used_vars:
             p.append(f"variable ${name} is never used by a panel")
     titles = " | ".join(panel.get("title", "") for panel in panels).lower()
-    for needed in ("frames/s", "bytes/s", "error frames", "fd share", "bus load", "allocated and free", "prestart", "up and registered"):
+    for needed in ("frames/s", "bytes/s", "by kind", "id format", "error frames", "fd share", "bus load", "allocated and free", "prestart", "up and registered"):
         if needed not in titles:
             p.append(f"no panel about {needed!r}")
     return p, f"{len(panels)} panels, {len(variables)} variables"
@@ -895,6 +1015,7 @@ def check_dashboard_expressions(path: Path, promtool: str, work: Path) -> tuple[
         for metric in metric_names(concrete):
             if metric not in KNOWN_SERIES:
                 p.append(f"{where}: unknown metric {metric}")
+        p += [f"{where}: {problem}" for problem in label_problems(concrete)]
         rules.append({"record": f"dashboard:expr_{i}", "expr": concrete})
     target = work / "dashboard-expressions.rules.yml"
     target.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False))
@@ -905,34 +1026,127 @@ def check_dashboard_expressions(path: Path, promtool: str, work: Path) -> tuple[
 
 
 # Bus-load reference numbers, computed by hand from canbusload's model (see the panel's
-# description): per direction="rx" series, frames/s and payload bytes/s.
+# description and deploy/README.md). Per standard-ID frame: classic/remote 55 bits, CAN FD 72, CAN FD
+# with switch 34 nominal + 38 data-phase, CAN XL 35 nominal + 123 data-phase; per payload byte 10
+# (XL: 9), at the data rate for fd_brs and xl. Each extended-ID frame adds 25 bits if classic or
+# remote and 23 if CAN FD; the counters do not say which, so the panel charges the mean of the two
+# weighted by the interface's classic+remote and CAN FD frame rates.
+CAN_KINDS = ("classic", "remote", "error", "fd", "fd_brs", "xl", "other")
+# Kinds whose frames vcan_plugin_can_id_format_frames_total counts (the eBPF program's count_id).
+ID_FORMAT_KINDS = ("classic", "remote", "fd", "fd_brs")
+
+
+@dataclass(frozen=True)
+class BusLoadCase:
+    label: str
+    # direction="rx" traffic of interface vcan0: kind -> (frames/s, payload bytes/s); kinds not
+    # listed are exported at 0, as the plugin does.
+    traffic: dict[str, tuple[float, float]]
+    # How many of its classic, remote and FD frames/s have extended IDs (the rest are standard).
+    extended: float
+    variables: dict[str, str]
+    expected: float
+
+
 BUS_LOAD_CASES = [
     # 100 classic standard frames/s with 8 bytes: 100 * (55 + 80) bit/s at 500 kbit/s.
-    ("classic standard, 8 bytes", [("classic", "standard", 100, 800)], {"bitrate": "500000"}, 100 * (55 + 80) / 500000),
-    # Same frames with extended IDs at 250 kbit/s: 100 * (80 + 80).
-    ("classic extended, 8 bytes", [("classic", "extended", 100, 800)], {"bitrate": "250000"}, 100 * (80 + 80) / 250000),
-    # Mixed: classic standard, remote extended (no payload), FD with BRS (64 bytes) at 500k/2M,
-    # and CAN XL (100 bytes) at 500k/8M.
-    (
-        "mixed classic, remote, fd_brs, xl",
-        [
-            ("classic", "standard", 50, 200),
-            ("remote", "extended", 10, 0),
-            ("fd_brs", "standard", 20, 1280),
-            ("xl", "standard", 5, 500),
-        ],
+    # canbusload: 47 + 64 + ⌊(34 + 64 − 1)/4⌋ = 135 bits.
+    BusLoadCase("classic standard, 8 bytes", {"classic": (100, 800)}, 0, {"bitrate": "500000"}, 100 * (55 + 80) / 500000),
+    # Same frames with extended IDs at 250 kbit/s: 100 * (55 + 25 + 80).
+    # canbusload: 67 + 64 + ⌊(54 + 64 − 1)/4⌋ = 160 bits.
+    BusLoadCase(
+        "classic extended, 8 bytes", {"classic": (100, 800)}, 100, {"bitrate": "250000"}, 100 * (55 + 25 + 80) / 250000
+    ),
+    # Classic frames with 3 bytes and remote frames, 50 of the 120 extended, at 125 kbit/s.
+    # canbusload: 85 bits per standard frame with 3 bytes, 110 per extended one (25 more).
+    BusLoadCase(
+        "classic and remote, mixed ID formats",
+        {"classic": (100, 300), "remote": (20, 0)},
+        50,
+        {"bitrate": "125000"},
+        (120 * 55 + 300 * 10 + 50 * 25) / 125000,
+    ),
+    # CAN FD without switch, 64 bytes, extended IDs at 1 Mbit/s: 72 + 23 = 95 bits + 10 per byte.
+    BusLoadCase("fd extended, no switch", {"fd": (10, 640)}, 10, {"bitrate": "1000000"}, (10 * (72 + 23) + 640 * 10) / 1000000),
+    # CAN FD with switch, 64 bytes, extended IDs at 500k/2M: 34 + 23 nominal, 38 + 10 per byte at 2M.
+    BusLoadCase(
+        "fd_brs extended",
+        {"fd_brs": (20, 1280)},
+        20,
         {"bitrate": "500000", "data_bitrate": "2000000"},
-        (50 * 55 + 200 * 10 + 10 * 80 + 20 * (34 + 38 * 0.25) + 1280 * 10 * 0.25 + 5 * (35 + 123 * 0.25) + 500 * 9 * 0.25)
+        (20 * (34 + 23 + 38 * 0.25) + 1280 * 10 * 0.25) / 500000,
+    ),
+    # Mixed: classic standard, remote extended (no payload), FD with BRS (64 bytes) at 500k/2M,
+    # and CAN XL (100 bytes) at 500k/2M. The 10 extended frames are charged
+    # (60 * 25 + 20 * 23) / 80 = 24.5 bits each, not the 25 they cost as remote frames: the
+    # counters do not say which kind the extended frames are.
+    BusLoadCase(
+        "mixed classic, remote, fd_brs, xl",
+        {"classic": (50, 200), "remote": (10, 0), "fd_brs": (20, 1280), "xl": (5, 500)},
+        10,
+        {"bitrate": "500000", "data_bitrate": "2000000"},
+        (
+            60 * 55
+            + 200 * 10
+            + 20 * (34 + 38 * 0.25)
+            + 1280 * 10 * 0.25
+            + 5 * (35 + 123 * 0.25)
+            + 500 * 9 * 0.25
+            + 10 * (60 * 25 + 20 * 23) / 80
+        )
         / 500000,
     ),
-    # Error frames do not count; FD without BRS: 72 + 10 per byte.
-    (
-        "fd without switch, error frames ignored",
-        [("fd", "standard", 10, 640), ("error", "standard", 1000, 8000)],
+    # Error and other frames do not count; FD without switch: 72 + 10 per byte.
+    BusLoadCase(
+        "fd without switch, error and other frames ignored",
+        {"fd": (10, 640), "error": (1000, 8000), "other": (3, 48)},
+        0,
         {"bitrate": "1000000"},
         (10 * 72 + 640 * 10) / 1000000,
     ),
+    # No traffic: 0, not NaN (0/0 in the extended-ID weighting) and not an empty result.
+    BusLoadCase("idle interface", {}, 0, {"bitrate": "500000"}, 0.0),
 ]
+
+# Traffic on a second interface of the same pod in every case: CAN FD only, all extended IDs. It
+# checks that the extended-ID weighting is per interface (one interface's mix must not leak into
+# another's).
+BUS_LOAD_NEIGHBOUR = {"fd": (40, 2560)}
+BUS_LOAD_NEIGHBOUR_EXTENDED = 40
+
+
+def bus_load_neighbour_expected(bitrate: float) -> float:
+    return (40 * (72 + 23) + 2560 * 10) / bitrate
+
+
+def bus_load_input_series(
+    interface: str, traffic: dict[str, tuple[float, float]], extended: float
+) -> list[dict[str, str]]:
+    """The counters the plugin exports for one interface with this rx traffic, and a tx twin."""
+    unknown = set(traffic) - set(CAN_KINDS)
+    if unknown:
+        raise ValueError(f"unknown kinds {sorted(unknown)}")
+    with_id = sum(traffic.get(k, (0, 0))[0] for k in ID_FORMAT_KINDS)
+    if not 0 <= extended <= with_id:
+        raise ValueError(f"{extended} extended frames/s out of {with_id} with an ID format")
+    inputs = []
+    # tx must not be counted: its series carry different rates, so counting them shows.
+    for direction, scale in (("rx", 1), ("tx", 3)):
+        base = (
+            f'job="vcan-plugin", instance="10.0.0.1:9720", node="n1", namespace="ns", pod="ecu", '
+            f'interface="{interface}", direction="{direction}"'
+        )
+        for kind in CAN_KINDS:
+            fps, bps = traffic.get(kind, (0, 0))
+            labels = f'{base}, kind="{kind}"'
+            inputs.append({"series": f"vcan_plugin_can_frames_total{{{labels}}}", "values": f"0+{fps * 60 * scale:g}x20"})
+            inputs.append({"series": f"vcan_plugin_can_bytes_total{{{labels}}}", "values": f"0+{bps * 60 * scale:g}x20"})
+        for id_format, fps in (("standard", with_id - extended), ("extended", extended)):
+            labels = f'{base}, id_format="{id_format}"'
+            inputs.append(
+                {"series": f"vcan_plugin_can_id_format_frames_total{{{labels}}}", "values": f"0+{fps * 60 * scale:g}x20"}
+            )
+    return inputs
 
 
 def check_bus_load(path: Path, promtool: str, work: Path) -> tuple[list[str], str]:
@@ -943,24 +1157,15 @@ def check_bus_load(path: Path, promtool: str, work: Path) -> tuple[list[str], st
     expr = panels[0]["targets"][0]["expr"]
     (work / "bus-load").mkdir(parents=True, exist_ok=True)
     p = []
-    for label, series, variables, expected in BUS_LOAD_CASES:
-        concrete = substitute(expr, variables)
+    for case in BUS_LOAD_CASES:
+        concrete = substitute(expr, case.variables)
+        bitrate = float(substitute("$bitrate", case.variables))
         rules_path = work / "bus-load" / "rules.yml"
         rules_path.write_text(
             yaml.safe_dump({"groups": [{"name": "bus-load", "rules": [{"record": "bus_load", "expr": concrete}]}]})
         )
-        inputs = []
-        for kind, id_format, fps, bps in series:
-            labels = (
-                f'job="vcan-plugin", node="n1", namespace="ns", pod="ecu", interface="vcan0", '
-                f'direction="rx", kind="{kind}", id_format="{id_format}"'
-            )
-            inputs.append({"series": f"vcan_plugin_can_frames_total{{{labels}}}", "values": f"0+{fps * 60}x20"})
-            inputs.append({"series": f"vcan_plugin_can_bytes_total{{{labels}}}", "values": f"0+{bps * 60}x20"})
-            # tx series (the echo's twin) must not be counted.
-            tx = labels.replace('direction="rx"', 'direction="tx"')
-            inputs.append({"series": f"vcan_plugin_can_frames_total{{{tx}}}", "values": f"0+{fps * 60}x20"})
-            inputs.append({"series": f"vcan_plugin_can_bytes_total{{{tx}}}", "values": f"0+{bps * 60}x20"})
+        inputs = bus_load_input_series("vcan0", case.traffic, case.extended)
+        inputs += bus_load_input_series("vcan1", BUS_LOAD_NEIGHBOUR, BUS_LOAD_NEIGHBOUR_EXTENDED)
         test = {
             "rule_files": [rules_path.name],
             "evaluation_interval": "1m",
@@ -973,7 +1178,11 @@ def check_bus_load(path: Path, promtool: str, work: Path) -> tuple[list[str], st
                             "expr": "bus_load",
                             "eval_time": "10m",
                             "exp_samples": [
-                                {"labels": 'bus_load{interface="vcan0", namespace="ns", pod="ecu"}', "value": expected}
+                                {"labels": 'bus_load{interface="vcan0", namespace="ns", pod="ecu"}', "value": case.expected},
+                                {
+                                    "labels": 'bus_load{interface="vcan1", namespace="ns", pod="ecu"}',
+                                    "value": bus_load_neighbour_expected(bitrate),
+                                },
                             ],
                         }
                     ],
@@ -984,7 +1193,7 @@ def check_bus_load(path: Path, promtool: str, work: Path) -> tuple[list[str], st
         test_path.write_text(yaml.safe_dump(test, sort_keys=False))
         proc = run_command([promtool, "test", "rules", test_path.name], cwd=test_path.parent)
         if proc.returncode != 0:
-            p.append(f"{label}: expected {expected:.6g}:\n{proc.stdout}{proc.stderr}")
+            p.append(f"{case.label}: expected {case.expected:.6g}:\n{proc.stdout}{proc.stderr}")
     return p, f"{len(BUS_LOAD_CASES)} cases evaluated by promtool"
 
 
@@ -1006,6 +1215,22 @@ def check_metrics_in_source(root: Path, report: Report) -> tuple[list[str], str]
 # ── README ──────────────────────────────────────────────────────────────────────────────────────
 
 
+def readme_metric_labels(text: str) -> dict[str, set[str]]:
+    """The metric table's Labels column: metric -> labels ("same" repeats the row above)."""
+    out: dict[str, set[str]] = {}
+    previous: set[str] = set()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`vcan_plugin_"):
+            continue
+        metrics = re.findall(r"`(vcan_plugin_\w+)`", cells[0])
+        labels = previous if cells[2] == "same" else set(re.findall(r"`(\w+)`", cells[2]))
+        for metric in metrics:
+            out[metric] = set(labels)
+        previous = labels
+    return out
+
+
 def check_readme(root: Path) -> list[str]:
     readme = root / "deploy/README.md"
     text = readme.read_text()
@@ -1023,6 +1248,16 @@ def check_readme(root: Path) -> list[str]:
     for metric in sorted(COUNTERS | GAUGES | HISTOGRAMS):
         if f"`{metric}`" not in text:
             p.append(f"metric {metric} is not documented")
+    documented = readme_metric_labels(text)
+    for metric, labels in sorted(documented.items()):
+        if metric in METRIC_LABELS and labels != METRIC_LABELS[metric]:
+            p.append(
+                f"metric table: {metric} is documented with labels {sorted(labels)}, "
+                f"but is exported with {sorted(METRIC_LABELS[metric])}"
+            )
+    for metric in sorted(COUNTERS | GAUGES | HISTOGRAMS):
+        if f"`{metric}`" in text and metric not in documented:
+            p.append(f"metric {metric} has no row in the metric table")
     for needed in ("candump vcan0", "cansend vcan0 5A1#11.2233.44556677.88", "k8s.collabora.com/vcan", "linux-modules-extra"):
         if needed not in text:
             p.append(f"does not mention {needed!r}")

@@ -130,6 +130,16 @@ class DaemonSetPolicy(unittest.TestCase):
         cm.one(objects, "ServiceMonitor")["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] = "other"
         self.assertIn("selects no Service", "\n".join(cm.check_objects(objects)))
 
+    def test_bpffs_dir_off_bpffs(self) -> None:
+        def change(spec):
+            spec["containers"][0]["env"].append({"name": "VCAN_BPFFS_DIR", "value": "/var/lib/kubelet/device-plugins/bpf"})
+        self.assertIn("not the host's bpffs", self.problems(change))
+
+    def test_bpffs_dir_outside_mounts(self) -> None:
+        def change(spec):
+            spec["containers"][0]["env"].append({"name": "VCAN_BPFFS_DIR", "value": "/run/vcan-bpf"})
+        self.assertIn("bpffs directory (VCAN_BPFFS_DIR) (/run/vcan-bpf) is not inside any mounted directory", self.problems(change))
+
     def test_wrong_namespace(self) -> None:
         objects = copy.deepcopy(self.containerd)
         cm.one(objects, "Service")["metadata"]["namespace"] = "default"
@@ -175,9 +185,96 @@ class DashboardChecks(unittest.TestCase):
     def test_uid(self) -> None:
         self.assertIn("uid", self.check(lambda d: d.__setitem__("uid", "random")))
 
+    def test_traffic_query_without_pod_filter(self) -> None:
+        def change(d):
+            panel = next(p for p in cm.all_panels(d) if p.get("title") == "Frames/s by ID format")
+            panel["targets"][0]["expr"] = panel["targets"][0]["expr"].replace(', pod=~"$pod"', "")
+        self.assertIn("must honour $namespace/$pod/$interface", self.check(change))
+
+    def test_split_frames_panels_required(self) -> None:
+        def change(d):
+            d["panels"] = [p for p in d["panels"] if p.get("title") != "Frames/s by ID format"]
+        self.assertIn("no panel about 'id format'", self.check(change))
+
     def test_metric_names(self) -> None:
         self.assertEqual(cm.metric_names('sum by (le) (rate(vcan_plugin_x_bucket{a="b"}[5m])) / up'), {"vcan_plugin_x_bucket", "up"})
         self.assertNotIn("vcan_plugin_x_bucket", cm.KNOWN_SERIES)
+
+
+class LabelChecks(unittest.TestCase):
+    """Selectors and groupings may only use labels the plugin exports (metrics.rs)."""
+
+    def test_id_format_is_not_on_frame_or_byte_counters(self) -> None:
+        for expr in (
+            'rate(vcan_plugin_can_frames_total{direction="rx", id_format="extended"}[5m])',
+            'rate(vcan_plugin_can_bytes_total{id_format!="standard"}[5m])',
+            "vcan_plugin_can_frames_total{job=\"vcan-plugin\", kind=\"classic\", id_format=\"standard\"}",
+        ):
+            with self.subTest(expr=expr):
+                self.assertIn("has no label 'id_format'", "\n".join(cm.label_problems(expr)))
+
+    def test_grouping_by_a_missing_label(self) -> None:
+        problems = cm.label_problems('sum by (kind, id_format) (rate(vcan_plugin_can_frames_total{direction="rx"}[5m]))')
+        self.assertEqual(problems, ["by (kind, id_format): no metric there has label 'id_format'"])
+        problems = cm.label_problems("sum by (kind) (rate(vcan_plugin_can_id_format_frames_total[5m]))")
+        self.assertEqual(problems, ["by (kind): no metric there has label 'kind'"])
+
+    def test_valid_expressions(self) -> None:
+        for expr in (
+            'sum by (id_format) (rate(vcan_plugin_can_id_format_frames_total{direction=~"rx", id_format="extended"}[5m]))',
+            'sum by (kind) (rate(vcan_plugin_can_frames_total{job="vcan-plugin", node="n", kind="error"}[5m]))',
+            "histogram_quantile(0.99, sum by (le, phase) (rate(vcan_plugin_prestart_phase_duration_seconds_bucket[5m])))",
+            'rate(vcan_plugin_can_id_format_frames_total{id_format="extended"}[5m]) * on (namespace, pod, interface) '
+            "group_left () sum by (namespace, pod, interface) (rate(vcan_plugin_can_frames_total[5m]))",
+            # Label names inside label values and comments are not selectors.
+            'vcan_plugin_devices{resource="id_format=x"} # by (id_format)',
+        ):
+            with self.subTest(expr=expr):
+                self.assertEqual(cm.label_problems(expr), [])
+
+    def test_shipped_dashboard_and_rules(self) -> None:
+        dashboard = json.loads((ROOT / "dashboards/vcan-plugin.json").read_text())
+        for where, expr in cm.dashboard_expressions(dashboard):
+            with self.subTest(where=where):
+                self.assertEqual(cm.label_problems(cm.substitute(expr)), [])
+        rules = cm.load_yaml_file(ROOT / "dashboards/vcan-plugin.rules.yml")
+        for rule in rules["groups"][0]["rules"]:
+            with self.subTest(alert=rule["alert"]):
+                self.assertEqual(cm.label_problems(rule["expr"]), [])
+
+    def test_readme_metric_table(self) -> None:
+        table = (
+            "| `vcan_plugin_can_frames_total` | counter | `namespace`, `pod`, `interface`, `direction`, `kind`, `id_format` | x |\n"
+            "| `vcan_plugin_can_bytes_total` | counter | same | y |\n"
+            "| `vcan_plugin_vcan_supported` | gauge | | z |\n"
+        )
+        labels = cm.readme_metric_labels(table)
+        self.assertEqual(labels["vcan_plugin_can_bytes_total"], cm.TRAFFIC_LABELS | {"kind", "id_format"})
+        self.assertEqual(labels["vcan_plugin_vcan_supported"], set())
+        shipped = cm.readme_metric_labels((ROOT / "deploy/README.md").read_text())
+        for metric, exported in cm.METRIC_LABELS.items():
+            with self.subTest(metric=metric):
+                self.assertEqual(shipped.get(metric), exported)
+
+
+class BusLoadInput(unittest.TestCase):
+    def test_series_like_the_exporter(self) -> None:
+        series = cm.bus_load_input_series("vcan0", {"classic": (10, 80), "fd": (5, 320), "error": (1, 8)}, 4)
+        values = {s["series"]: s["values"] for s in series}
+        rx = 'job="vcan-plugin", instance="10.0.0.1:9720", node="n1", namespace="ns", pod="ecu", interface="vcan0", direction="rx"'
+        # Every kind is exported, at 0 when there is no traffic; no id_format on the kind counters.
+        self.assertEqual(values[f'vcan_plugin_can_frames_total{{{rx}, kind="xl"}}'], "0+0x20")
+        self.assertEqual(values[f'vcan_plugin_can_bytes_total{{{rx}, kind="fd"}}'], "0+19200x20")
+        # Error frames have no ID format: 15 frames/s with one, 4 of them extended.
+        self.assertEqual(values[f'vcan_plugin_can_id_format_frames_total{{{rx}, id_format="standard"}}'], "0+660x20")
+        self.assertEqual(values[f'vcan_plugin_can_id_format_frames_total{{{rx}, id_format="extended"}}'], "0+240x20")
+        self.assertEqual(len(series), 2 * (2 * len(cm.CAN_KINDS) + 2))
+        for s in series:
+            self.assertEqual(cm.label_problems(s["series"]), [])
+
+    def test_more_extended_frames_than_frames(self) -> None:
+        with self.assertRaises(ValueError):
+            cm.bus_load_input_series("vcan0", {"classic": (10, 80), "error": (50, 400)}, 20)
 
 
 if __name__ == "__main__":
