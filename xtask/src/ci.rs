@@ -2,11 +2,11 @@
 
 use anyhow::{Context, Result, bail};
 
-use crate::{setup, util, vm};
+use crate::{manifests, setup, util, vm};
 
 /// Runs setup, fmt, clippy, host tests and the VM tests.
 pub fn ci(vm_args: &vm::tests::VmTestArgs) -> Result<()> {
-    const STEPS: usize = 5;
+    const STEPS: usize = 6;
     let root = util::workspace_root();
     let step = |n: usize, what: &str| eprintln!("\n==> [ci {n}/{STEPS}] {what}");
 
@@ -41,7 +41,12 @@ pub fn ci(vm_args: &vm::tests::VmTestArgs) -> Result<()> {
             .current_dir(&root),
     )?;
 
-    step(5, "cargo xtask vm-test");
+    step(5, "cargo xtask check-manifests");
+    if !manifests::check_manifests(&manifests::CheckManifestsArgs::default())? {
+        bail!("manifest checks failed");
+    }
+
+    step(6, "cargo xtask vm-test");
     if !vm::tests::vm_test(vm_args)? {
         bail!("VM tests failed");
     }

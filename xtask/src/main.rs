@@ -4,6 +4,9 @@
 //! CAN interfaces runs in a qemu VM booting Debian's stock kernel; see [`vm`].
 
 mod ci;
+mod demo;
+mod images;
+mod manifests;
 mod setup;
 mod util;
 mod vm;
@@ -41,10 +44,36 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Build the container images of the end-to-end tests into target/images/ (if stale).
+    Images {
+        /// Rebuild even if the cached images are up to date.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The demo node: boot the test-bed, start containerd, vcan-plugin and the kubelet stand-in,
+    /// run the example pod with two vcan interfaces, show candump receiving cansend's frame.
+    Demo {
+        /// VM settings.
+        #[command(flatten)]
+        vm: vm::VmOptions,
+    },
+    /// PreStart latency benchmark in the test-bed: p50/p99 over pods started one after another
+    /// and all at once (see BENCHMARKS.md).
+    Bench {
+        /// VM settings.
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// Arguments for the benchmark (e.g. `-- --sequential 100 --concurrent 50`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Install the Debian packages the project needs (only those missing).
     Setup,
     /// Setup, fmt, clippy, host tests and VM tests, stopping at the first failure.
     Ci(vm::tests::VmTestArgs),
+    /// Check deploy/ and dashboards/: render and validate the manifests, promtool the alerts and
+    /// the dashboard's queries (Python tools in a virtualenv under target/).
+    CheckManifests(manifests::CheckManifestsArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,7 +102,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Statuses outside 0..=255 cannot be passed on; report them as plain failure.
             Ok(u8::try_from(status).map_or(ExitCode::FAILURE, ExitCode::from))
         }
+        Cmd::Images { force } => images::images(force).map(|()| ExitCode::SUCCESS),
+        Cmd::Demo { vm } => demo::demo(vm).map(|()| ExitCode::SUCCESS),
+        Cmd::Bench { vm, args } => demo::bench(&args, vm).map(|()| ExitCode::SUCCESS),
         Cmd::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
         Cmd::Ci(args) => ci::ci(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::CheckManifests(args) => Ok(if manifests::check_manifests(&args)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
     }
 }

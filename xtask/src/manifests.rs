@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use crate::util;
 
 /// Options of `cargo xtask check-manifests`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 pub struct CheckManifestsArgs {
     /// Python interpreter that creates the virtualenv (default: /usr/bin/python3, else python3).
     #[arg(long, value_name = "PROGRAM")]

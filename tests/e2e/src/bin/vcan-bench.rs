@@ -1,0 +1,130 @@
+//! PreStartContainer latency on a real node (containerd, kubelet stand-in, vcan-plugin), in the
+//! CAN test-bed VM: pods started one after another, then many at once. `cargo xtask bench`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use vcan_e2e::env::TestNode;
+use vcan_e2e::images::CANUTILS_IMAGE;
+use vcan_e2e::node::StartedPod;
+use vcan_e2e::{ContainerSpec, PodSpec};
+
+struct Args {
+    sequential: usize,
+    concurrent: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        sequential: 100,
+        concurrent: 50,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_default();
+        let n: usize = match value.parse() {
+            Ok(n) => n,
+            Err(_) => bail!("{flag} needs a number, got {value:?}"),
+        };
+        match flag.as_str() {
+            "--sequential" => args.sequential = n,
+            "--concurrent" => args.concurrent = n,
+            other => bail!("unknown argument {other}; use --sequential N --concurrent M"),
+        }
+    }
+    Ok(args)
+}
+
+fn spec(name: String) -> PodSpec {
+    let mut c = ContainerSpec::new("app", CANUTILS_IMAGE, ["sleep", "3600"]);
+    c.vcan = 2;
+    let mut p = PodSpec::new("bench", &name);
+    p.containers = vec![c];
+    p
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn report(label: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
+    println!(
+        "{label}: n={} p50={:.2} ms p99={:.2} ms max={:.2} ms",
+        samples.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+    (p50, p99)
+}
+
+fn check(pod: &StartedPod) -> Result<()> {
+    match &pod.failure {
+        Some(f) => bail!("{}: {f}", pod.spec.name),
+        None => Ok(()),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "machine: test-bed VM (qemu TCG), {cpus} vCPUs, kernel {}",
+        kernel.trim()
+    );
+    let t = TestNode::start(200, "127.0.0.1:9720").await?;
+
+    // One after another: each pod is deleted before the next starts, so the node stays small.
+    let started = Instant::now();
+    let mut solo = Vec::with_capacity(args.sequential);
+    for i in 0..args.sequential {
+        let pod = t.node.run_pod(&spec(format!("seq-{i}"))).await?;
+        check(&pod)?;
+        solo.push(pod.prestart);
+        t.node.delete_pod(&pod).await?;
+    }
+    println!(
+        "sequential: {} pods in {:.1} s",
+        args.sequential,
+        started.elapsed().as_secs_f64()
+    );
+    let (solo_p50, solo_p99) = report("PreStart solo      ", solo);
+
+    let started = Instant::now();
+    let specs: Vec<PodSpec> = (0..args.concurrent)
+        .map(|i| spec(format!("par-{i}")))
+        .collect();
+    let pods = futures::future::join_all(specs.iter().map(|s| t.node.run_pod(s))).await;
+    let mut concurrent = Vec::with_capacity(args.concurrent);
+    let mut started_pods = Vec::new();
+    for pod in pods {
+        let pod = pod?;
+        check(&pod)?;
+        concurrent.push(pod.prestart);
+        started_pods.push(pod);
+    }
+    println!(
+        "concurrent: {} pods in {:.1} s",
+        args.concurrent,
+        started.elapsed().as_secs_f64()
+    );
+    let (_, conc_p99) = report("PreStart concurrent", concurrent);
+    for pod in &started_pods {
+        t.node.delete_pod(pod).await?;
+    }
+
+    println!(
+        "targets: solo p99 {:.2} ms (goal <= 25 ms); concurrent p99 / solo p50 = {:.2} (goal <= 3)",
+        solo_p99.as_secs_f64() * 1e3,
+        conc_p99.as_secs_f64() / solo_p50.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! A whole node in the test-bed: containerd, the kubelet stand-in and the vcan-plugin daemon,
+//! wired together the way a cluster node runs them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::containerd::{Containerd, ContainerdOptions};
+use crate::cri::Cri;
+use crate::kubelet::Kubelet;
+use crate::node::Node;
+use crate::plugin::{Plugin, PluginConfig};
+
+/// The resource the test node serves.
+pub const RESOURCE: &str = "socketcan.io/vcan";
+
+/// A running node; everything stops when it is dropped.
+pub struct TestNode {
+    /// Kubelet stand-in and CRI.
+    pub node: Node,
+    /// The plugin daemon.
+    pub plugin: Plugin,
+    /// containerd.
+    pub containerd: Containerd,
+    /// Where the node's files live.
+    pub root: PathBuf,
+}
+
+impl TestNode {
+    /// Starts containerd, the kubelet stand-in and the plugin (with `devices` devices and metrics
+    /// on `metrics_address`), and waits until the plugin has registered with healthy devices.
+    pub async fn start(devices: u32, metrics_address: &str) -> Result<Self> {
+        let root = PathBuf::from("/run/vcan-node");
+        std::fs::create_dir_all(&root)?;
+        let containerd = Containerd::start(ContainerdOptions::default())
+            .await
+            .context("starting containerd")?;
+        let cri = Cri::connect(containerd.socket()).await?;
+        let device_plugin_dir = root.join("device-plugins");
+        let pod_resources_socket = root.join("pod-resources/kubelet.sock");
+        let kubelet = Kubelet::start(&device_plugin_dir, &pod_resources_socket).await?;
+        let plugin = Plugin::start(&PluginConfig {
+            device_plugin_dir,
+            pod_resources_socket,
+            containerd_socket: containerd.socket().to_path_buf(),
+            metrics_address: metrics_address.to_string(),
+            resource_name: RESOURCE.to_string(),
+            devices,
+            log: root.join("vcan-plugin.log"),
+        })?;
+        let node = Node {
+            kubelet,
+            cri,
+            resource: RESOURCE.to_string(),
+        };
+        let test_node = TestNode {
+            node,
+            plugin,
+            containerd,
+            root,
+        };
+        test_node
+            .node
+            .kubelet
+            .wait_for_resource(RESOURCE, devices as usize, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("plugin log:\n{}", test_node.plugin.log()))?;
+        Ok(test_node)
+    }
+}

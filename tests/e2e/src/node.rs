@@ -1,0 +1,113 @@
+//! A node: the kubelet stand-in and containerd's CRI, driven in the kubelet's order for each pod:
+//! admission (Allocate) → RunPodSandbox → per container PreStartContainer → CreateContainer →
+//! StartContainer; StopPodSandbox/RemovePodSandbox on delete.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::cri::{Cri, PodSpec};
+use crate::kubelet::{Kubelet, PodAllocation};
+
+/// A pod that was started (possibly with containers that failed to start).
+#[derive(Debug, Clone)]
+pub struct StartedPod {
+    /// The spec it was started from.
+    pub spec: PodSpec,
+    /// The runtime's sandbox ID.
+    pub sandbox: String,
+    /// Container name → runtime ID, for the containers that were started.
+    pub containers: HashMap<String, String>,
+    /// The devices the kubelet allocated.
+    pub allocation: PodAllocation,
+    /// The first container start failure, as the kubelet would report it in the pod's events.
+    pub failure: Option<String>,
+    /// Time spent in PreStartContainer calls.
+    pub prestart: Duration,
+}
+
+impl StartedPod {
+    /// The runtime ID of container `name`; panics if it was not started.
+    pub fn container(&self, name: &str) -> &str {
+        self.containers
+            .get(name)
+            .unwrap_or_else(|| panic!("container {name} of {} was not started", self.spec.name))
+    }
+}
+
+/// The kubelet stand-in plus the runtime.
+pub struct Node {
+    /// The kubelet stand-in.
+    pub kubelet: Kubelet,
+    /// containerd's CRI service.
+    pub cri: Cri,
+    /// The resource pods request with `ContainerSpec::vcan`.
+    pub resource: String,
+}
+
+impl Node {
+    /// Admits and starts `spec` the way the kubelet does.
+    pub async fn run_pod(&self, spec: &PodSpec) -> Result<StartedPod> {
+        let requests: Vec<(String, String, usize)> = spec
+            .containers
+            .iter()
+            .map(|c| (c.name.clone(), self.resource.clone(), c.vcan as usize))
+            .collect();
+        let allocation = self
+            .kubelet
+            .admit(&spec.namespace, &spec.name, &requests)
+            .await
+            .with_context(|| format!("admitting pod {}/{}", spec.namespace, spec.name))?;
+        let sandbox = self
+            .cri
+            .run_sandbox(spec)
+            .await
+            .with_context(|| format!("RunPodSandbox for {}/{}", spec.namespace, spec.name))?;
+        let mut started = StartedPod {
+            spec: spec.clone(),
+            sandbox,
+            containers: HashMap::new(),
+            allocation,
+            failure: None,
+            prestart: Duration::ZERO,
+        };
+        for container in &spec.containers {
+            let devices = started
+                .allocation
+                .containers
+                .iter()
+                .find(|a| a.container == container.name)
+                .cloned();
+            let mut envs = HashMap::new();
+            if let Some(devices) = devices {
+                let t = Instant::now();
+                let result = self.kubelet.prestart(&devices).await;
+                started.prestart += t.elapsed();
+                if let Err(status) = result {
+                    started.failure = Some(format!(
+                        "CreateContainerConfigError: container {}: PreStartContainer: {}",
+                        container.name,
+                        status.message()
+                    ));
+                    return Ok(started);
+                }
+                envs = devices.envs;
+            }
+            let id = self
+                .cri
+                .create_and_start(&started.sandbox, spec, container, &envs)
+                .await
+                .with_context(|| format!("starting container {}", container.name))?;
+            started.containers.insert(container.name.clone(), id);
+        }
+        Ok(started)
+    }
+
+    /// Deletes a pod: removes its sandbox (and containers) and its allocation.
+    pub async fn delete_pod(&self, pod: &StartedPod) -> Result<()> {
+        self.cri.remove_pod(&pod.sandbox).await?;
+        self.kubelet.forget(&pod.spec.namespace, &pod.spec.name);
+        Ok(())
+    }
+}

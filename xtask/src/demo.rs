@@ -1,0 +1,57 @@
+//! `cargo xtask demo` and `cargo xtask bench`: the demo node and the PreStart latency benchmark,
+//! both run by host-built binaries inside the CAN test-bed VM.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{images, util, vm};
+
+/// Builds the daemon and the e2e binaries (debug, as the tests use them).
+fn build() -> Result<()> {
+    eprintln!("[xtask] building vcan-plugin and the kubelet stand-in");
+    util::run(
+        util::cargo()
+            .args(["build", "-p", "vcan-plugin", "-p", "vcan-e2e", "--bins"])
+            .current_dir(util::workspace_root()),
+    )?;
+    images::ensure_for_vm();
+    Ok(())
+}
+
+fn run_binary(name: &str, args: &[String], timeout: Duration, vm: vm::VmOptions) -> Result<()> {
+    build()?;
+    let binary = util::target_dir().join("debug").join(name);
+    let mut command = vec![
+        binary
+            .to_str()
+            .context("non-UTF-8 target path")?
+            .to_string(),
+    ];
+    command.extend(args.iter().cloned());
+    let status = vm::vm_run(&command, timeout, vm)?;
+    if status != 0 {
+        bail!("{name} failed in the VM (exit status {status})");
+    }
+    Ok(())
+}
+
+/// Boots the test-bed and runs the demo node.
+pub fn demo(vm: vm::VmOptions) -> Result<()> {
+    run_binary("vcan-demo", &[], Duration::from_secs(300), vm)
+}
+
+/// Boots the test-bed and runs the PreStart latency benchmark.
+pub fn bench(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
+    // Fifty running pods mean fifty runtime shims; the default guest memory is too small for them.
+    if vm.memory == vm::VmOptions::default().memory {
+        vm.memory = 3072;
+    }
+    let host = util::output(std::process::Command::new("sh").args([
+        "-c",
+        "echo \"$(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)\"",
+    ]))
+    .unwrap_or_default();
+    eprintln!("[xtask] host: {}", host.trim());
+    run_binary("vcan-bench", args, Duration::from_secs(1800), vm)
+}
