@@ -105,6 +105,9 @@ impl InjectError {
         match self {
             InjectError::InvalidIds(_) => Code::InvalidArgument,
             InjectError::PodResources(PodResourcesError::NotFound { .. }) => Code::NotFound,
+            InjectError::PodResources(PodResourcesError::Ambiguous { .. }) => {
+                Code::FailedPrecondition
+            }
             InjectError::PodResources(_)
             | InjectError::Runtime(RuntimeError::Unavailable { .. }) => Code::Unavailable,
             InjectError::Runtime(_) => Code::NotFound,

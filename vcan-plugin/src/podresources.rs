@@ -51,6 +51,14 @@ pub enum PodResourcesError {
         /// The gRPC status message.
         status: String,
     },
+    /// The devices are split across pods or listed for several.
+    #[error("devices {ids:?} are listed for more than one pod ({pods:?}) by the kubelet")]
+    Ambiguous {
+        /// The IDs looked for.
+        ids: Vec<String>,
+        /// The pods listing them.
+        pods: Vec<String>,
+    },
     /// No pod holds the devices.
     #[error(
         "no pod holds devices {ids:?} of {resource} according to the kubelet (devices of \
@@ -135,10 +143,58 @@ pub fn owner_of(
     resource: &str,
     ids: &[String],
 ) -> Result<PodDevices, PodResourcesError> {
-    pods.into_iter()
-        .find(|p| ids.iter().all(|id| p.device_ids.contains(id)))
-        .ok_or_else(|| PodResourcesError::NotFound {
+    let mut holders = pods
+        .into_iter()
+        .filter(|p| ids.iter().any(|id| p.device_ids.contains(id)));
+    let owner = holders.next().ok_or_else(|| PodResourcesError::NotFound {
+        ids: ids.to_vec(),
+        resource: resource.to_string(),
+    })?;
+    // Creating interfaces in the wrong pod would be worse than failing: refuse if the kubelet's
+    // view is inconsistent.
+    let others: Vec<String> = holders.map(|p| p.pod.to_string()).collect();
+    if !others.is_empty() || !ids.iter().all(|id| owner.device_ids.contains(id)) {
+        return Err(PodResourcesError::Ambiguous {
             ids: ids.to_vec(),
-            resource: resource.to_string(),
-        })
+            pods: std::iter::once(owner.pod.to_string())
+                .chain(others)
+                .collect(),
+        });
+    }
+    Ok(owner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ids: &[&str]) -> PodDevices {
+        PodDevices {
+            pod: PodRef {
+                namespace: "default".into(),
+                name: name.into(),
+            },
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_owner_holds_every_id_and_no_one_else_does() {
+        let pods = vec![pod("a", &["v-1", "v-2"]), pod("b", &["v-3"])];
+        let owner = owner_of(pods.clone(), "r/v", &ids(&["v-2"])).expect("owner");
+        assert_eq!(owner.pod.name, "a");
+        assert!(matches!(
+            owner_of(pods.clone(), "r/v", &ids(&["v-9"])),
+            Err(PodResourcesError::NotFound { .. })
+        ));
+        let err = owner_of(pods, "r/v", &ids(&["v-2", "v-3"])).expect_err("split across pods");
+        assert!(matches!(err, PodResourcesError::Ambiguous { .. }), "{err}");
+        let twice = vec![pod("a", &["v-1"]), pod("b", &["v-1"])];
+        let err = owner_of(twice, "r/v", &ids(&["v-1"])).expect_err("listed twice");
+        assert!(err.to_string().contains("more than one pod"), "{err}");
+    }
 }

@@ -69,3 +69,21 @@ impl TestNode {
         Ok(test_node)
     }
 }
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // The guest's /run is lost with the VM: keep the plugin's log with the run's results.
+        if let Some(dir) = std::env::var_os("VMTEST_RESULTS") {
+            let name = format!(
+                "vcan-plugin-{}.log",
+                std::env::args()
+                    .next()
+                    .and_then(|a| std::path::Path::new(&a)
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned()))
+                    .unwrap_or_default()
+            );
+            let _ = std::fs::write(PathBuf::from(dir).join(name), self.plugin.log());
+        }
+    }
+}

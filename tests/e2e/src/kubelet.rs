@@ -219,6 +219,9 @@ pub struct Kubelet {
     pod_resources_socket: PathBuf,
     state: Shared,
     stop: CancellationToken,
+    /// The kubelet admits pods one at a time (its pod-add loop); concurrent admissions here
+    /// would hand the same free devices to two pods.
+    admission: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Kubelet {
@@ -246,6 +249,7 @@ impl Kubelet {
             pod_resources_socket: pod_resources_socket.to_path_buf(),
             state: Arc::default(),
             stop: CancellationToken::new(),
+            admission: tokio::sync::Mutex::new(()),
         };
         kubelet.serve()?;
         Ok(kubelet)
@@ -354,6 +358,7 @@ impl Kubelet {
         name: &str,
         requests: &[(String, String, usize)],
     ) -> Result<PodAllocation> {
+        let _admitting = self.admission.lock().await;
         let mut containers = Vec::new();
         for (container, resource, count) in requests {
             if *count == 0 {
