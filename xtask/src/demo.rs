@@ -7,26 +7,48 @@ use anyhow::{Context, Result, bail};
 
 use crate::{images, util, vm};
 
-/// Builds the daemon and the e2e binaries (debug, as the tests use them).
-fn build() -> Result<()> {
-    eprintln!("[xtask] building vcan-plugin and the kubelet stand-in");
+/// Builds the daemon and the e2e binaries in `profile` (`dev` or `release`).
+fn build(profile: &str) -> Result<()> {
+    eprintln!("[xtask] building vcan-plugin and the kubelet stand-in ({profile})");
     util::run(
         util::cargo()
-            .args(["build", "-p", "vcan-plugin", "-p", "vcan-e2e", "--bins"])
+            .args([
+                "build",
+                "--profile",
+                profile,
+                "-p",
+                "vcan-plugin",
+                "-p",
+                "vcan-e2e",
+                "--bins",
+            ])
             .current_dir(util::workspace_root()),
     )?;
     images::ensure_for_vm();
     Ok(())
 }
 
-fn run_binary(name: &str, args: &[String], timeout: Duration, vm: vm::VmOptions) -> Result<()> {
-    build()?;
-    let binary = util::target_dir().join("debug").join(name);
-    let mut command = vec![
-        binary
+fn run_binary(
+    name: &str,
+    profile: &str,
+    args: &[String],
+    timeout: Duration,
+    vm: vm::VmOptions,
+) -> Result<()> {
+    build(profile)?;
+    let dir = util::target_dir().join(if profile == "dev" { "debug" } else { profile });
+    let path = |bin: &str| -> Result<String> {
+        Ok(dir
+            .join(bin)
             .to_str()
             .context("non-UTF-8 target path")?
-            .to_string(),
+            .to_string())
+    };
+    // The node starts the daemon of the same build.
+    let mut command = vec![
+        "env".to_string(),
+        format!("VCAN_PLUGIN_BIN={}", path("vcan-plugin")?),
+        path(name)?,
     ];
     command.extend(args.iter().cloned());
     let status = vm::vm_run(&command, timeout, vm)?;
@@ -38,7 +60,7 @@ fn run_binary(name: &str, args: &[String], timeout: Duration, vm: vm::VmOptions)
 
 /// Boots the test-bed and runs the demo node.
 pub fn demo(vm: vm::VmOptions) -> Result<()> {
-    run_binary("vcan-demo", &[], Duration::from_secs(300), vm)
+    run_binary("vcan-demo", "dev", &[], Duration::from_secs(300), vm)
 }
 
 /// Boots the test-bed and runs the PreStart latency benchmark.
@@ -53,5 +75,6 @@ pub fn bench(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
     ]))
     .unwrap_or_default();
     eprintln!("[xtask] host: {}", host.trim());
-    run_binary("vcan-bench", args, Duration::from_secs(1800), vm)
+    // Latency is a property of the shipped (release) build.
+    run_binary("vcan-bench", "release", args, Duration::from_secs(1800), vm)
 }

@@ -184,6 +184,7 @@ impl DevicePlugin for PluginService {
                     pod_lookup = ?timings.pod_lookup,
                     namespace_lookup = ?timings.namespace_lookup,
                     link_creation = ?timings.link_creation,
+                    bpf_attach = ?timings.bpf_attach,
                     "PreStartContainer: interfaces up"
                 );
                 self.injector.metrics().prestart(
