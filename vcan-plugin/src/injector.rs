@@ -427,12 +427,31 @@ fn create_and_count(
         .map_err(CreateError::Link)?;
     let link_time = started.elapsed();
     let started = Instant::now();
+    // Each attach loads and verifies its programs, CPU-bound work that the interfaces of one pod
+    // can share out across cores.
     let attachments = match counters {
-        Some(c) => interfaces
-            .iter()
-            .map(|l| c.attach(target, &l.name))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(CreateError::Counters)?,
+        Some(c) => std::thread::scope(|scope| {
+            let handles: Vec<_> = interfaces
+                .iter()
+                .map(|l| {
+                    let c = &c;
+                    scope.spawn(move || c.attach(target, &l.name))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(EbpfError::Attach {
+                            ifname: String::new(),
+                            ns: target.to_string(),
+                            detail: "the attaching thread panicked".into(),
+                        })
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(CreateError::Counters)?,
         None => Vec::new(),
     };
     Ok(Created {

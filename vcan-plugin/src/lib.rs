@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod cangw;
 pub mod config;
 pub mod ebpf;
 pub mod health;
@@ -22,3 +23,4 @@ pub mod podresources;
 pub mod resource;
 pub mod runtime;
 pub mod uds;
+pub mod vxcan;

@@ -174,7 +174,7 @@ pub fn validate_name(name: &str) -> Result<(), LinkError> {
 }
 
 /// The fixed `struct ifinfomsg` header.
-fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
+pub(crate) fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[0] = libc::AF_UNSPEC as u8;
     h[4..8].copy_from_slice(&index.to_ne_bytes());
@@ -384,6 +384,15 @@ impl Links {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
             Err(e) => Err(self.error("deleting", name, e)),
         }
+    }
+}
+
+/// Access for sibling modules ([`crate::vxcan`]) that send their own rtnetlink requests in the
+/// namespace this handle was opened in.
+impl Links {
+    /// The route socket and the namespace's name (for error messages).
+    pub(crate) fn raw(&mut self) -> (&mut Socket, &str) {
+        (&mut self.sock, &self.ns)
     }
 }
 
