@@ -9,12 +9,15 @@
 //!   ("pause") image of the guest's CRI plugin. Its entrypoint sleeps until SIGTERM/SIGINT.
 //! - `localhost/vcan-canutils:latest` (`vcan-canutils.tar`): busybox with its applets in `/bin`,
 //!   dash as `/bin/sh`, iproute2's `ip` and can-utils, with the shared libraries they need.
+//! - `localhost/vcan-plugin:dev` (`vcan-plugin.tar`): the plugin as deploy/Dockerfile ships it,
+//!   see [`PLUGIN`]; the image test (tests/e2e/tests/image_vm.rs) runs the daemon from it.
 //!
 //! Each tar holds `oci-layout`, `index.json` and `blobs/`; the index's only manifest carries the
-//! `org.opencontainers.image.ref.name` annotation `latest`, which containerd 1.6's import turns
-//! into `<base name>:latest`. The cache is `target/images/`: each tar has a `.stamp` next to it
-//! recording this file's hash and the size and mtime of every host file that went in, so a
-//! cached run only stats a few dozen files and an apt upgrade of any input rebuilds.
+//! `org.opencontainers.image.ref.name` annotation with the image's tag (`latest`, `dev`), which
+//! containerd 1.6's import turns into `<base name>:<tag>`. The cache is `target/images/`: each
+//! tar has a `.stamp` next to it recording this file's hash and the size and mtime of every host
+//! file that went in (the plugin binary included), so a cached run only stats a few dozen files
+//! and an apt upgrade or a rebuilt plugin rebuilds.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -29,24 +32,52 @@ use crate::util;
 
 /// An image the tests need.
 struct Image {
-    /// Name given to `ctr images import --base-name`; the image becomes `<base_name>:latest`.
+    /// Name given to `ctr images import --base-name`; the image becomes `<base_name>:<tag>`.
     base_name: &'static str,
+    /// The tag the image gets inside the layout, and thus after import.
+    tag: &'static str,
     /// File name of the OCI-layout tar in [`images_dir`].
     file: &'static str,
+    /// Produces inputs that are not host packages (the plugin binary); runs before the cache
+    /// check, so that a changed input is noticed.
+    prepare: Option<fn() -> Result<()>>,
     /// Host programs copied into the image, as (host path, path in the image). Their shared
     /// libraries come along (found with `ldd`).
     programs: fn() -> Vec<(PathBuf, String)>,
+    /// What to install when a program is missing.
+    missing_hint: &'static str,
+    /// Copy the programs without their debug info (`strip --strip-debug`), as a release build
+    /// has none; their libraries are copied as they are.
+    strip_debug: bool,
+    /// Empty directories of the root filesystem, besides the parents of what is copied.
+    dirs: &'static [&'static str],
+    /// `/etc/passwd` (`/etc/group` has `root` and `nogroup`).
+    passwd: &'static str,
     /// Entrypoint of the image config.
     entrypoint: &'static [&'static str],
     /// Command (arguments to the entrypoint) of the image config.
     cmd: &'static [&'static str],
+    /// `User` of the image config; empty leaves it unset (root).
+    user: &'static str,
+    /// `ExposedPorts` of the image config, e.g. `9720/tcp`.
+    exposed_ports: &'static [&'static str],
     /// Whether `/bin` gets a symlink for every busybox applet (except those in [`SHADOWED`]),
     /// `sh` pointing at dash and `ip` at iproute2's `/sbin/ip`.
     applets: bool,
 }
 
-/// The tag the images get inside the layout, and thus after import.
+/// The tag of the test images.
 const TAG: &str = "latest";
+/// Root filesystem skeleton of the test images.
+const TEST_DIRS: &[&str] = &[
+    "bin", "sbin", "usr/bin", "etc", "root", "tmp", "proc", "sys", "dev",
+];
+/// `/etc/passwd` of the test images.
+const TEST_PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+/// What the test images' programs come from.
+const TEST_PACKAGES: &str = "Debian packages busybox-static, dash, iproute2, can-utils; \
+                             `cargo xtask setup`";
 /// PATH in the image config (Docker's default, so `/sbin/ip` wins over anything in `/bin`).
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// busybox-static; every image has it.
@@ -80,8 +111,14 @@ const CAN_UTILS: &[&str] = &[
 
 const PAUSE: Image = Image {
     base_name: "localhost/vcan-pause",
+    tag: TAG,
     file: "vcan-pause.tar",
+    prepare: None,
     programs: || vec![(BUSYBOX.into(), "/bin/busybox".into())],
+    missing_hint: TEST_PACKAGES,
+    strip_debug: false,
+    dirs: TEST_DIRS,
+    passwd: TEST_PASSWD,
     // A bare `sleep` as PID 1 of its namespace would ignore SIGTERM (the kernel drops signals
     // without a handler for a namespace's init), so a shell with a trap waits for it instead.
     entrypoint: &[
@@ -91,12 +128,16 @@ const PAUSE: Image = Image {
         "trap 'exit 0' TERM INT; busybox sleep 2147483647 & wait $!",
     ],
     cmd: &[],
+    user: "",
+    exposed_ports: &[],
     applets: false,
 };
 
 const CANUTILS: Image = Image {
     base_name: "localhost/vcan-canutils",
+    tag: TAG,
     file: "vcan-canutils.tar",
+    prepare: None,
     programs: || {
         let mut programs = vec![
             (BUSYBOX.into(), "/bin/busybox".into()),
@@ -111,13 +152,61 @@ const CANUTILS: Image = Image {
         );
         programs
     },
+    missing_hint: TEST_PACKAGES,
+    strip_debug: false,
+    dirs: TEST_DIRS,
+    passwd: TEST_PASSWD,
     entrypoint: &[],
     cmd: &["/bin/sh"],
+    user: "",
+    exposed_ports: &[],
     applets: true,
 };
 
+/// Where deploy/Dockerfile installs the plugin, and thus the image's entrypoint.
+const PLUGIN_PATH: &str = "/usr/local/bin/vcan-plugin";
+
+/// The plugin's image: the equivalent of deploy/Dockerfile's default (last) stage `plugin`,
+/// assembled without a Docker engine.
+///
+/// - Stage `build` (rust + clang-19 + libbpf-dev, `cargo build --release --locked`): here the
+///   workspace's own `cargo build --package vcan-plugin --bin vcan-plugin` on the host
+///   ([`build_plugin`]), in the debug profile the VM tests use, the same toolchain
+///   (rust-toolchain.toml) and Debian 12 as the Dockerfile's; its debug info is stripped as a
+///   release build has none. (The eBPF object is built and embedded by build.rs either way.)
+/// - Stage `plugin` (`FROM gcr.io/distroless/cc-debian12`, `COPY --from=build ...
+///   /usr/local/bin/vcan-plugin`): the binary at the same path plus exactly the shared libraries
+///   `ldd` names for it (libc, libm, libgcc_s, the dynamic loader: the part of distroless/cc the
+///   binary uses), `/etc/passwd` and `/etc/group` with root, `/tmp` (1777) and the empty mount
+///   points `/proc`, `/sys`, `/dev`. Left out of distroless/cc because the binary uses none of
+///   them: CA certificates (and the `SSL_CERT_FILE` variable naming them), tzdata, netbase,
+///   nsswitch.conf, os-release, libstdc++ and libgomp. No shell, no package manager, nothing
+///   executable but the plugin.
+/// - Config: `ENTRYPOINT ["/usr/local/bin/vcan-plugin"]` and `EXPOSE 9720` from the Dockerfile;
+///   `User` 0, working directory `/` and `PATH` as distroless/cc's root variant sets them (the
+///   Dockerfile has no `USER`/`ENV` of its own). The DaemonSet passes the settings as `VCAN_*`
+///   variables or flags.
+const PLUGIN: Image = Image {
+    base_name: "localhost/vcan-plugin",
+    tag: "dev",
+    file: "vcan-plugin.tar",
+    prepare: Some(build_plugin),
+    programs: || vec![(plugin_binary(), PLUGIN_PATH.into())],
+    missing_hint: "the vcan-plugin binary; `cargo build --package vcan-plugin`",
+    strip_debug: true,
+    dirs: &["etc", "tmp", "proc", "sys", "dev"],
+    // distroless's entries: there is no shell to log in with.
+    passwd: "root:x:0:0:root:/root:/sbin/nologin\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n",
+    entrypoint: &[PLUGIN_PATH],
+    cmd: &[],
+    user: "0",
+    exposed_ports: &["9720/tcp"],
+    applets: false,
+};
+
 /// Every image, in build order.
-const IMAGES: &[&Image] = &[&PAUSE, &CANUTILS];
+const IMAGES: &[&Image] = &[&PAUSE, &CANUTILS, &PLUGIN];
 
 /// The creation date recorded in the images.
 const EPOCH: &str = "1970-01-01T00:00:00Z";
@@ -135,8 +224,9 @@ pub fn images(force: bool) -> Result<()> {
     let started = Instant::now();
     for (image, path, built) in ensure_all(force)? {
         eprintln!(
-            "[xtask] {}:{TAG}: {} ({})",
+            "[xtask] {}:{}: {} ({})",
             image.base_name,
+            image.tag,
             path.display(),
             if built { "built" } else { "cached" }
         );
@@ -146,6 +236,28 @@ pub fn images(force: bool) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The debug build of the plugin, as the end-to-end tests' `vcan_e2e::plugin::binary()` runs it.
+fn plugin_binary() -> PathBuf {
+    util::target_dir().join("debug").join("vcan-plugin")
+}
+
+/// Builds the plugin binary. Always, not only when it is missing: `cargo test` of another
+/// package (e.g. `vm-test -p vcan-e2e`) does not rebuild a stale binary, and an up-to-date build
+/// costs cargo a fraction of a second.
+fn build_plugin() -> Result<()> {
+    let mut cmd = util::cargo();
+    cmd.args([
+        "build",
+        "--quiet",
+        "--package",
+        "vcan-plugin",
+        "--bin",
+        "vcan-plugin",
+    ])
+    .current_dir(util::workspace_root());
+    util::run(&mut cmd).context("building the vcan-plugin binary for its image")
 }
 
 /// For the VM commands, before boot: makes sure the images exist. A failure is only a warning,
@@ -175,12 +287,15 @@ fn ensure_all(force: bool) -> Result<Vec<(&'static Image, PathBuf, bool)>> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut out = Vec::new();
     for &image in IMAGES {
+        if let Some(prepare) = image.prepare {
+            prepare().with_context(|| format!("building {}:{}", image.base_name, image.tag))?;
+        }
         let tar = dir.join(image.file);
         let stamp = stamp_path(&tar);
         let fresh = !force && tar.is_file() && stamp_is_fresh(&stamp, &primary_inputs(image));
         if !fresh {
             build(image, &dir, &tar, &stamp)
-                .with_context(|| format!("building {}:{TAG}", image.base_name))?;
+                .with_context(|| format!("building {}:{}", image.base_name, image.tag))?;
         }
         out.push((image, tar, !fresh));
     }
@@ -265,7 +380,12 @@ fn build(image: &Image, dir: &Path, tar: &Path, stamp: &Path) -> Result<()> {
 }
 
 fn check_tools() -> Result<()> {
-    for (program, package) in [("umoci", "umoci"), ("tar", "tar"), ("ldd", "libc-bin")] {
+    for (program, package) in [
+        ("umoci", "umoci"),
+        ("tar", "tar"),
+        ("ldd", "libc-bin"),
+        ("strip", "binutils"),
+    ] {
         if !util::have_program(program) {
             bail!(
                 "`{program}` is missing: install the Debian package {package} (`cargo xtask setup`)"
@@ -287,11 +407,7 @@ fn build_in(image: &Image, work: &Path, tar: &Path, stamp: &Path) -> Result<()> 
     let mut libraries = BTreeSet::new();
     for (host, _) in &copies {
         if !host.is_file() {
-            bail!(
-                "{} is missing (Debian packages busybox-static, dash, iproute2, can-utils; \
-                 `cargo xtask setup`)",
-                host.display()
-            );
+            bail!("{} is missing ({})", host.display(), image.missing_hint);
         }
         libraries.extend(shared_libraries(host)?);
     }
@@ -307,16 +423,28 @@ fn build_in(image: &Image, work: &Path, tar: &Path, stamp: &Path) -> Result<()> 
         writeln!(stamp_text, "{line}")?;
     }
 
-    for dir in [
-        "bin", "sbin", "usr/bin", "etc", "root", "tmp", "proc", "sys", "dev",
-    ] {
+    for dir in image.dirs {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
-    std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    if image.dirs.contains(&"tmp") {
+        std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    }
+    let programs = primary_inputs(image);
     for (host, dest) in &copies {
         let target = rootfs.join(dest.trim_start_matches('/'));
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
+        }
+        if image.strip_debug && programs.contains(host) {
+            util::run(
+                Command::new("strip")
+                    .arg("--strip-debug")
+                    .arg("-o")
+                    .arg(&target)
+                    .arg(host),
+            )?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+            continue;
         }
         // fs::copy reads through symlinks (/sbin/ip, libc.so.6) and keeps the mode bits.
         std::fs::copy(host, &target)
@@ -328,15 +456,12 @@ fn build_in(image: &Image, work: &Path, tar: &Path, stamp: &Path) -> Result<()> 
         // Also for PATHs that list /bin first.
         symlink("/sbin/ip", rootfs.join("bin/ip"))?;
     }
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )?;
+    std::fs::write(rootfs.join("etc/passwd"), image.passwd)?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
 
     let layer = work.join("layer.tar");
     write_tar(&rootfs, &layer)?;
-    let image_ref = format!("{}:{TAG}", layout.display());
+    let image_ref = format!("{}:{}", layout.display(), image.tag);
     run_umoci(&["init", "--layout", &layout.to_string_lossy()])?;
     run_umoci(&["new", "--image", &image_ref])?;
     run_umoci(&[
@@ -368,6 +493,12 @@ fn build_in(image: &Image, work: &Path, tar: &Path, stamp: &Path) -> Result<()> 
     }
     for arg in image.cmd {
         config.extend(["--config.cmd".to_string(), (*arg).to_string()]);
+    }
+    if !image.user.is_empty() {
+        config.extend(["--config.user".to_string(), image.user.to_string()]);
+    }
+    for port in image.exposed_ports {
+        config.extend(["--config.exposedports".to_string(), (*port).to_string()]);
     }
     let config: Vec<&str> = config.iter().map(String::as_str).collect();
     run_umoci(&config)?;
@@ -492,6 +623,33 @@ mod tests {
             ]
         );
         assert!(parse_ldd("\tlibfoo.so.1 => not found\n").is_err());
+    }
+
+    #[test]
+    fn the_plugin_image_has_the_dockerfiles_entrypoint_and_port() {
+        let dockerfile = std::fs::read_to_string(util::workspace_root().join("deploy/Dockerfile"))
+            .expect("deploy/Dockerfile");
+        // The last stage is the default target, the image the DaemonSet runs.
+        let last_stage = dockerfile
+            .rsplit_once("\nFROM ")
+            .map(|(_, stage)| stage)
+            .expect("a FROM line");
+        let entrypoint = format!("ENTRYPOINT [\"{}\"]", PLUGIN.entrypoint.join("\", \""));
+        assert!(
+            last_stage.contains(&entrypoint),
+            "{entrypoint} in\n{last_stage}"
+        );
+        for port in PLUGIN.exposed_ports {
+            let port = port.trim_end_matches("/tcp");
+            assert!(
+                last_stage.contains(&format!("EXPOSE {port}")),
+                "{last_stage}"
+            );
+        }
+        assert!(last_stage.contains(&format!("/out/vcan-plugin {PLUGIN_PATH}")));
+        // No USER: distroless/cc's root variant, whose user PLUGIN sets.
+        assert!(!last_stage.contains("\nUSER "), "{last_stage}");
+        assert_eq!(PLUGIN.user, "0");
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! A CRI client that sets pods up the way the kubelet does.
 //!
 //! The requests follow the kubelet's `kuberuntime` (`generatePodSandboxConfig`,
-//! `generateContainerConfig`) for a BestEffort pod without volumes: the same metadata, labels,
-//! log paths, namespace modes and security defaults, so the runtime, and a device plugin looking
-//! at it, see what they would see under a real kubelet. What a kubelet adds around that (DNS
-//! config, `/etc/hosts` and termination-log mounts, cgroup parents) is left out.
+//! `generateContainerConfig`) for a BestEffort pod: the same metadata, labels, log paths,
+//! namespace modes and security defaults, so the runtime, and a device plugin looking at it, see
+//! what they would see under a real kubelet. Containers may have hostPath-style mounts
+//! ([`HostMount`]) and a security context ([`SecurityContext`]: capabilities, user, read-only
+//! root, seccomp, AppArmor), translated as the kubelet translates a pod's. What a kubelet adds
+//! around that (DNS config, `/etc/hosts` and termination-log mounts, cgroup parents) is left
+//! out.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,13 +19,14 @@ use tonic::transport::Channel;
 use vcan_plugin::api::cri::v1::image_service_client::ImageServiceClient;
 use vcan_plugin::api::cri::v1::runtime_service_client::RuntimeServiceClient;
 use vcan_plugin::api::cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest, KeyValue,
-    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus,
-    PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile,
-    StartContainerRequest, StatusRequest, StatusResponse, StopPodSandboxRequest,
+    Capability, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus,
+    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest,
+    Int64Value, KeyValue, LinuxContainerConfig, LinuxContainerResources,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListPodSandboxRequest, Mount, MountPropagation, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile, StartContainerRequest,
+    StatusRequest, StatusResponse, StopContainerRequest, StopPodSandboxRequest,
     security_profile::ProfileType,
 };
 
@@ -105,6 +109,167 @@ pub struct ContainerSpec {
     /// vcan devices the container requests (resource limit); for the caller's kubelet
     /// stand-in, not used by [`Cri`].
     pub vcan: u32,
+    /// Host directories mounted into the container (Kubernetes hostPath volumes and their
+    /// `volumeMounts`), in order.
+    pub mounts: Vec<HostMount>,
+    /// The container's `securityContext`; the default is the kubelet's for a pod without one.
+    pub security: SecurityContext,
+}
+
+/// Kubernetes `mountPropagation`, as CRI's `MountPropagation`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// `None` (the default): private, later host mounts stay invisible (`rprivate`).
+    #[default]
+    Private,
+    /// `HostToContainer`: mounts made on the host later show up inside (`rslave`). containerd
+    /// refuses it unless the host path is on a shared or slave mount.
+    HostToContainer,
+    /// `Bidirectional` (`rshared`): privileged containers only.
+    Bidirectional,
+}
+
+impl Propagation {
+    fn to_cri(self) -> MountPropagation {
+        match self {
+            Propagation::Private => MountPropagation::PropagationPrivate,
+            Propagation::HostToContainer => MountPropagation::PropagationHostToContainer,
+            Propagation::Bidirectional => MountPropagation::PropagationBidirectional,
+        }
+    }
+}
+
+/// A host directory (or file) mounted into a container: a hostPath volume with its
+/// `volumeMount`, as the kubelet passes it in CRI's `Mount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMount {
+    /// `mountPath`: where it appears in the container.
+    pub container_path: PathBuf,
+    /// The volume's `hostPath.path` (the runtime resolves symlinks in it).
+    pub host_path: PathBuf,
+    /// `readOnly`.
+    pub readonly: bool,
+    /// `mountPropagation`.
+    pub propagation: Propagation,
+}
+
+impl HostMount {
+    /// A read-write, private mount of `host_path` at `container_path`.
+    pub fn new(host_path: impl Into<PathBuf>, container_path: impl Into<PathBuf>) -> Self {
+        Self {
+            container_path: container_path.into(),
+            host_path: host_path.into(),
+            readonly: false,
+            propagation: Propagation::Private,
+        }
+    }
+
+    /// The same mount, read-only.
+    pub fn readonly(mut self) -> Self {
+        self.readonly = true;
+        self
+    }
+
+    /// The same mount with `propagation`.
+    pub fn propagation(mut self, propagation: Propagation) -> Self {
+        self.propagation = propagation;
+        self
+    }
+
+    fn to_cri(&self) -> Mount {
+        Mount {
+            container_path: self.container_path.to_string_lossy().into_owned(),
+            host_path: self.host_path.to_string_lossy().into_owned(),
+            readonly: self.readonly,
+            selinux_relabel: false,
+            propagation: self.propagation.to_cri() as i32,
+            ..Mount::default()
+        }
+    }
+}
+
+/// A seccomp or AppArmor profile choice (`seccompProfile.type`, `appArmorProfile.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// `Unconfined`.
+    Unconfined,
+    /// `RuntimeDefault`: the container runtime's default profile.
+    RuntimeDefault,
+}
+
+impl Profile {
+    fn to_cri(self) -> SecurityProfile {
+        SecurityProfile {
+            profile_type: match self {
+                Profile::Unconfined => ProfileType::Unconfined,
+                Profile::RuntimeDefault => ProfileType::RuntimeDefault,
+            } as i32,
+            localhost_ref: String::new(),
+        }
+    }
+}
+
+/// A container's Kubernetes `securityContext`, the fields the kubelet passes on to CRI's
+/// `LinuxContainerSecurityContext`. The default is what the kubelet sends for a container
+/// without one (and a kubelet without `seccompDefault`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityContext {
+    /// `privileged`.
+    pub privileged: bool,
+    /// `capabilities.add`, as Kubernetes names them (`NET_ADMIN`, without `CAP_`).
+    pub add_capabilities: Vec<String>,
+    /// `capabilities.drop` (`ALL` drops every capability not added).
+    pub drop_capabilities: Vec<String>,
+    /// `runAsUser`; `None` keeps the image's user.
+    pub run_as_user: Option<i64>,
+    /// `runAsGroup`.
+    pub run_as_group: Option<i64>,
+    /// `readOnlyRootFilesystem`.
+    pub read_only_root_filesystem: bool,
+    /// `allowPrivilegeEscalation`: `Some(false)` sets `no_new_privs`; unset leaves it off.
+    pub allow_privilege_escalation: Option<bool>,
+    /// `seccompProfile.type` (of the container or, failing that, the pod); `None` is the
+    /// kubelet's default, Unconfined.
+    pub seccomp: Option<Profile>,
+    /// `appArmorProfile.type`; `None` leaves the choice to the runtime (its default profile
+    /// where AppArmor is enabled).
+    pub apparmor: Option<Profile>,
+}
+
+impl SecurityContext {
+    /// The CRI security context, with the kubelet's namespace options and default masked and
+    /// read-only paths.
+    fn to_cri(&self, namespace_options: NamespaceOption) -> LinuxContainerSecurityContext {
+        let capabilities = (!self.add_capabilities.is_empty()
+            || !self.drop_capabilities.is_empty())
+        .then(|| Capability {
+            add_capabilities: self.add_capabilities.clone(),
+            drop_capabilities: self.drop_capabilities.clone(),
+            ..Capability::default()
+        });
+        let apparmor = self.apparmor.map(Profile::to_cri);
+        LinuxContainerSecurityContext {
+            capabilities,
+            privileged: self.privileged,
+            namespace_options: Some(namespace_options),
+            run_as_user: self.run_as_user.map(|value| Int64Value { value }),
+            run_as_group: self.run_as_group.map(|value| Int64Value { value }),
+            readonly_rootfs: self.read_only_root_filesystem,
+            no_new_privs: self.allow_privilege_escalation == Some(false),
+            masked_paths: MASKED_PATHS.iter().map(|p| (*p).to_string()).collect(),
+            readonly_paths: READONLY_PATHS.iter().map(|p| (*p).to_string()).collect(),
+            seccomp: Some(self.seccomp.unwrap_or(Profile::Unconfined).to_cri()),
+            // The kubelet also fills the deprecated field, for runtimes that only read it.
+            #[allow(deprecated)]
+            apparmor_profile: match self.apparmor {
+                Some(Profile::Unconfined) => "unconfined".into(),
+                Some(Profile::RuntimeDefault) => "runtime/default".into(),
+                None => String::new(),
+            },
+            apparmor,
+            ..LinuxContainerSecurityContext::default()
+        }
+    }
 }
 
 impl PodSpec {
@@ -229,6 +394,7 @@ impl PodSpec {
             labels,
             annotations,
             log_path: container_log_path(&c.name),
+            mounts: c.mounts.iter().map(HostMount::to_cri).collect(),
             linux: Some(LinuxContainerConfig {
                 // BestEffort QoS: minimal CPU shares, first to go when memory runs out.
                 resources: Some(LinuxContainerResources {
@@ -236,13 +402,7 @@ impl PodSpec {
                     oom_score_adj: 1000,
                     ..LinuxContainerResources::default()
                 }),
-                security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(self.namespace_options()),
-                    masked_paths: MASKED_PATHS.iter().map(|p| (*p).to_string()).collect(),
-                    readonly_paths: READONLY_PATHS.iter().map(|p| (*p).to_string()).collect(),
-                    seccomp: Some(unconfined()),
-                    ..LinuxContainerSecurityContext::default()
-                }),
+                security_context: Some(c.security.to_cri(self.namespace_options())),
             }),
             ..ContainerConfig::default()
         }
@@ -272,10 +432,7 @@ fn container_log_path(container: &str) -> String {
 
 /// The kubelet's seccomp default (no `seccompDefault` in its config).
 fn unconfined() -> SecurityProfile {
-    SecurityProfile {
-        profile_type: ProfileType::Unconfined as i32,
-        localhost_ref: String::new(),
-    }
+    Profile::Unconfined.to_cri()
 }
 
 /// Environment variables in a stable order, so requests do not depend on hash order.
@@ -581,6 +738,23 @@ impl Cri {
             .map_err(|why| anyhow::anyhow!("sandbox {sandbox_id}: {why}"))
     }
 
+    /// StopContainer with a grace period, as the kubelet stops each container of a pod being
+    /// deleted (`terminationGracePeriodSeconds`) before it stops the sandbox: the runtime sends
+    /// the image's stop signal (SIGTERM) and SIGKILL once `grace` has passed. (StopPodSandbox
+    /// alone kills the containers at once.)
+    pub async fn stop_container(&self, container_id: &str, grace: Duration) -> Result<()> {
+        let timeout = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
+        self.runtime
+            .clone()
+            .stop_container(StopContainerRequest {
+                container_id: container_id.to_string(),
+                timeout,
+            })
+            .await
+            .with_context(|| format!("StopContainer {container_id}"))?;
+        Ok(())
+    }
+
     /// StopPodSandbox and RemovePodSandbox, which also remove its containers and network
     /// namespace.
     pub async fn remove_pod(&self, sandbox_id: &str) -> Result<()> {
@@ -722,6 +896,88 @@ mod tests {
             .map(|kv| kv.value.as_str())
             .collect();
         assert_eq!(paths, ["/x"]);
+    }
+
+    #[test]
+    fn mounts_and_security_context_are_translated_like_the_kubelets() {
+        let pod = PodSpec::new("ns", "p");
+        // Without a security context: the kubelet's defaults, no capabilities field.
+        let plain = ContainerSpec::new("c", "img", ["true"]);
+        let cfg = pod.container_config(&plain, ImageSpec::default(), &HashMap::new());
+        let sc = cfg
+            .linux
+            .and_then(|l| l.security_context)
+            .expect("security context");
+        assert_eq!(sc.capabilities, None);
+        assert!(!sc.privileged && !sc.no_new_privs && !sc.readonly_rootfs);
+        assert_eq!(sc.run_as_user, None);
+        assert_eq!(sc.seccomp, Some(unconfined()));
+        assert_eq!(sc.apparmor, None);
+        assert_eq!(sc.masked_paths.len(), MASKED_PATHS.len());
+        assert!(cfg.mounts.is_empty());
+
+        let mut c = ContainerSpec::new("c", "img", Vec::<String>::new());
+        c.mounts = vec![
+            HostMount::new("/var/run/netns", "/var/run/netns")
+                .readonly()
+                .propagation(Propagation::HostToContainer),
+            HostMount::new("/host/tmp", "/tmp"),
+        ];
+        c.security = SecurityContext {
+            add_capabilities: vec!["NET_ADMIN".into()],
+            drop_capabilities: vec!["ALL".into()],
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            read_only_root_filesystem: true,
+            allow_privilege_escalation: Some(false),
+            seccomp: Some(Profile::RuntimeDefault),
+            apparmor: Some(Profile::Unconfined),
+            ..SecurityContext::default()
+        };
+        let cfg = pod.container_config(&c, ImageSpec::default(), &HashMap::new());
+        assert!(cfg.command.is_empty(), "the image's entrypoint is kept");
+        let m = &cfg.mounts[0];
+        assert_eq!(
+            (m.container_path.as_str(), m.host_path.as_str(), m.readonly),
+            ("/var/run/netns", "/var/run/netns", true)
+        );
+        assert_eq!(
+            m.propagation(),
+            MountPropagation::PropagationHostToContainer
+        );
+        assert_eq!(
+            cfg.mounts[1].propagation(),
+            MountPropagation::PropagationPrivate
+        );
+        assert!(!cfg.mounts[1].readonly);
+        let sc = cfg
+            .linux
+            .and_then(|l| l.security_context)
+            .expect("security context");
+        let caps = sc.capabilities.clone().expect("capabilities");
+        assert_eq!(caps.add_capabilities, ["NET_ADMIN"]);
+        assert_eq!(caps.drop_capabilities, ["ALL"]);
+        assert!(!sc.privileged);
+        assert!(sc.no_new_privs && sc.readonly_rootfs);
+        assert_eq!(sc.run_as_user, Some(Int64Value { value: 0 }));
+        assert_eq!(sc.run_as_group, Some(Int64Value { value: 0 }));
+        assert_eq!(
+            sc.seccomp.map(|p| p.profile_type()),
+            Some(ProfileType::RuntimeDefault)
+        );
+        assert_eq!(
+            sc.apparmor.map(|p| p.profile_type()),
+            Some(ProfileType::Unconfined)
+        );
+        // allowPrivilegeEscalation: true is not no_new_privs either.
+        c.security.allow_privilege_escalation = Some(true);
+        let cfg = pod.container_config(&c, ImageSpec::default(), &HashMap::new());
+        assert!(
+            !cfg.linux
+                .and_then(|l| l.security_context)
+                .expect("sc")
+                .no_new_privs
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! (xtask/src/images.rs) into `target/images/` as OCI-layout tars.
 //!
 //! The names and file names here are a contract with that xtask command: an image
-//! `<base name>:latest` is saved as `<file>` and imported with
+//! `<base name>:<tag>` is saved as `<file>` and imported with
 //! `ctr -n k8s.io images import --base-name <base name> <file>`.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +13,11 @@ pub const PAUSE_IMAGE: &str = "localhost/vcan-pause:latest";
 /// busybox applets in `/bin`, dash as `/bin/sh`, iproute2's `ip` (also `/bin/ip`) and can-utils
 /// (`candump`, `cansend`, `cangen`, `canbusload`, ...).
 pub const CANUTILS_IMAGE: &str = "localhost/vcan-canutils:latest";
+
+/// The plugin as deploy/Dockerfile ships it (the debug build of `vcan-plugin` at
+/// `/usr/local/bin/vcan-plugin`, its shared libraries, no shell; entrypoint the plugin, user 0):
+/// what the DaemonSet runs.
+pub const PLUGIN_IMAGE: &str = "localhost/vcan-plugin:dev";
 
 /// Overrides the directory holding the image tars.
 pub const IMAGES_DIR_ENV: &str = "VCAN_E2E_IMAGES";
@@ -43,13 +48,29 @@ impl ImageArchive {
     }
 }
 
-/// Both images, in [`images_dir`].
+/// The test images ([`PAUSE_IMAGE`], [`CANUTILS_IMAGE`]), in [`images_dir`]: what every
+/// containerd imports by default.
 pub fn default_archives() -> Vec<ImageArchive> {
     let dir = images_dir();
     vec![
         ImageArchive::new(PAUSE_IMAGE, &dir, "vcan-pause.tar"),
         ImageArchive::new(CANUTILS_IMAGE, &dir, "vcan-canutils.tar"),
     ]
+}
+
+/// The plugin's image ([`PLUGIN_IMAGE`]) in [`images_dir`]. Not among [`default_archives`]:
+/// only the tests that run the plugin from its image import it (add it to
+/// `ContainerdOptions::images`), so the others neither pay for its import nor fail when the
+/// plugin binary could not be built.
+pub fn plugin_archive() -> ImageArchive {
+    ImageArchive::new(PLUGIN_IMAGE, &images_dir(), "vcan-plugin.tar")
+}
+
+/// [`default_archives`] and [`plugin_archive`].
+pub fn all_archives() -> Vec<ImageArchive> {
+    let mut archives = default_archives();
+    archives.push(plugin_archive());
+    archives
 }
 
 /// Where the image tars are: `$VCAN_E2E_IMAGES` if set, else `images/` in the cargo target
@@ -90,6 +111,12 @@ mod tests {
         let archives = default_archives();
         assert_eq!(archives[0].base_name, "localhost/vcan-pause");
         assert_eq!(archives[1].base_name, "localhost/vcan-canutils");
+        let plugin = plugin_archive();
+        assert_eq!(plugin.base_name, "localhost/vcan-plugin");
+        assert_eq!(plugin.reference, PLUGIN_IMAGE);
+        assert!(plugin.tar.ends_with("vcan-plugin.tar"));
+        // The pause image stays first: containerd's sandbox_image is the first archive.
+        assert_eq!(all_archives()[0], archives[0]);
     }
 
     #[test]
