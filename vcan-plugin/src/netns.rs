@@ -57,6 +57,14 @@ pub enum NetnsError {
         /// The error from `open`.
         source: io::Error,
     },
+    /// The path exists but is not a namespace in this process's view: typically the mount that
+    /// made it a namespace did not propagate into the plugin's container.
+    #[error(
+        "{0} is not a network namespace in the plugin's view: mount /var/run/netns into the plugin \
+         with HostToContainer propagation from a shared host mount (`mount --make-rshared /` on \
+         nodes without systemd)"
+    )]
+    NotANamespace(String),
     /// `setns` failed: the file is not a network namespace, or the process lacks CAP_SYS_ADMIN.
     #[error(
         "cannot enter network namespace {ns}: {source} (is it a network namespace file, and does \
@@ -88,6 +96,18 @@ fn open(ns: &Netns) -> Result<File, NetnsError> {
     })
 }
 
+/// Whether `file` lives on nsfs, the filesystem of namespace files. containerd creates an empty
+/// placeholder file and bind-mounts the namespace over it; without mount propagation the plugin
+/// sees only the placeholder.
+fn is_nsfs(file: &File) -> bool {
+    const NSFS_MAGIC: libc::c_long = 0x6e73_6673;
+    // SAFETY: fstatfs fills the zeroed struct for a valid fd.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(file.as_raw_fd(), &mut st) == 0 && st.f_type as libc::c_long == NSFS_MAGIC
+    }
+}
+
 /// Runs `f` on a new OS thread that has entered `ns`, and returns its result.
 ///
 /// Blocks the caller until `f` returns; from async code call it inside `spawn_blocking`. Sockets
@@ -100,6 +120,9 @@ where
 {
     // Opening before spawning reports a missing namespace without paying for a thread.
     let file = open(ns)?;
+    if !is_nsfs(&file) {
+        return Err(NetnsError::NotANamespace(ns.to_string()));
+    }
     let name = ns.to_string();
     let handle = std::thread::Builder::new()
         .name("netns".into())
@@ -169,7 +192,8 @@ mod tests {
     fn a_file_that_is_not_a_namespace_cannot_be_entered() {
         let file = tempfile::NamedTempFile::new().expect("temp file");
         let err = run(&Netns::Path(file.path().into()), || ()).expect_err("must fail");
-        assert!(matches!(err, NetnsError::Enter { .. }), "{err:?}");
+        assert!(matches!(err, NetnsError::NotANamespace(_)), "{err:?}");
+        assert!(err.to_string().contains("HostToContainer"), "{err}");
     }
 
     #[test]
