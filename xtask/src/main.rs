@@ -3,6 +3,7 @@
 //! The host kernel has no CAN support, so everything that needs vcan, vxcan, can-gw or eBPF on
 //! CAN interfaces runs in a qemu VM booting Debian's stock kernel; see [`vm`].
 
+mod bench_dataplane;
 mod ci;
 mod demo;
 mod images;
@@ -67,6 +68,16 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Data-plane benchmark in the test-bed: cangen flood without/with the eBPF counters and
+    /// with a userspace counter, scrape cost and RSS with 1000 attached vcans (see BENCHMARKS.md).
+    BenchDataplane {
+        /// VM settings.
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// Arguments for the benchmark (e.g. `-- --frames 200000 --rounds 9 --no-scrape`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Install the Debian packages the project needs (only those missing).
     Setup,
     /// Setup, fmt, clippy, host tests and VM tests, stopping at the first failure.
@@ -105,6 +116,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Images { force } => images::images(force).map(|()| ExitCode::SUCCESS),
         Cmd::Demo { vm } => demo::demo(vm).map(|()| ExitCode::SUCCESS),
         Cmd::Bench { vm, args } => demo::bench(&args, vm).map(|()| ExitCode::SUCCESS),
+        Cmd::BenchDataplane { vm, args } => {
+            bench_dataplane::bench_dataplane(&args, vm).map(|()| ExitCode::SUCCESS)
+        }
         Cmd::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
         Cmd::Ci(args) => ci::ci(&args).map(|()| ExitCode::SUCCESS),
         Cmd::CheckManifests(args) => Ok(if manifests::check_manifests(&args)? {

@@ -1,0 +1,89 @@
+//! `cargo xtask bench-dataplane`: the data-plane benchmark of the eBPF CAN counters (flood
+//! overhead, scrape cost with many interfaces), run by the release build of
+//! `vcan-plugin/examples/dataplane_bench.rs` inside the CAN test-bed VM. See BENCHMARKS.md.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{util, vm};
+
+/// The figures file the example writes on the results share.
+const SUMMARY: &str = "dataplane-bench.txt";
+
+/// Builds the example (release), boots the test-bed, runs it with `args`, prints the figures.
+pub fn bench_dataplane(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
+    // A thousand attachments and namespaces need more than the default guest memory.
+    if vm.memory == vm::VmOptions::default().memory {
+        vm.memory = 2048;
+    }
+    eprintln!("[xtask] building the dataplane_bench example (release)");
+    util::run(
+        util::cargo()
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "vcan-plugin",
+                "--example",
+                "dataplane_bench",
+            ])
+            .current_dir(util::workspace_root()),
+    )?;
+    let binary = util::target_dir().join("release/examples/dataplane_bench");
+    let binary = binary.to_str().context("non-UTF-8 target path")?;
+
+    let host = util::output(std::process::Command::new("sh").args([
+        "-c",
+        "echo \"$(date -u +%F), host: $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, \
+         $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)\"",
+    ]))
+    .unwrap_or_default();
+
+    let mut script = format!(
+        "exec {} --summary \"$VMTEST_RESULTS/{SUMMARY}\"",
+        util::sh_quote(binary)
+    );
+    for arg in args {
+        script.push(' ');
+        script.push_str(&util::sh_quote(arg));
+    }
+    script.push('\n');
+    let job = vm::GuestJob {
+        timeout: Duration::from_secs(3600),
+        stream: true,
+        vm,
+        ..vm::GuestJob::new("bench-dataplane", script)
+    };
+    // Other VMs or builds on the host slow the guest's vCPUs unevenly: say how busy it was.
+    let load_before = loadavg();
+    let outcome = vm::run_in_guest(&job)?;
+    let load_after = loadavg();
+    let summary = std::fs::read_to_string(outcome.results.join(SUMMARY)).unwrap_or_default();
+    println!("\n[xtask] {}", host.trim());
+    println!(
+        "[xtask] guest boot {}, wall {:.0} s",
+        outcome
+            .boot
+            .map_or_else(|| "?".to_string(), |b| format!("{:.1} s", b.as_secs_f64())),
+        outcome.wall.as_secs_f64()
+    );
+    println!("[xtask] host load average (1 min) before {load_before}, after {load_after}");
+    print!("{summary}");
+    if outcome.status != 0 {
+        bail!(
+            "dataplane_bench failed in the VM (exit status {}; console: {})",
+            outcome.status,
+            outcome.console_log.display()
+        );
+    }
+    Ok(())
+}
+
+/// The host's 1-minute load average.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
