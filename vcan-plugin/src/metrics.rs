@@ -263,7 +263,75 @@ impl Metrics {
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
-        String::from_utf8(out).unwrap_or_default()
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        write_traffic(&mut text, &now.traffic);
+        text
+    }
+}
+
+/// Help text of the traffic families, in output order.
+const TRAFFIC_FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "can_bytes_total",
+        "kind",
+        "CAN payload bytes (data length, not frame overhead) through a pod's interface; rx \
+         includes vcan's echo of the pod's own frames.",
+    ),
+    (
+        "can_frames_total",
+        "kind",
+        "CAN frames through a pod's interface, counted at tc egress (tx) and ingress (rx). vcan \
+         echoes every frame a pod sends back to the pod's own sockets, so each sent frame also \
+         counts once as rx.",
+    ),
+    (
+        "can_id_format_frames_total",
+        "id_format",
+        "Classic, remote and FD frames through a pod's interface by identifier format: standard \
+         (11-bit) or extended (29-bit); rx includes vcan's echo.",
+    ),
+];
+
+/// Escapes a label value for the text format.
+fn escape(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Appends the per-pod traffic families in the text format.
+///
+/// With a thousand interfaces these are tens of thousands of series per scrape; building them
+/// through the client library's metric vectors cost ~100× more than writing the lines directly.
+fn write_traffic(out: &mut String, traffic: &[TrafficSample]) {
+    use std::fmt::Write;
+    if traffic.is_empty() {
+        return;
+    }
+    for (index, (suffix, label, help)) in TRAFFIC_FAMILIES.iter().enumerate() {
+        let metric = name(suffix);
+        let _ = writeln!(out, "# HELP {metric} {help}");
+        let _ = writeln!(out, "# TYPE {metric} counter");
+        for s in traffic {
+            let value = match (index, s.measure) {
+                (0, Measure::Bytes(v)) | (1, Measure::Frames(v)) | (2, Measure::IdFormat(v)) => v,
+                _ => continue,
+            };
+            let _ = write!(out, "{metric}{{direction=\"{}\",{label}=\"", s.direction);
+            escape(value, out);
+            out.push_str("\",interface=\"");
+            escape(&s.interface, out);
+            out.push_str("\",namespace=\"");
+            escape(&s.namespace, out);
+            out.push_str("\",pod=\"");
+            escape(&s.pod, out);
+            let _ = writeln!(out, "\"}} {}", s.value);
+        }
     }
 }
 
@@ -322,55 +390,6 @@ fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::Metr
         "1 if this node can create vcan interfaces (vcan module present).",
         f64::from(u8::from(now.vcan_supported)),
     ));
-    if !now.traffic.is_empty() {
-        let labels = ["namespace", "pod", "interface", "direction", "kind"];
-        let frames = IntCounterVec::new(
-            Opts::new(
-                name("can_frames_total"),
-                "CAN frames through a pod's interface, counted at tc egress (tx) and ingress (rx). \
-                 vcan echoes every frame a pod sends back to the pod's own sockets, so each sent \
-                 frame also counts once as rx.",
-            ),
-            &labels,
-        )
-        .expect("valid metric");
-        let bytes = IntCounterVec::new(
-            Opts::new(
-                name("can_bytes_total"),
-                "CAN payload bytes (data length, not frame overhead) through a pod's interface; rx \
-                 includes vcan's echo of the pod's own frames.",
-            ),
-            &labels,
-        )
-        .expect("valid metric");
-        let ids = IntCounterVec::new(
-            Opts::new(
-                name("can_id_format_frames_total"),
-                "Classic, remote and FD frames through a pod's interface by identifier format: \
-                 standard (11-bit) or extended (29-bit); rx includes vcan's echo.",
-            ),
-            &["namespace", "pod", "interface", "direction", "id_format"],
-        )
-        .expect("valid metric");
-        for s in &now.traffic {
-            let (vec, label) = match s.measure {
-                Measure::Frames(kind) => (&frames, kind),
-                Measure::Bytes(kind) => (&bytes, kind),
-                Measure::IdFormat(format) => (&ids, format),
-            };
-            vec.with_label_values(&[
-                s.namespace.as_str(),
-                s.pod.as_str(),
-                s.interface.as_str(),
-                s.direction,
-                label,
-            ])
-            .inc_by(s.value);
-        }
-        families.extend(frames.collect());
-        families.extend(bytes.collect());
-        families.extend(ids.collect());
-    }
     families
 }
 
@@ -493,9 +512,10 @@ mod tests {
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/vcan\"} 2",
-            "vcan_plugin_can_frames_total{direction=\"tx\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 3",
-            "vcan_plugin_can_bytes_total{direction=\"tx\",interface=\"vcan0\",kind=\"classic\",namespace=\"default\",pod=\"ecu\"} 24",
+            "vcan_plugin_can_frames_total{direction=\"tx\",kind=\"classic\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 3",
+            "vcan_plugin_can_bytes_total{direction=\"tx\",kind=\"classic\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 24",
             "vcan_plugin_can_id_format_frames_total{direction=\"rx\",id_format=\"extended\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 2",
+            "# TYPE vcan_plugin_can_bytes_total counter",
             "vcan_plugin_prestart_phase_duration_seconds_bucket{phase=\"bpf_attach\",le=\"0.0001\"} 1",
             "# HELP vcan_plugin_can_frames_total",
             "# TYPE vcan_plugin_prestart_duration_seconds histogram",
