@@ -24,8 +24,9 @@ pub struct VmTestArgs {
     /// Build and run only this package's tests (repeatable; default: the whole workspace).
     #[arg(short, long = "package", value_name = "SPEC")]
     pub packages: Vec<String>,
-    /// Limit for the VM run, boot included, in seconds.
-    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    /// Limit for the VM run, boot included, in seconds (the end-to-end tests start well over a
+    /// hundred pods under emulation).
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
     pub timeout: u64,
     /// Extra libtest arguments for every test binary (e.g. `-- --exact`).
     #[arg(last = true)]
