@@ -215,6 +215,14 @@ impl Metrics {
             allocate_requests.with_label_values(&[resource, outcome.label()]);
             prestart_requests.with_label_values(&[resource, outcome.label()]);
         }
+        for phase in [
+            "pod_lookup",
+            "namespace_lookup",
+            "link_creation",
+            "bpf_attach",
+        ] {
+            prestart_phase.with_label_values(&[phase]);
+        }
         Metrics {
             registry,
             resource: resource.to_string(),
