@@ -55,7 +55,12 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o nosuid,nodev tmpfs /dev/shm
 mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /run || fail "cannot mount /run"
-mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp || fail "cannot mount /tmp"
+# A workspace checked out under /tmp must stay visible: there /tmp keeps the overlay (writable
+# too), elsewhere the guest gets a clean tmpfs.
+case "$modules" in
+    /tmp/*) ;;
+    *) mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp || fail "cannot mount /tmp" ;;
+esac
 # /var/run is a symlink to /run on Debian; `ip netns` keeps its namespaces here.
 mkdir -p /run/netns /run/lock /run/vmtest
 mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup || fail "cannot mount cgroup2"
