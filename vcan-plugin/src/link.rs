@@ -184,6 +184,15 @@ pub(crate) fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
 }
 
 fn parse_link(payload: &[u8]) -> Option<LinkInfo> {
+    parse_link_with(payload, |_, _| {})
+}
+
+/// Parses an `RTM_NEWLINK` payload, handing every attribute it does not read itself to `other`
+/// (for link kinds with attributes of their own, such as vxcan's peer).
+pub(crate) fn parse_link_with(
+    payload: &[u8],
+    mut other: impl FnMut(u16, &[u8]),
+) -> Option<LinkInfo> {
     let header = payload.get(..16)?;
     let index = u32::from_ne_bytes(header[4..8].try_into().ok()?);
     let flags = u32::from_ne_bytes(header[8..12].try_into().ok()?);
@@ -205,7 +214,7 @@ fn parse_link(payload: &[u8]) -> Option<LinkInfo> {
                     }
                 }
             }
-            _ => {}
+            _ => other(kind, data),
         }
     }
     Some(info)

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::link::{CanMtu, LinkError, Links, ifinfomsg, validate_name};
+use crate::link::{self, CanMtu, LinkError, Links, ifinfomsg, validate_name};
 use crate::netlink::{self, Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
 use crate::netns::{self, Netns, NetnsError};
 
@@ -168,35 +168,21 @@ fn peer_info(peer_name: &str, mtu: CanMtu, peer_ns_fd: i32) -> Vec<u8> {
 }
 
 fn parse_end(payload: &[u8]) -> Option<VxcanEnd> {
-    let header = payload.get(..16)?;
-    let index = u32::from_ne_bytes(header[4..8].try_into().ok()?);
-    let flags = u32::from_ne_bytes(header[8..12].try_into().ok()?);
-    let mut end = VxcanEnd {
-        index,
-        name: String::new(),
-        kind: String::new(),
-        mtu: 0,
-        up: flags & IFF_UP != 0,
-        peer_index: None,
-        peer_netnsid: None,
-    };
-    for (kind, data) in netlink::attrs(&payload[16..]) {
-        match kind {
-            IFLA_IFNAME => end.name = netlink::attr_string(data),
-            IFLA_MTU => end.mtu = netlink::attr_u32(data).unwrap_or(0),
-            IFLA_LINK => end.peer_index = netlink::attr_u32(data),
-            IFLA_LINK_NETNSID => end.peer_netnsid = netlink::attr_u32(data).map(|v| v as i32),
-            IFLA_LINKINFO => {
-                for (k, d) in netlink::attrs(data) {
-                    if k == IFLA_INFO_KIND {
-                        end.kind = netlink::attr_string(d);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Some(end)
+    let (mut peer_index, mut peer_netnsid) = (None, None);
+    let link = link::parse_link_with(payload, |kind, data| match kind {
+        IFLA_LINK => peer_index = netlink::attr_u32(data),
+        IFLA_LINK_NETNSID => peer_netnsid = netlink::attr_u32(data).map(|v| v as i32),
+        _ => {}
+    })?;
+    Some(VxcanEnd {
+        index: link.index,
+        name: link.name,
+        kind: link.kind,
+        mtu: link.mtu,
+        up: link.up,
+        peer_index,
+        peer_netnsid,
+    })
 }
 
 /// Looks an interface up by name (`index == 0`) or by index.
