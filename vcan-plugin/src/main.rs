@@ -72,6 +72,13 @@ impl StateSource for Live {
             traffic: self.traffic(),
         }
     }
+
+    fn readiness(&self) -> (bool, bool) {
+        (
+            self.registered.load(Ordering::SeqCst),
+            self.health.borrow().is_healthy(),
+        )
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -405,6 +405,13 @@ fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::Metr
 pub trait StateSource: Send + Sync + 'static {
     /// The state now.
     fn snapshot(&self) -> Snapshot;
+
+    /// Whether the plugin is registered and the node can create vcan interfaces. Probes call
+    /// this often, so implementations should answer without reading the traffic counters.
+    fn readiness(&self) -> (bool, bool) {
+        let s = self.snapshot();
+        (s.registered, s.vcan_supported)
+    }
 }
 
 #[derive(Clone)]
@@ -430,12 +437,9 @@ async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     let source = app.source.clone();
-    let now = tokio::task::spawn_blocking(move || {
-        let s = source.snapshot();
-        (s.registered, s.vcan_supported)
-    })
-    .await
-    .unwrap_or((false, false));
+    let now = tokio::task::spawn_blocking(move || source.readiness())
+        .await
+        .unwrap_or((false, false));
     match now {
         (true, true) => (StatusCode::OK, "ready\n".to_string()),
         (registered, vcan) => (
