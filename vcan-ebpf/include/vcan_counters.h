@@ -15,12 +15,16 @@
 
 /* Attachments the maps can hold at once (the counters map holds two entries per attachment).
  * A slot is a random non-zero 32-bit id the loader picks per attachment, never a small index:
- * ids are not reused, so a program left behind by a crash can never count into the entry of a
- * later attachment. Slot 0 is never handed out: it is the value of an object loaded without a
- * slot, and the program counts nothing for it. */
+ * ids are not reused, so an entry program left behind by a crash can never count into the entry
+ * of a later attachment. Slot 0 is never handed out: a packet that reaches the counting
+ * programs without an entry program's slot is not counted. */
 #define VCAN_MAX_SLOTS 4096
 
-/* Directions, the second half of the key. */
+/* The skb->cb[] word in which an attachment's entry program passes its slot to the counting
+ * programs (cb survives the tail call; tc leaves it to the programs). */
+#define VCAN_CB_SLOT 0
+
+/* Directions, the second half of the key, and the indexes of vcan_progs_v1. */
 #define VCAN_DIR_INGRESS 0
 #define VCAN_DIR_EGRESS 1
 #define VCAN_DIRECTIONS 2
@@ -76,7 +80,7 @@ struct vcan_slot {
 	__u64 netns_ino;      /* inode of the interface's network namespace (nsfs) */
 	__u32 ifindex;        /* interface index inside that namespace */
 	__u32 mode;           /* VCAN_MODE_* */
-	__u32 prog_id[2];     /* kernel ids of the attached programs, by direction */
+	__u32 prog_id[2];     /* kernel ids of the attached entry programs, by direction */
 	__u32 tc_handle[2];   /* clsact: the filters' handles, by direction */
 	__u16 tc_priority[2]; /* clsact: the filters' priorities, by direction */
 	__u32 reserved;       /* zero; keeps the layout free of implicit padding */

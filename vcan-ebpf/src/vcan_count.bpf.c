@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR MIT)
 /*
  * vcan_count: a tc classifier that counts the CAN frames crossing one interface, per direction
- * and kind. See ../README.md for the design (why a slot, why two maps, why TC_ACT_UNSPEC).
+ * and kind. See ../README.md for the design (why a slot, why entry programs and tail calls,
+ * why TC_ACT_UNSPEC).
  *
  * Built by vcan-plugin/build.rs:
  *   clang-19 -target bpf -O2 -g -I../include -I/usr/include/<multiarch> -c vcan_count.bpf.c
@@ -16,13 +17,23 @@
 #include "vcan_counters.h"
 
 /*
- * The attachment this load counts for. ifindex repeats across network namespaces (every pod's
- * first vcan is typically index 2), and on the kernels we support a tc program cannot learn its
- * namespace, so the loader gives each attachment its own slot and sets it here per load
- * (aya's EbpfLoader::override_global). `const volatile` puts it in .rodata, which is frozen
- * after load: the verifier treats it as a constant.
+ * Which attachment a packet is counted for. ifindex repeats across network namespaces (every
+ * pod's first vcan is typically index 2), and on the kernels we support a tc program cannot
+ * learn its namespace, so every attachment has its own slot. The counting programs below are
+ * loaded once per plugin process; what is attached to an interface is a per-attachment entry
+ * program of a few instructions, built by the loader (vcan-plugin/src/ebpf/entry.rs), that
+ * stores its slot in skb->cb[VCAN_CB_SLOT] and tail-calls vcan_progs_v1[direction]. A program
+ * that small costs almost nothing to verify, so attaching is cheap, and it still gives each
+ * attachment a program id of its own, which is how the loader tells live attachments from
+ * dead ones after a restart.
  */
-const volatile __u32 slot = 0;
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, VCAN_DIRECTIONS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vcan_progs_v1 SEC(".maps");
 
 /* Counters of every attachment, shared by all loads through the bpffs pin. Entries are created
  * (zeroed) by the loader before it attaches and deleted when it detaches; the program only
@@ -70,15 +81,15 @@ static __always_inline void count_id(struct vcan_counters *c, __u32 can_id)
 
 static __always_inline int count(struct __sk_buff *skb, __u32 dir)
 {
-	struct vcan_key key = { .slot = slot, .dir = dir };
+	struct vcan_key key = { .slot = skb->cb[VCAN_CB_SLOT], .dir = dir };
 	struct vcan_counters *c;
 	__u8 head[8];
 	__u32 can_id;
 	__u16 xl_len;
 	__u8 len;
 
-	if (slot == 0)
-		return TC_ACT_UNSPEC; /* loaded without a slot: not an attachment */
+	if (key.slot == 0)
+		return TC_ACT_UNSPEC; /* not entered through an attachment's entry program */
 	c = bpf_map_lookup_elem(&vcan_cnt_v1, &key);
 	if (!c)
 		return TC_ACT_UNSPEC; /* detached, or not set up yet: count nothing */
@@ -127,14 +138,15 @@ static __always_inline int count(struct __sk_buff *skb, __u32 dir)
 	return TC_ACT_UNSPEC;
 }
 
-SEC("classifier/vcan_ingress")
-int vcan_ingress(struct __sk_buff *skb)
+/* Tail-call targets, vcan_progs_v1[VCAN_DIR_*]; never attached themselves. */
+SEC("classifier/vcan_cnt_in")
+int vcan_cnt_in(struct __sk_buff *skb)
 {
 	return count(skb, VCAN_DIR_INGRESS);
 }
 
-SEC("classifier/vcan_egress")
-int vcan_egress(struct __sk_buff *skb)
+SEC("classifier/vcan_cnt_eg")
+int vcan_cnt_eg(struct __sk_buff *skb)
 {
 	return count(skb, VCAN_DIR_EGRESS);
 }

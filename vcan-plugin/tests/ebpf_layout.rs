@@ -1,7 +1,7 @@
 //! The Rust mirror of `vcan-ebpf/include/vcan_counters.h` (`vcan_plugin::ebpf::layout`) must
 //! match what clang compiled: this reads the BTF of the object embedded in the plugin and
 //! compares struct sizes, member names and offsets, member sizes, the maps' key/value types,
-//! types and `max_entries`, the `.rodata` slot variable and the program sections.
+//! types and `max_entries`, the program array and the program sections.
 //!
 //! Runs on the host (no kernel involved): `cargo test -p vcan-plugin --test ebpf_layout`.
 
@@ -10,8 +10,8 @@ use std::mem::{offset_of, size_of};
 
 use object::{Object, ObjectSection};
 use vcan_plugin::ebpf::layout::{
-    COUNTERS_MAP, DIRECTIONS, EGRESS_PROGRAM, INGRESS_PROGRAM, MAX_SLOTS, SLOT_GLOBAL, SLOTS_MAP,
-    VcanCounters, VcanKey, VcanKind, VcanSlot,
+    CB_SLOT, COUNT_PROGRAMS, COUNTERS_MAP, DIRECTIONS, EGRESS_PROGRAM, INGRESS_PROGRAM, MAX_SLOTS,
+    PROGS_MAP, SLOTS_MAP, VcanCounters, VcanKey, VcanKind, VcanSlot,
 };
 
 // ─── A minimal BTF reader (see the kernel's Documentation/bpf/btf.rst) ─────────────────────────
@@ -289,6 +289,7 @@ fn structs_match_the_objects_btf() {
 #[test]
 fn maps_use_the_mirrored_types_and_limits() {
     const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
     const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
     const BPF_F_NO_PREALLOC: u32 = 1;
     const LIBBPF_PIN_BY_NAME: u32 = 1;
@@ -316,35 +317,52 @@ fn maps_use_the_mirrored_types_and_limits() {
     assert_eq!(btf.size_of(slots["key"]), size_of::<u32>());
     assert_eq!(btf.get(btf.resolve(slots["value"])).name, "vcan_slot");
 
+    // The entry programs tail-call through it by direction.
+    let progs = btf.map_def(PROGS_MAP);
+    assert_eq!(btf.map_uint(&progs, "type"), BPF_MAP_TYPE_PROG_ARRAY);
+    assert_eq!(btf.map_uint(&progs, "max_entries"), DIRECTIONS);
+    assert_eq!(btf.map_uint(&progs, "pinning"), LIBBPF_PIN_BY_NAME);
+    assert_eq!(btf.size_of(progs["key"]), size_of::<u32>());
+    assert_eq!(btf.size_of(progs["value"]), size_of::<u32>());
+
     // Kernel map names are at most 15 bytes (BPF_OBJ_NAME_LEN - 1).
-    assert!(COUNTERS_MAP.len() <= 15 && SLOTS_MAP.len() <= 15);
+    assert!(COUNTERS_MAP.len() <= 15 && SLOTS_MAP.len() <= 15 && PROGS_MAP.len() <= 15);
 }
 
 #[test]
-fn the_slot_is_a_u32_in_rodata_and_programs_are_classifiers() {
+fn counting_programs_are_classifiers_and_the_slot_travels_in_cb() {
     let (btf, sections) = object_btf();
-    let rodata = btf.find(KIND_DATASEC, ".rodata");
-    let slot_var = btf.find(KIND_VAR, SLOT_GLOBAL);
-    let entry = btf
-        .get(rodata)
-        .vars
-        .iter()
-        .find(|(id, _, _)| *id == slot_var)
-        .copied()
-        .expect("`slot` is in .rodata (const volatile), where override_global can set it");
-    assert_eq!(entry.2 as usize, size_of::<u32>(), "slot is a __u32");
-    assert_eq!(
-        btf.size_of(btf.get(slot_var).size_or_type),
-        size_of::<u32>()
-    );
-
     // aya recognises tc programs only in `classifier` / `classifier/<name>` sections.
-    for program in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+    for program in COUNT_PROGRAMS {
         let section = format!("classifier/{program}");
         assert!(
             sections.contains(&section),
             "no section {section}: {sections:?}"
         );
-        assert!(program.len() <= 15, "kernel program names are 15 bytes max");
     }
+    // Kernel program names are 15 bytes max: the counting programs' and the entry programs'.
+    for name in COUNT_PROGRAMS
+        .into_iter()
+        .chain([INGRESS_PROGRAM, EGRESS_PROGRAM])
+    {
+        assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+    }
+    // `cb` is `__u32 cb[5]` in struct __sk_buff; the entry programs store the slot in one word.
+    let skb = btf.find(KIND_STRUCT, "__sk_buff");
+    let cb = btf
+        .get(skb)
+        .members
+        .iter()
+        .find(|m| m.name == "cb")
+        .expect("__sk_buff has cb");
+    assert_eq!(
+        cb.bit_offset,
+        48 * 8,
+        "cb is at the offset the entry programs write"
+    );
+    let (_, words) = btf
+        .get(btf.resolve(cb.type_id))
+        .array
+        .expect("cb is an array");
+    assert!(CB_SLOT < words as usize);
 }

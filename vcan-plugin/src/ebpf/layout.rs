@@ -23,11 +23,22 @@ pub const MODE_TCX: u32 = 2;
 pub const COUNTERS_MAP: &str = "vcan_cnt_v1";
 /// Name of the slot registry map, also its pin name in the bpffs directory.
 pub const SLOTS_MAP: &str = "vcan_slots_v1";
-/// The `.rodata` variable that tells a load which slot it counts for.
-pub const SLOT_GLOBAL: &str = "slot";
-/// Program counting the ingress direction (`SEC("classifier/vcan_ingress")`).
+/// Name of the program array the entry programs tail-call into (`vcan_progs_v1`), indexed by
+/// direction; also its pin name.
+pub const PROGS_MAP: &str = "vcan_progs_v1";
+
+/// `VCAN_CB_SLOT`: the `skb->cb[]` word that carries the slot from an entry program to the
+/// counting programs.
+pub const CB_SLOT: usize = 0;
+
+/// The counting programs (tail-call targets, loaded once per process), by direction.
+pub const COUNT_PROGRAMS: [&str; 2] = ["vcan_cnt_in", "vcan_cnt_eg"];
+
+/// Name of the per-attachment entry program on an interface's ingress hook (as `bpftool prog`
+/// and `tc filter show` list it).
 pub const INGRESS_PROGRAM: &str = "vcan_ingress";
-/// Program counting the egress direction (`SEC("classifier/vcan_egress")`).
+
+/// Name of the per-attachment entry program on an interface's egress hook.
 pub const EGRESS_PROGRAM: &str = "vcan_egress";
 
 /// `struct vcan_key`: the counters map's key.
@@ -84,7 +95,7 @@ pub struct VcanSlot {
     pub ifindex: u32,
     /// [`MODE_CLSACT`] or [`MODE_TCX`].
     pub mode: u32,
-    /// Kernel ids of the attached programs, by direction.
+    /// Kernel ids of the attached entry programs, by direction.
     pub prog_id: [u32; 2],
     /// clsact: the filters' handles, by direction.
     pub tc_handle: [u32; 2],

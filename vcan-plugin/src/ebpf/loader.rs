@@ -1,33 +1,36 @@
-//! Loading the counter object with aya and attaching it to one interface, inside that
+//! Loading the counter object with aya, and attaching an interface's entry programs inside that
 //! interface's network namespace.
 //!
-//! Every attachment is its own load of the object: the slot is a `.rodata` constant, frozen at
-//! load time, so two attachments cannot share program instances. The maps are pinned by name
-//! under the bpffs directory, so every load opens the same two maps instead of creating new ones.
-//! After attaching, the loader keeps no file descriptors: a clsact filter or a pinned TCX link
-//! holds the programs, which therefore live exactly as long as the attachment (or the
-//! interface) does. That is what makes liveness checkable after a restart (see
-//! [`attachment_alive`]).
+//! [`open`] loads the object once per process: it opens (creating and pinning on first use) the
+//! three maps under the bpffs directory, loads the two counting programs and puts them into the
+//! pinned program array, replacing those of an earlier run, whose entry programs from then on
+//! tail-call into this run's. An attachment is then two tiny entry programs ([`super::entry`])
+//! plus their tc hooks. After attaching, the loader keeps no file descriptor of them: a clsact
+//! filter or a pinned TCX link holds each entry program, which therefore lives exactly as long as
+//! the attachment (or the interface) does. That is what makes liveness checkable after a restart
+//! (see [`attachment_alive`]).
 
 use std::error::Error as StdError;
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapType, PerCpuHashMap};
-use aya::programs::links::FdLink;
-use aya::programs::tc::{
-    self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
-};
-use aya::programs::{Link, LinkOrder, SchedClassifier};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapType, PerCpuHashMap, ProgramArray};
+use aya::programs::SchedClassifier;
+use aya::programs::tc;
 use aya::{Ebpf, EbpfLoader};
 
 use super::EbpfError;
+use super::entry;
 use super::layout::{
-    COUNTERS_MAP, DIR_EGRESS, DIR_INGRESS, DIRECTIONS, EGRESS_PROGRAM, INGRESS_PROGRAM, MAX_SLOTS,
-    MODE_CLSACT, MODE_TCX, SLOT_GLOBAL, SLOTS_MAP, VcanCounters, VcanKey, VcanSlot,
+    COUNT_PROGRAMS, COUNTERS_MAP, DIR_EGRESS, DIR_INGRESS, DIRECTIONS, EGRESS_PROGRAM,
+    INGRESS_PROGRAM, MAX_SLOTS, MODE_CLSACT, MODE_TCX, PROGS_MAP, SLOTS_MAP, VcanCounters, VcanKey,
+    VcanSlot,
 };
 use super::sys;
+use crate::netlink::{Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
 use crate::netns::{self, Netns, NetnsError};
 
 /// The compiled counter program (`vcan-ebpf/src/vcan_count.bpf.c`, built by `build.rs`).
@@ -179,22 +182,37 @@ pub(super) fn link_pin(pin_dir: &Path, slot: u32, dir: u32) -> PathBuf {
     pin_dir.join("links").join(format!("{slot:08x}-{name}"))
 }
 
-/// Parses the object and opens (creating and pinning on first use) its maps, without loading
-/// any program.
-fn load_object(pin_dir: &Path, slot: u32) -> Result<Ebpf, EbpfError> {
-    EbpfLoader::new()
-        // The program needs no CO-RE relocations; skipping the kernel's BTF saves parsing
-        // several MiB of /sys/kernel/btf/vmlinux on every attach.
-        .btf(None)
-        .default_map_pin_directory(pin_dir)
-        .override_global(SLOT_GLOBAL, &slot, true)
-        .load(OBJECT)
-        .map_err(|e| load_error("opening the pinned maps", &e))
+/// The counting programs of this process and the program array the entry programs tail-call
+/// through. Dropping it closes this process's references; the pinned array keeps the programs.
+pub(super) struct Programs {
+    /// Owns the counting programs' fds.
+    _object: Ebpf,
+    /// `vcan_progs_v1`: its fd is baked into every entry program.
+    array: Map,
 }
 
-/// Opens the two pinned maps and checks that they have the layout this build expects.
-pub(super) fn open_maps(pin_dir: &Path) -> Result<(CountersMap, SlotsMap), EbpfError> {
-    let mut ebpf = load_object(pin_dir, 0)?;
+impl Programs {
+    fn array_fd(&self) -> Result<BorrowedFd<'_>, EbpfError> {
+        match &self.array {
+            Map::ProgramArray(data) => Ok(data.fd().as_fd()),
+            _ => Err(EbpfError::Load {
+                what: format!("opening map {PROGS_MAP}"),
+                detail: "not a program array".into(),
+            }),
+        }
+    }
+}
+
+/// Opens the three pinned maps, checking that they have the layout this build expects, loads
+/// the counting programs and points the program array at them.
+pub(super) fn open(pin_dir: &Path) -> Result<(CountersMap, SlotsMap, Programs), EbpfError> {
+    let mut ebpf = EbpfLoader::new()
+        // The programs need no CO-RE relocations; skipping the kernel's BTF saves parsing
+        // several MiB of /sys/kernel/btf/vmlinux.
+        .btf(None)
+        .default_map_pin_directory(pin_dir)
+        .load(OBJECT)
+        .map_err(|e| load_error("opening the pinned maps", &e))?;
     let counters = take_checked(
         &mut ebpf,
         pin_dir,
@@ -213,11 +231,43 @@ pub(super) fn open_maps(pin_dir: &Path) -> Result<(CountersMap, SlotsMap), EbpfE
         std::mem::size_of::<VcanSlot>(),
         MAX_SLOTS,
     )?;
+    let mut array = take_checked(
+        &mut ebpf,
+        pin_dir,
+        PROGS_MAP,
+        MapType::ProgramArray,
+        std::mem::size_of::<u32>(),
+        std::mem::size_of::<u32>(),
+        DIRECTIONS,
+    )?;
     let counters =
         CountersMap::try_from(counters).map_err(|e| load_error("opening the counters map", &e))?;
     let slots =
         SlotsMap::try_from(slots).map_err(|e| load_error("opening the slot registry", &e))?;
-    Ok((counters, slots))
+    {
+        let mut jump = ProgramArray::try_from(&mut array)
+            .map_err(|e| load_error("opening the program array", &e))?;
+        for (dir, name) in [DIR_INGRESS, DIR_EGRESS].into_iter().zip(COUNT_PROGRAMS) {
+            let prog = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|e| load_error(&format!("loading program {name}"), &e))?;
+            let fd = prog
+                .fd()
+                .map_err(|e| load_error(&format!("loading program {name}"), &e))?;
+            // Replaces an earlier run's program atomically: entry programs already attached
+            // count on without a gap.
+            jump.set(dir, fd, 0)
+                .map_err(|e| load_error(&format!("installing program {name}"), &e))?;
+        }
+    }
+    Ok((
+        counters,
+        slots,
+        Programs {
+            _object: ebpf,
+            array,
+        },
+    ))
 }
 
 fn take_checked(
@@ -234,7 +284,7 @@ fn take_checked(
         detail: "the embedded object has no such map".into(),
     })?;
     let data = match &map {
-        Map::PerCpuHashMap(d) | Map::HashMap(d) => d,
+        Map::PerCpuHashMap(d) | Map::HashMap(d) | Map::ProgramArray(d) => d,
         _ => {
             return Err(EbpfError::Load {
                 what: format!("opening map {name}"),
@@ -266,31 +316,30 @@ fn take_checked(
     Ok(map)
 }
 
-/// Loads the object for `slot` and attaches both programs to `ifname` (index `ifindex`) in
-/// `ns`; returns the registry record describing the attachment.
+/// Loads the entry programs for `slot` and attaches them to `ifname` (index `ifindex`) in `ns`;
+/// returns the registry record describing the attachment.
 pub(super) fn load_and_attach(
     pin_dir: &Path,
+    programs: &Programs,
     mode: AttachMode,
     ns: &Netns,
     ifname: &str,
     ifindex: u32,
     slot: u32,
 ) -> Result<VcanSlot, EbpfError> {
-    let mut ebpf = load_object(pin_dir, slot)?;
     let mut record = VcanSlot {
         ifindex,
         mode: mode.code(),
         ..VcanSlot::default()
     };
     record.set_ifname(ifname);
+    let array = programs.array_fd()?;
+    let mut entries = Vec::with_capacity(2);
     for (dir, name) in [(DIR_INGRESS, INGRESS_PROGRAM), (DIR_EGRESS, EGRESS_PROGRAM)] {
-        let prog = program(&mut ebpf, name)?;
-        prog.load()
-            .map_err(|e| load_error(&format!("loading program {name}"), &e))?;
-        let info = prog
-            .info()
-            .map_err(|e| load_error(&format!("inspecting program {name}"), &e))?;
-        record.prog_id[dir as usize] = info.id();
+        let what = || format!("loading program {name}");
+        let fd = entry::load(slot, dir, array, name).map_err(|e| io_error(&what(), e))?;
+        record.prog_id[dir as usize] = sys::prog_id(&fd).map_err(|e| io_error(&what(), e))?;
+        entries.push(fd);
     }
     let pins = [
         link_pin(pin_dir, slot, DIR_INGRESS),
@@ -298,19 +347,34 @@ pub(super) fn load_and_attach(
     ];
     let name = ifname.to_string();
     let ns_name = ns.to_string();
-    // aya attaches in the calling thread's namespace (ifindex lookup, netlink socket, TCX link
-    // target), so the attach itself runs on a thread inside the pod's namespace.
-    let attached = netns::run(ns, move || attach_here(ebpf, &name, ifindex, mode, &pins))
-        .map_err(|e| EbpfError::Attach {
-            ifname: ifname.to_string(),
-            ns: ns_name.clone(),
-            detail: e.to_string(),
-        })??;
+    // Hooks are addressed by ifindex in the calling thread's namespace, so the attach itself
+    // runs on a thread inside the pod's namespace.
+    let attached = netns::run(ns, move || {
+        attach_here(entries, &name, ifindex, mode, &pins)
+    })
+    .map_err(|e| EbpfError::Attach {
+        ifname: ifname.to_string(),
+        ns: ns_name.clone(),
+        detail: e.to_string(),
+    })??;
     if let Some((handles, priorities)) = attached {
         record.tc_handle = handles;
         record.tc_priority = priorities;
     }
     Ok(record)
+}
+
+fn io_error(what: &str, e: io::Error) -> EbpfError {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => EbpfError::NoPermission {
+            what: what.to_string(),
+            detail: e.to_string(),
+        },
+        _ => EbpfError::Load {
+            what: what.to_string(),
+            detail: e.to_string(),
+        },
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, EbpfError> {
@@ -326,10 +390,93 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier
 /// The clsact filters' handles and priorities, when attached that way.
 type NlPlacement = Option<([u32; 2], [u16; 2])>;
 
-/// Runs inside the target namespace. On failure the `Ebpf` is dropped here, which detaches
-/// whatever was attached (in this namespace, where the filters are).
+const RTM_NEWTFILTER: u16 = 44;
+const RTM_DELTFILTER: u16 = 45;
+/// `NLM_F_ECHO`: the kernel sends the created filter back, with the priority and handle it chose.
+const NLM_F_ECHO: u16 = 0x8;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_FD: u16 = 6;
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_FLAGS: u16 = 8;
+/// `TCA_BPF_FLAG_ACT_DIRECT`: the program's return value is the action.
+const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)` and `..._EGRESS`, by direction.
+const CLSACT_PARENT: [u32; 2] = [0xffff_fff2, 0xffff_fff3];
+/// `ETH_P_ALL` in network byte order, the filters' protocol.
+const ETH_P_ALL_BE: u32 = 0x0003_u16.to_be() as u32;
+/// `BPF_TCX_INGRESS` and `BPF_TCX_EGRESS`, by direction.
+const TCX_ATTACH_TYPE: [u32; 2] = [46, 47];
+
+/// `struct tcmsg` for a filter on interface `ifindex`.
+fn tcmsg(ifindex: u32, handle: u32, parent: u32, info: u32) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    // family AF_UNSPEC and padding stay 0.
+    h[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    h[8..12].copy_from_slice(&handle.to_ne_bytes());
+    h[12..16].copy_from_slice(&parent.to_ne_bytes());
+    h[16..20].copy_from_slice(&info.to_ne_bytes());
+    h
+}
+
+/// Adds a direct-action cls_bpf filter running `prog` on the clsact hook of direction `dir`;
+/// returns the handle and priority the kernel chose.
+fn add_filter(
+    sock: &mut Socket,
+    ifindex: u32,
+    dir: u32,
+    prog: &OwnedFd,
+    name: &str,
+) -> io::Result<(u32, u16)> {
+    let header = tcmsg(ifindex, 0, CLSACT_PARENT[dir as usize], ETH_P_ALL_BE);
+    let mut msg = Message::new(
+        RTM_NEWTFILTER,
+        NLM_F_ACK | NLM_F_ECHO | NLM_F_CREATE | NLM_F_EXCL,
+        &header,
+    );
+    msg.attr(TCA_KIND, b"bpf\0")
+        .begin_nest(TCA_OPTIONS)
+        .attr_u32(TCA_BPF_FD, prog.as_raw_fd() as u32)
+        .attr_str(TCA_BPF_NAME, name)
+        .attr_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)
+        .end_nest();
+    let replies = sock.transact(&mut msg)?;
+    replies
+        .iter()
+        .filter(|r| r.kind == RTM_NEWTFILTER && r.payload.len() >= 20)
+        .map(|r| {
+            let word = |at: usize| {
+                u32::from_ne_bytes([
+                    r.payload[at],
+                    r.payload[at + 1],
+                    r.payload[at + 2],
+                    r.payload[at + 3],
+                ])
+            };
+            (word(8), (word(16) >> 16) as u16)
+        })
+        .next()
+        .ok_or_else(|| io::Error::other("the kernel did not echo the new filter"))
+}
+
+/// Deletes the filter at (`dir`, `priority`, `handle`) of interface `ifindex`.
+fn delete_filter(
+    sock: &mut Socket,
+    ifindex: u32,
+    dir: u32,
+    priority: u16,
+    handle: u32,
+) -> io::Result<()> {
+    let info = (u32::from(priority) << 16) | ETH_P_ALL_BE;
+    let header = tcmsg(ifindex, handle, CLSACT_PARENT[dir as usize], info);
+    let mut msg = Message::new(RTM_DELTFILTER, NLM_F_ACK, &header);
+    msg.attr(TCA_KIND, b"bpf\0");
+    sock.transact(&mut msg).map(|_| ())
+}
+
+/// Runs inside the target namespace. On failure, whatever was attached is removed again.
 fn attach_here(
-    mut ebpf: Ebpf,
+    entries: Vec<OwnedFd>,
     ifname: &str,
     ifindex: u32,
     mode: AttachMode,
@@ -350,73 +497,65 @@ fn attach_here(
             )));
         }
     }
-    if mode == AttachMode::Clsact {
-        // Adding clsact when one exists fails with EEXIST: that is the expected case for an
-        // interface someone else (or an earlier attach) already prepared, and checking first
-        // would only add a race.
-        if let Err(e) = tc::qdisc_add_clsact(ifname)
-            && errno(&e) != Some(libc::EEXIST)
-        {
-            return Err(fail(format!("adding the clsact qdisc: {}", chain(&e))));
-        }
-    }
-    let mut ids = Vec::with_capacity(2);
-    for (name, attach_type) in [
-        (INGRESS_PROGRAM, TcAttachType::Ingress),
-        (EGRESS_PROGRAM, TcAttachType::Egress),
-    ] {
-        let options = match mode {
-            AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
-            AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
-        };
-        let prog = program(&mut ebpf, name)?;
-        let id = prog
-            .attach_with_options(ifname, attach_type, options)
-            .map_err(|e| match load_error("", &e) {
-                EbpfError::NoPermission { detail, .. } => EbpfError::NoPermission {
-                    what: format!("attaching {name} to {ifname}"),
-                    detail,
-                },
-                _ => fail(format!("attaching {name}: {}", chain(&e))),
-            })?;
-        ids.push((name, id));
-    }
-    // Both attached: take the links out of aya's care so that dropping `ebpf` keeps them.
-    let mut placement = ([0u32; 2], [0u16; 2]);
-    let mut pinned: Vec<PathBuf> = Vec::new();
-    for (i, (name, id)) in ids.into_iter().enumerate() {
-        let link = program(&mut ebpf, name)?
-            .take_link(id)
-            .map_err(|e| fail(format!("taking the link of {name}: {}", chain(&e))))?;
-        match mode {
-            AttachMode::Clsact => {
-                let (Ok(priority), Ok(handle)) = (link.priority(), link.handle()) else {
-                    return Err(fail("aya reported no filter priority or handle".into()));
-                };
-                placement.0[i] = u32::from(handle);
-                placement.1[i] = priority;
-                // A netlink link is just (ifindex, parent, priority, handle): forgetting it
-                // leaks no resource, and keeps its Drop from deleting the filter.
-                std::mem::forget(link);
+    let names = [INGRESS_PROGRAM, EGRESS_PROGRAM];
+    match mode {
+        AttachMode::Clsact => {
+            // Adding clsact when one exists fails with EEXIST: that is the expected case for an
+            // interface someone else (or an earlier attach) already prepared, and checking
+            // first would only add a race.
+            if let Err(e) = tc::qdisc_add_clsact(ifname)
+                && errno(&e) != Some(libc::EEXIST)
+            {
+                return Err(fail(format!("adding the clsact qdisc: {}", chain(&e))));
             }
-            AttachMode::Tcx => {
-                let result = FdLink::try_from(link)
-                    .map_err(|e| chain(&e))
-                    .and_then(|fd| fd.pin(&pins[i]).map_err(|e| chain(&e)));
-                match result {
-                    // Dropping the PinnedLink closes our fd; the pin keeps the link attached.
-                    Ok(_pinned) => pinned.push(pins[i].clone()),
+            let mut sock = Socket::open(libc::NETLINK_ROUTE)
+                .map_err(|e| fail(format!("opening a netlink socket: {e}")))?;
+            let mut placement = ([0u32; 2], [0u16; 2]);
+            for (dir, fd) in [DIR_INGRESS, DIR_EGRESS].into_iter().zip(&entries) {
+                match add_filter(&mut sock, ifindex, dir, fd, names[dir as usize]) {
+                    Ok((handle, priority)) => {
+                        placement.0[dir as usize] = handle;
+                        placement.1[dir as usize] = priority;
+                    }
                     Err(e) => {
-                        for p in &pinned {
-                            let _ = std::fs::remove_file(p);
+                        if dir == DIR_EGRESS {
+                            let _ = delete_filter(
+                                &mut sock,
+                                ifindex,
+                                DIR_INGRESS,
+                                placement.1[0],
+                                placement.0[0],
+                            );
                         }
-                        return Err(fail(format!("pinning the TCX link of {name}: {e}")));
+                        return Err(match e.raw_os_error() {
+                            Some(libc::EPERM) => EbpfError::NoPermission {
+                                what: format!("attaching {} to {ifname}", names[dir as usize]),
+                                detail: e.to_string(),
+                            },
+                            _ => fail(format!("adding the {} filter: {e}", names[dir as usize])),
+                        });
                     }
                 }
             }
+            Ok(Some(placement))
+        }
+        AttachMode::Tcx => {
+            for (dir, fd) in [DIR_INGRESS, DIR_EGRESS].into_iter().zip(&entries) {
+                let pin = &pins[dir as usize];
+                if let Err(e) =
+                    sys::tcx_attach_and_pin(fd, ifindex, TCX_ATTACH_TYPE[dir as usize], pin)
+                {
+                    // Unpinning releases the link, which detaches it.
+                    let _ = std::fs::remove_file(&pins[0]);
+                    return Err(fail(format!(
+                        "attaching {} as a TCX link: {e}",
+                        names[dir as usize]
+                    )));
+                }
+            }
+            Ok(None)
         }
     }
-    Ok((mode == AttachMode::Clsact).then_some(placement))
 }
 
 /// The index of `name` in the calling thread's namespace.
@@ -513,33 +652,28 @@ pub(super) fn detach_kernel(
 }
 
 fn detach_filters_here(record: &VcanSlot) -> Result<(), EbpfError> {
-    // Look the name up by index: the interface may have been renamed since it was attached.
-    let Some(name) = name_of(record.ifindex) else {
+    if name_of(record.ifindex).is_none() {
         return Ok(()); // the interface is gone, its filters with it
+    }
+    let fail = |detail: String| EbpfError::Detach {
+        ifname: record.ifname(),
+        detail,
     };
-    for (i, attach_type) in [TcAttachType::Ingress, TcAttachType::Egress]
-        .into_iter()
-        .enumerate()
-    {
-        let link = SchedClassifierLink::attached(
-            &name,
-            attach_type,
+    let mut sock = Socket::open(libc::NETLINK_ROUTE)
+        .map_err(|e| fail(format!("opening a netlink socket: {e}")))?;
+    for dir in [DIR_INGRESS, DIR_EGRESS] {
+        let i = dir as usize;
+        match delete_filter(
+            &mut sock,
+            record.ifindex,
+            dir,
             record.tc_priority[i],
-            TcHandle::from(record.tc_handle[i]),
-            None,
-        )
-        .map_err(|e| EbpfError::Detach {
-            ifname: name.clone(),
-            detail: e.to_string(),
-        })?;
-        if let Err(e) = link.detach() {
+            record.tc_handle[i],
+        ) {
+            Ok(()) => {}
             // Already deleted (by someone running `tc filter del`, or with the qdisc): fine.
-            if !matches!(errno(&e), Some(libc::ENOENT) | Some(libc::ENODEV)) {
-                return Err(EbpfError::Detach {
-                    ifname: name.clone(),
-                    detail: format!("deleting the {attach_type:?} filter: {}", chain(&e)),
-                });
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) => {}
+            Err(e) => return Err(fail(format!("deleting the filter: {e}"))),
         }
     }
     Ok(())

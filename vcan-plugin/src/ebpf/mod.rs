@@ -19,6 +19,7 @@
 //! Attaching happens inside the pod's namespace via [`crate::netns::run`]; everything here is
 //! blocking (call it from `spawn_blocking` in async code).
 
+mod entry;
 mod loader;
 mod sys;
 
@@ -35,7 +36,7 @@ pub use loader::{AttachMode, attach_mode};
 use crate::link::{LinkError, Links};
 use crate::netns::{self, Netns, NetnsError};
 use layout::{DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, VcanCounters, VcanKey, VcanKind, VcanSlot};
-use loader::{CountersMap, SlotsMap};
+use loader::{CountersMap, Programs, SlotsMap};
 
 /// Where the maps and TCX links are pinned unless configured otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/vcan-plugin";
@@ -415,6 +416,7 @@ pub struct Counters {
     pin_dir: PathBuf,
     mode: AttachMode,
     ncpus: usize,
+    programs: Programs,
     inner: Mutex<Inner>,
     idle: Condvar,
 }
@@ -433,7 +435,7 @@ impl Counters {
     /// registry left by an earlier run, and releases the slots whose interfaces are gone.
     pub fn open(config: &Config) -> Result<Self, EbpfError> {
         loader::prepare_pin_dir(&config.bpffs_dir)?;
-        let (counters, slots) = loader::open_maps(&config.bpffs_dir)?;
+        let (counters, slots, programs) = loader::open(&config.bpffs_dir)?;
         let ncpus = aya::util::nr_cpus().map_err(|(path, e)| EbpfError::Load {
             what: "counting the possible CPUs".into(),
             detail: format!("{path}: {e}"),
@@ -447,6 +449,7 @@ impl Counters {
             pin_dir: config.bpffs_dir.clone(),
             mode: config.mode.unwrap_or_else(attach_mode),
             ncpus,
+            programs,
             inner: Mutex::new(Inner {
                 counters,
                 slots,
@@ -570,8 +573,16 @@ impl Counters {
             inner.busy.insert(key);
             slot
         };
-        // The slow part (ELF parsing, verification, netlink) runs without the lock.
-        let result = loader::load_and_attach(&self.pin_dir, self.mode, ns, ifname, key.1, slot);
+        // Loading and netlink run without the lock, so that interfaces attach in parallel.
+        let result = loader::load_and_attach(
+            &self.pin_dir,
+            &self.programs,
+            self.mode,
+            ns,
+            ifname,
+            key.1,
+            slot,
+        );
         let mut inner = self.lock();
         inner.busy.remove(&key);
         inner.reserved.remove(&slot);

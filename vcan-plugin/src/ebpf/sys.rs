@@ -1,6 +1,7 @@
-//! The few raw `bpf(2)` and `statfs(2)` calls aya 0.14 does not expose: whether a program id is
-//! still loaded, which interface a pinned TCX link is attached to, and whether a directory is on
-//! bpffs.
+//! The few raw `bpf(2)` and `statfs(2)` calls aya 0.14 does not expose: loading a program from
+//! raw instructions (the per-attachment entry programs), its id, attaching and pinning it as a
+//! TCX link, whether a program id is still loaded, which interface a pinned TCX link is attached
+//! to, and whether a directory is on bpffs.
 
 use std::ffi::CString;
 use std::io;
@@ -8,9 +9,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// `BPF_PROG_TYPE_SCHED_CLS`: a tc classifier.
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `BPF_LINK_TYPE_TCX` (enum bpf_link_type in linux/bpf.h).
@@ -56,6 +62,88 @@ fn bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
     let fd = i32::try_from(rc).map_err(|_| io::Error::other("bpf(2) returned a bad fd"))?;
     // SAFETY: the command returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Loads a tc classifier from raw instructions (8 bytes each, `struct bpf_insn`) under `name`
+/// (at most 15 bytes). On a rejection the error carries the verifier's log.
+pub fn load_classifier(insns: &[[u8; 8]], name: &str, license: &str) -> io::Result<OwnedFd> {
+    let license = CString::new(license).map_err(|_| io::Error::other("license contains NUL"))?;
+    let load = |log: Option<&mut Vec<u8>>| {
+        let mut attr = Attr::new();
+        attr.put_u32(0, BPF_PROG_TYPE_SCHED_CLS);
+        attr.put_u32(4, insns.len() as u32);
+        attr.put_u64(8, insns.as_ptr() as u64);
+        attr.put_u64(16, license.as_ptr() as u64);
+        if let Some(log) = log {
+            attr.put_u32(24, 1); // log_level
+            attr.put_u32(28, log.len() as u32);
+            attr.put_u64(32, log.as_mut_ptr() as u64);
+        }
+        let n = name.len().min(15);
+        attr.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]); // prog_name
+        // The kernel reads `insns`, `license` and writes at most log_size bytes of `log`, all of
+        // which outlive the call.
+        bpf_fd(BPF_PROG_LOAD, &mut attr)
+    };
+    match load(None) {
+        Ok(fd) => Ok(fd),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            // Load again with the verifier's log, which is what explains a rejection.
+            let mut log = vec![0u8; 64 * 1024];
+            match load(Some(&mut log)) {
+                Ok(fd) => Ok(fd),
+                Err(_) => {
+                    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                    Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}; verifier log:\n{}",
+                            String::from_utf8_lossy(&log[..end])
+                        ),
+                    ))
+                }
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The kernel id of a loaded program.
+pub fn prog_id(prog: &OwnedFd) -> io::Result<u32> {
+    // struct bpf_prog_info: type @0, id @4, ... (the kernel fills at most info_len bytes).
+    let mut info = [0u32; 16];
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(4, std::mem::size_of_val(&info) as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[1])
+}
+
+/// Attaches `prog` to interface `ifindex` of the calling thread's namespace as a TCX link
+/// (`attach_type` is `BPF_TCX_INGRESS` or `BPF_TCX_EGRESS`) and pins the link at `pin`, which then
+/// holds it: the returned fd may be dropped.
+pub fn tcx_attach_and_pin(
+    prog: &OwnedFd,
+    ifindex: u32,
+    attach_type: u32,
+    pin: &Path,
+) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_raw_fd() as u32); // prog_fd
+    attr.put_u32(4, ifindex); // target_ifindex
+    attr.put_u32(8, attach_type);
+    // flags, relative_fd and expected_revision stay 0: append after whatever is attached.
+    let link = bpf_fd(BPF_LINK_CREATE, &mut attr)?;
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("pin path contains a NUL byte"))?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64); // pathname
+    attr.put_u32(8, link.as_raw_fd() as u32); // bpf_fd
+    sys_bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
 }
 
 /// Whether a program with this id is still loaded. Our loader keeps no program fds after
