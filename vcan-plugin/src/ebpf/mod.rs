@@ -1,17 +1,19 @@
 //! Per-interface CAN frame counters, kept by an eBPF tc program (`vcan-ebpf/`).
 //!
-//! [`Counters`] owns the two maps the program shares across all attachments, pinned under a
+//! [`Counters`] owns the three maps the programs share across all attachments, pinned under a
 //! bpffs directory (default [`DEFAULT_BPFFS_DIR`]):
 //! - `vcan_cnt_v1`, per-CPU counters keyed by *slot* and direction;
 //! - `vcan_slots_v1`, the slot registry: which interface (namespace inode + ifindex) each slot
-//!   counts, how it is attached, and the ids of its programs.
+//!   counts, how it is attached, and the ids of its entry programs;
+//! - `vcan_progs_v1`, the counting programs, loaded once per process, by direction.
 //!
-//! A slot is a random non-zero 32-bit id the loader picks per attachment and bakes into that
-//! load's `.rodata` (ifindex alone cannot be the key: it repeats across namespaces, and the
-//! program cannot learn its namespace on the kernels we support). Ids are not reused, so a stale
-//! program can never count into someone else's entry.
+//! A slot is a random non-zero 32-bit id the loader picks per attachment (ifindex alone cannot
+//! be the key: it repeats across namespaces, and the program cannot learn its namespace on the
+//! kernels we support). What is attached to an interface is a pair of eight-instruction entry
+//! programs (`entry.rs`) that pass the slot to the counting programs in `skb->cb` through a tail
+//! call. Ids are not reused, so a stale entry program can never count into someone else's entry.
 //!
-//! Both maps and the attachments themselves live in the kernel, not in this process: after a
+//! The maps and the attachments themselves live in the kernel, not in this process: after a
 //! plugin restart, [`Counters::open`] finds the registry again, drops records whose interface
 //! is gone ([`Counters::sweep`]), and [`Counters::attach`] (or [`Counters::adopt`]) returns the
 //! existing attachment for a live interface, whose counters simply continue.
