@@ -427,15 +427,15 @@ fn create_and_count(
         .map_err(CreateError::Link)?;
     let link_time = started.elapsed();
     let started = Instant::now();
-    // Each attach loads and verifies its programs, CPU-bound work that the interfaces of one pod
-    // can share out across cores.
+    // Each attach enters the pod's namespace on a thread of its own and waits for netlink; the
+    // interfaces of one pod attach in parallel.
     let attachments = match counters {
         Some(c) => std::thread::scope(|scope| {
             let handles: Vec<_> = interfaces
                 .iter()
                 .map(|l| {
                     let c = &c;
-                    scope.spawn(move || c.attach(target, &l.name))
+                    scope.spawn(move || c.attach_index(target, &l.name, l.index))
                 })
                 .collect();
             handles

@@ -446,6 +446,21 @@ fn ebpf_errors_explain_themselves() {
         .attach(&Netns::Path("/run/netns/does-not-exist".into()), "vcan0")
         .expect_err("no such namespace");
     assert!(err.to_string().contains("does not exist"), "{err}");
+    // A caller-supplied index that is not the interface's: refused, and nothing left behind.
+    let index = vcan(&fx, "vcan0");
+    let err = counters
+        .attach_index(&netns_of(&fx), "vcan0", index + 7)
+        .expect_err("wrong index");
+    assert!(
+        err.to_string()
+            .contains("the interface changed while attaching"),
+        "{err}"
+    );
+    assert_eq!(counters.map_entries(), (0, 0), "a refused attach leaked");
+    let att = counters
+        .attach_index(&netns_of(&fx), "vcan0", index)
+        .expect("the right index attaches");
+    counters.detach(&att).expect("detach");
     let err = Counters::open(&Config {
         bpffs_dir: "/tmp/not-bpffs/vcan".into(),
         mode: None,

@@ -499,7 +499,18 @@ impl Counters {
 
     /// The namespace inode and interface index of `ifname` in `ns`.
     fn identify(&self, ns: &Netns, ifname: &str) -> Result<IfKey, EbpfError> {
-        let ino = netns::inode(&ns.path()).map_err(|e| {
+        let ino = Self::netns_inode(ns)?;
+        let link = Links::open(ns)?
+            .get(ifname)?
+            .ok_or_else(|| EbpfError::InterfaceNotFound {
+                ifname: ifname.to_string(),
+                ns: ns.to_string(),
+            })?;
+        Ok((ino, link.index))
+    }
+
+    fn netns_inode(ns: &Netns) -> Result<u64, EbpfError> {
+        netns::inode(&ns.path()).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 EbpfError::Netns(NetnsError::NotFound(ns.to_string()))
             } else {
@@ -508,14 +519,7 @@ impl Counters {
                     source: e,
                 })
             }
-        })?;
-        let link = Links::open(ns)?
-            .get(ifname)?
-            .ok_or_else(|| EbpfError::InterfaceNotFound {
-                ifname: ifname.to_string(),
-                ns: ns.to_string(),
-            })?;
-        Ok((ino, link.index))
+        })
     }
 
     /// A live registered attachment for `key`; dead ones found on the way are released.
@@ -559,6 +563,23 @@ impl Counters {
     /// harmless and never resets counters.
     pub fn attach(&self, ns: &Netns, ifname: &str) -> Result<Attachment, EbpfError> {
         let key = self.identify(ns, ifname)?;
+        self.attach_key(ns, ifname, key)
+    }
+
+    /// [`Counters::attach`] for an interface whose index the caller already knows, e.g. from
+    /// creating it: saves entering the namespace once more to look it up. The attach checks,
+    /// inside the namespace, that `ifname` still has index `ifindex`, and fails otherwise.
+    pub fn attach_index(
+        &self,
+        ns: &Netns,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<Attachment, EbpfError> {
+        let key = (Self::netns_inode(ns)?, ifindex);
+        self.attach_key(ns, ifname, key)
+    }
+
+    fn attach_key(&self, ns: &Netns, ifname: &str, key: IfKey) -> Result<Attachment, EbpfError> {
         let slot = {
             let mut inner = self.lock_idle(key);
             if let Some(existing) = self.adopt_locked(&mut inner, ns, key)? {
