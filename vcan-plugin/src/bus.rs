@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
@@ -386,12 +386,24 @@ pub struct Bus {
     ns_path: PathBuf,
     /// Members by sandbox ID. Held only for map updates.
     members: Mutex<HashMap<String, Member>>,
-    /// Serialises joins, leaves and namespace removal of this bus (one member's rules are
-    /// computed from the others', so two joins must not interleave). Other buses and private pods
-    /// never wait on it.
-    changes: tokio::sync::Mutex<()>,
-    /// Counters of rules deleted with members that left, so the bus totals never go down.
-    retired: Mutex<(u64, u64)>,
+    /// Held shared by joins while they use the namespace, exclusively to remove it.
+    namespace: tokio::sync::RwLock<()>,
+    /// Serialises the rule changes of joins and leaves: a member's rules are computed from the
+    /// others', so two joins must not interleave there. Pair creation and counter attachment, the
+    /// slow parts of a join, run outside it; other buses and private pods never wait on it.
+    rules: tokio::sync::Mutex<()>,
+    /// Serialises creating the namespace (two joins must not mount two namespaces on one file).
+    creating: Mutex<()>,
+    /// Counters of the rules as last read, and the sums of rules since deleted, so the bus
+    /// totals do not go down when members leave.
+    counted: Mutex<Counted>,
+}
+
+/// See [`Bus::stats`].
+#[derive(Debug, Default)]
+struct Counted {
+    last_seen: HashMap<Rule, (u64, u64)>,
+    retired: (u64, u64),
 }
 
 /// The rules that deliver frames from `src` to `dst`: one per filter of `dst` (or one without a
@@ -426,8 +438,10 @@ impl Bus {
             ns_path: state_dir.join("buses").join(&spec.name),
             spec,
             members: Mutex::new(HashMap::new()),
-            changes: tokio::sync::Mutex::new(()),
-            retired: Mutex::new((0, 0)),
+            namespace: tokio::sync::RwLock::new(()),
+            rules: tokio::sync::Mutex::new(()),
+            creating: Mutex::new(()),
+            counted: Mutex::new(Counted::default()),
         })
     }
 
@@ -461,11 +475,6 @@ impl Bus {
         members
     }
 
-    /// Takes the bus's change lock; join and leave expect it held.
-    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.changes.lock().await
-    }
-
     fn gateway_error(&self, source: GatewayError) -> BusError {
         BusError::Gateway {
             bus: self.spec.name.clone(),
@@ -491,36 +500,29 @@ impl Bus {
             .collect())
     }
 
-    /// Makes the pod in `pod_ns` a member (blocking; call with [`Bus::lock`] held): ensures the
-    /// bus namespace, the vxcan pair and the rules between it and every other member. Repeating it
-    /// changes nothing, so a restarted plugin adopts members with it without interrupting traffic.
-    pub fn join(
-        &self,
+    /// Makes the pod in `pod_ns` a member: ensures the bus namespace, the vxcan pair (pod end
+    /// `config.interface`, bus end `bus_end`) and the rules between it and every other member, all
+    /// in place on return. Repeating it changes nothing, so a restarted plugin adopts members with
+    /// it without interrupting traffic.
+    pub async fn join(
+        self: &Arc<Self>,
         pod: &PodRef,
         sandbox: &str,
         pod_ns: &Netns,
         bus_end: &str,
         config: &MemberConfig,
     ) -> Result<VxcanPair, BusError> {
-        let ns = self.ns();
-        netns::create_persistent(&self.ns_path).map_err(|source| BusError::Namespace {
-            bus: self.spec.name.clone(),
-            ns: ns.to_string(),
-            source,
-        })?;
-        let pair = vxcan::ensure(
-            pod_ns,
-            &ns,
-            &VxcanSpec {
-                name: config.interface.clone(),
-                peer_name: bus_end.to_string(),
-                mtu: self.spec.mtu(),
-            },
-        )
-        .map_err(|source| BusError::Vxcan {
-            bus: self.spec.name.clone(),
-            source,
-        })?;
+        let _namespace = self.namespace.read().await;
+        let pair = {
+            let (bus, pod_ns, bus_end, interface) = (
+                self.clone(),
+                pod_ns.clone(),
+                bus_end.to_string(),
+                config.interface.clone(),
+            );
+            self.blocking(move || bus.make_pair(&pod_ns, &bus_end, &interface))
+                .await??
+        };
         let me = Member {
             pod: pod.clone(),
             sandbox: sandbox.to_string(),
@@ -528,12 +530,65 @@ impl Bus {
             bus_index: pair.peer_index,
             filters: config.filters.clone(),
         };
+        let _rules = self.rules.lock().await;
+        let bus = self.clone();
+        self.blocking(move || bus.connect(me)).await??;
+        Ok(pair)
+    }
+
+    /// Runs blocking namespace work off the async runtime.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, BusError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| BusError::Namespace {
+                bus: self.spec.name.clone(),
+                ns: self.ns_path.display().to_string(),
+                source: NetnsError::Thread(e.to_string()),
+            })
+    }
+
+    /// The namespace (made if missing) and the member's pair in it.
+    fn make_pair(
+        &self,
+        pod_ns: &Netns,
+        bus_end: &str,
+        interface: &str,
+    ) -> Result<VxcanPair, BusError> {
+        let ns = self.ns();
+        {
+            let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            netns::create_persistent(&self.ns_path).map_err(|source| BusError::Namespace {
+                bus: self.spec.name.clone(),
+                ns: ns.to_string(),
+                source,
+            })?;
+        }
+        vxcan::ensure(
+            pod_ns,
+            &ns,
+            &VxcanSpec {
+                name: interface.to_string(),
+                peer_name: bus_end.to_string(),
+                mtu: self.spec.mtu(),
+            },
+        )
+        .map_err(|source| BusError::Vxcan {
+            bus: self.spec.name.clone(),
+            source,
+        })
+    }
+
+    /// Adds the rules between `me` and every other member and records `me` (with the rules lock).
+    fn connect(&self, me: Member) -> Result<(), BusError> {
         // Members whose bus end is gone (their pod went away, not yet reconciled) get no rules.
         let present = self.bus_ends()?;
         let others: Vec<Member> = self
             .lock_members()
             .values()
-            .filter(|m| m.sandbox != sandbox && present.get(&m.bus_end) == Some(&m.bus_index))
+            .filter(|m| m.sandbox != me.sandbox && present.get(&m.bus_end) == Some(&m.bus_index))
             .cloned()
             .collect();
         let mut rules = Vec::new();
@@ -541,17 +596,37 @@ impl Bus {
             rules.extend(rules_between(&me, other, self.spec.mtu()));
             rules.extend(rules_between(other, &me, self.spec.mtu()));
         }
-        let mut gw = Gateway::open(&ns).map_err(|e| self.gateway_error(e))?;
+        let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
         let added = gw.add_missing(&rules).map_err(|e| self.gateway_error(e))?;
-        tracing::debug!(bus = %self.spec.name, %pod, bus_end, added, "member joined");
-        self.lock_members().insert(sandbox.to_string(), me);
-        Ok(pair)
+        tracing::debug!(bus = %self.spec.name, pod = %me.pod, bus_end = %me.bus_end, added, "member joined");
+        self.lock_members().insert(me.sandbox.clone(), me);
+        Ok(())
     }
 
-    /// Removes the member of sandbox `sandbox` (blocking; call with [`Bus::lock`] held): its rules
-    /// and its pair, if they are still there, and the bus namespace once no member is left.
-    /// Returns the member, if it was one.
-    pub fn leave(&self, sandbox: &str) -> Result<Option<Member>, BusError> {
+    /// Removes the members of `sandboxes` — their rules and pairs, if still there — and then the
+    /// bus namespace if no member is left. Returns the members that were removed.
+    pub async fn leave(self: &Arc<Self>, sandboxes: Vec<String>) -> Result<Vec<Member>, BusError> {
+        let left = {
+            let _rules = self.rules.lock().await;
+            let bus = self.clone();
+            self.blocking(move || {
+                let mut left = Vec::new();
+                for sandbox in &sandboxes {
+                    if let Some(m) = bus.leave_one(sandbox)? {
+                        left.push(m);
+                    }
+                }
+                Ok::<_, BusError>(left)
+            })
+            .await??
+        };
+        let _namespace = self.namespace.write().await;
+        let bus = self.clone();
+        self.blocking(move || bus.remove_if_unused()).await??;
+        Ok(left)
+    }
+
+    fn leave_one(&self, sandbox: &str) -> Result<Option<Member>, BusError> {
         let Some(member) = self.lock_members().remove(sandbox) else {
             return Ok(None);
         };
@@ -562,7 +637,9 @@ impl Bus {
             let ends = self.bus_ends()?;
             if ends.get(&member.bus_end) == Some(&member.bus_index) {
                 let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
-                self.retire_counters(&mut gw, member.bus_index)?;
+                // The final counts of the rules about to go, for the bus totals.
+                let listed = gw.list().map_err(|e| self.gateway_error(e))?;
+                self.note_counters(&listed, false);
                 gw.delete_interface(member.bus_index)
                     .map_err(|e| self.gateway_error(e))?;
                 vxcan::delete(&self.ns(), &member.bus_end).map_err(|source| BusError::Vxcan {
@@ -571,30 +648,44 @@ impl Bus {
                 })?;
             }
         }
-        self.remove_if_unused()?;
         Ok(Some(member))
     }
 
-    /// Keeps the counters of the rules about to be deleted with the member at `index`.
-    fn retire_counters(&self, gw: &mut Gateway, index: u32) -> Result<(), BusError> {
-        let (mut forwarded, mut dropped) = (0, 0);
-        for listed in gw.list().map_err(|e| self.gateway_error(e))? {
-            if !listed.foreign
-                && (listed.rule.src_ifindex == index || listed.rule.dst_ifindex == index)
-            {
-                forwarded += u64::from(listed.counters.handled);
-                dropped += u64::from(listed.counters.dropped);
+    /// Records the rules' counters as read now. With `complete`, `listed` is every rule of the
+    /// bus, and rules seen before but missing now (deleted, by the plugin or by the kernel with
+    /// their interface) have their last counts added to the retired sums.
+    fn note_counters(&self, listed: &[crate::cangw::ListedRule], complete: bool) {
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        let now: HashMap<Rule, (u64, u64)> = listed
+            .iter()
+            .filter(|l| !l.foreign)
+            .map(|l| {
+                (
+                    l.rule,
+                    (u64::from(l.counters.handled), u64::from(l.counters.dropped)),
+                )
+            })
+            .collect();
+        if complete {
+            let gone: Vec<(u64, u64)> = counted
+                .last_seen
+                .iter()
+                .filter(|(rule, _)| !now.contains_key(rule))
+                .map(|(_, c)| *c)
+                .collect();
+            for (forwarded, dropped) in gone {
+                counted.retired.0 += forwarded;
+                counted.retired.1 += dropped;
             }
+            counted.last_seen = now;
+        } else {
+            counted.last_seen.extend(now);
         }
-        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        retired.0 += forwarded;
-        retired.1 += dropped;
-        Ok(())
     }
 
     /// Destroys the bus namespace if no member is known and no bus end is left in it (blocking;
-    /// call with [`Bus::lock`] held). Returns whether it did.
-    pub fn remove_if_unused(&self) -> Result<bool, BusError> {
+    /// joins must not be using the namespace). Returns whether it did.
+    fn remove_if_unused(&self) -> Result<bool, BusError> {
         if !self.lock_members().is_empty() || !self.ns_path.exists() {
             return Ok(false);
         }
@@ -616,29 +707,32 @@ impl Bus {
         Ok(removed)
     }
 
-    /// Members and can-gw's counters, read now (blocking). Counters of rules deleted with members
-    /// that left this process's watch are included; those deleted by the kernel (a member's pod
-    /// went away before the plugin noticed) or before a plugin restart are lost.
+    /// Members and can-gw's counters, read now (blocking).
+    ///
+    /// can-gw keeps counters per rule, and a rule's counters go with it when a member leaves. The
+    /// totals therefore add the last counts read of every rule since deleted (read at each call and
+    /// just before the plugin deletes a member's rules), so they only go down when the plugin
+    /// restarts or a member's pod goes away between a scrape and its last frames (Prometheus
+    /// takes a decrease for a counter reset). The kernel's counters are 32 bits wide.
     pub fn stats(&self) -> Result<BusStats, BusError> {
-        let (retired_forwarded, retired_dropped) =
-            *self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let listed = if self.ns_path.exists() {
+            let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
+            gw.list().map_err(|e| self.gateway_error(e))?
+        } else {
+            Vec::new()
+        };
+        self.note_counters(&listed, true);
+        let counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
         let mut stats = BusStats {
             members: self.lock_members().len(),
-            forwarded: retired_forwarded,
-            dropped: retired_dropped,
+            forwarded: counted.retired.0,
+            dropped: counted.retired.1,
             rules: 0,
         };
-        if !self.ns_path.exists() {
-            return Ok(stats);
-        }
-        let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
-        for listed in gw.list().map_err(|e| self.gateway_error(e))? {
-            if listed.foreign {
-                continue;
-            }
+        for (forwarded, dropped) in counted.last_seen.values() {
             stats.rules += 1;
-            stats.forwarded += u64::from(listed.counters.handled);
-            stats.dropped += u64::from(listed.counters.dropped);
+            stats.forwarded += forwarded;
+            stats.dropped += dropped;
         }
         Ok(stats)
     }

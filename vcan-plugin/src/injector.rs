@@ -369,12 +369,6 @@ impl Injector {
                     source: Box::new(source),
                 });
             }
-            Err(CreateError::Bus(source)) => {
-                return Err(InjectError::Bus {
-                    pod: owner.pod.clone(),
-                    source,
-                });
-            }
         };
 
         let served = ServedPod {
@@ -413,45 +407,34 @@ impl Injector {
             .ok_or_else(|| {
                 InjectError::InvalidIds(format!("no device of {} for pod {pod}", self.resource))
             })?;
-        let guard_owner = bus.clone();
-        let _changes = guard_owner.lock().await;
         let started = Instant::now();
         let target = Netns::Path(netns.clone());
-        let counters = self.counters.clone();
-        let (joined_pod, sandbox_id) = (pod.clone(), sandbox.id.clone());
-        let joined = tokio::task::spawn_blocking(move || {
-            let pair = bus
-                .join(&joined_pod, &sandbox_id, &target, &bus_end, &config)
-                .map_err(|e| CreateError::Bus(Box::new(e)))?;
-            let link_time = started.elapsed();
-            let attachment = counters
-                .map(|c| c.attach(&target, &pair.name))
-                .transpose()
-                .map_err(CreateError::Counters)?;
-            Ok::<_, CreateError>((pair, attachment, link_time))
-        })
-        .await
-        .map_err(|e| InjectError::Link {
-            pod: pod.clone(),
-            source: Box::new(LinkError::Netns(crate::netns::NetnsError::Thread(
-                e.to_string(),
-            ))),
-        })?;
-        let (pair, attachment, link_time) = match joined {
-            Ok(j) => j,
-            Err(CreateError::Bus(source)) => return Err(InjectError::Bus { pod, source }),
-            Err(CreateError::Counters(source)) => {
-                return Err(InjectError::Counters {
-                    pod,
+        let pair = bus
+            .join(&pod, &sandbox.id, &target, &bus_end, &config)
+            .await
+            .map_err(|source| InjectError::Bus {
+                pod: pod.clone(),
+                source: Box::new(source),
+            })?;
+        let link_time = started.elapsed();
+        let attachment = match self.counters.clone() {
+            Some(counters) => {
+                let ifname = pair.name.clone();
+                let attached =
+                    tokio::task::spawn_blocking(move || counters.attach(&target, &ifname))
+                        .await
+                        .map_err(|e| EbpfError::Attach {
+                            ifname: pair.name.clone(),
+                            ns: netns.display().to_string(),
+                            detail: format!("the attaching thread failed: {e}"),
+                        })
+                        .and_then(|r| r);
+                Some(attached.map_err(|source| InjectError::Counters {
+                    pod: pod.clone(),
                     source: Box::new(source),
-                });
+                })?)
             }
-            Err(CreateError::Link(source)) => {
-                return Err(InjectError::Link {
-                    pod,
-                    source: Box::new(source),
-                });
-            }
+            None => None,
         };
         timings.link_creation = link_time;
         timings.bpf_attach = started.elapsed().saturating_sub(link_time);
@@ -524,25 +507,18 @@ impl Injector {
                 .collect();
             ids.iter().filter_map(|id| served.remove(id)).collect()
         };
-        if let Some(bus) = self.bus.clone() {
-            let guard_owner = bus.clone();
-            let _changes = guard_owner.lock().await;
+        if let Some(bus) = &self.bus {
             let sandboxes: Vec<String> = gone.iter().map(|p| p.sandbox.clone()).collect();
-            let _ = tokio::task::spawn_blocking(move || {
-                for sandbox in &sandboxes {
-                    match bus.leave(sandbox) {
-                        Ok(Some(m)) => {
-                            tracing::info!(bus = %bus.spec().name, pod = %m.pod, "member left the bus");
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e, "leaving the bus failed"),
+            // Also run with no one gone: it removes a namespace left without members, e.g. by
+            // members deleted while the plugin was down.
+            match bus.leave(sandboxes).await {
+                Ok(left) => {
+                    for m in left {
+                        tracing::info!(bus = %bus.spec().name, pod = %m.pod, "member left the bus");
                     }
                 }
-                if let Err(e) = bus.remove_if_unused() {
-                    tracing::warn!(error = %e, "removing the unused bus namespace failed");
-                }
-            })
-            .await;
+                Err(e) => tracing::warn!(error = %e, "leaving the bus failed"),
+            }
         }
         if let Some(counters) = self.counters.clone() {
             let attachments: Vec<Attachment> =
@@ -575,7 +551,6 @@ struct Created {
 enum CreateError {
     Link(LinkError),
     Counters(EbpfError),
-    Bus(Box<BusError>),
 }
 
 /// Creates `specs` in `target` and attaches the counters to each; blocking.

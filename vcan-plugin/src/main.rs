@@ -10,13 +10,13 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use vcan_plugin::bus::{self, Bus};
+use vcan_plugin::bus::{self, Bus, BusStats};
 use vcan_plugin::config::{Config, LogFormat};
 use vcan_plugin::ebpf::{self, Counters};
 use vcan_plugin::health::{self, Health};
 use vcan_plugin::injector::Injector;
 use vcan_plugin::kubelet::registration::Registrar;
-use vcan_plugin::metrics::{self, Metrics, Snapshot, StateSource, TrafficSample};
+use vcan_plugin::metrics::{self, BusSample, Metrics, Snapshot, StateSource, TrafficSample};
 use vcan_plugin::podresources::PodResources;
 use vcan_plugin::resource::DeviceSet;
 use vcan_plugin::runtime::{self, CriRuntime};
@@ -65,6 +65,31 @@ impl Live {
     }
 }
 
+impl Live {
+    /// Every bus's members and can-gw counters, read now.
+    fn buses(&self) -> Vec<BusSample> {
+        self.buses
+            .iter()
+            .filter_map(|i| i.bus())
+            .map(|bus| {
+                let stats = bus.stats().unwrap_or_else(|e| {
+                    tracing::debug!(bus = %bus.spec().name, error = %e, "reading bus counters failed");
+                    BusStats {
+                        members: bus.members().len(),
+                        ..BusStats::default()
+                    }
+                });
+                BusSample {
+                    bus: bus.spec().name.clone(),
+                    members: stats.members,
+                    forwarded: stats.forwarded,
+                    dropped: stats.dropped,
+                }
+            })
+            .collect()
+    }
+}
+
 impl StateSource for Live {
     fn snapshot(&self) -> Snapshot {
         let devices = self.injector.devices().len();
@@ -77,6 +102,7 @@ impl StateSource for Live {
             registered: self.registered.iter().all(|r| r.load(Ordering::SeqCst)),
             vcan_supported: supported,
             traffic: self.traffic(),
+            buses: self.buses(),
         }
     }
 

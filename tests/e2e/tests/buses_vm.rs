@@ -50,21 +50,13 @@ fn bus_config() -> PathBuf {
     path
 }
 
-/// A member pod whose container dumps the first `frames` frames of `ifname` and exits.
+/// A member pod whose container dumps the first `frames` frames of `ifname` and exits with
+/// candump's status. It lingers a little after candump so that a `cansend` exec'd into the same
+/// container, whose echo may be the last frame awaited, is not killed with the container.
 fn listener(name: &str, resource: &str, frames: usize, ifname: &str) -> PodSpec {
-    let mut c = ContainerSpec::new(
-        "app",
-        CANUTILS_IMAGE,
-        [
-            "timeout",
-            DUMP_TIMEOUT,
-            "candump",
-            "-L",
-            "-n",
-            &frames.to_string(),
-            ifname,
-        ],
-    );
+    let script =
+        format!("timeout {DUMP_TIMEOUT} candump -L -n {frames} {ifname}; rc=$?; sleep 3; exit $rc");
+    let mut c = ContainerSpec::new("app", CANUTILS_IMAGE, ["sh", "-c", &script]);
     if resource == vcan_e2e::env::RESOURCE {
         c.vcan = 1;
     } else {
@@ -262,7 +254,7 @@ async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> Re
 async fn pods_share_buses_that_deliver_each_frame_once_to_every_other_member() {
     require_testbed();
     let config = bus_config();
-    let t = TestNode::start_with(
+    let mut t = TestNode::start_with(
         4,
         "127.0.0.1:9725",
         vec![
@@ -279,6 +271,16 @@ async fn pods_share_buses_that_deliver_each_frame_once_to_every_other_member() {
 
     three_on_a_one_on_b_and_a_private_pod(&t).await;
     a_classic_bus_refuses_fd_frames(&t).await;
+    a_member_with_filters_receives_only_matching_ids(&t).await;
+    a_plugin_restart_loses_no_frame_between_members(&mut t).await;
+    thirty_two_members_all_receive_one_frame(&t).await;
+}
+
+/// The value of the metric line starting with `series` (name and labels, exactly).
+fn metric(t: &TestNode, series: &str) -> Option<f64> {
+    let (_, body) = t.plugin.http_get("/metrics").expect("metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
 /// A1, A2, A3 on bus A, B1 on bus B, P1 with a private vcan. A1's classic and FD frames reach A2
@@ -319,6 +321,32 @@ async fn three_on_a_one_on_b_and_a_private_pod(t: &TestNode) {
     assert_eq!(dumped(t, &p1).await, ["vcan0 0C1#C1"]);
     println!("bus a: A1's classic and FD frames reached A2 and A3 once, B1 and P1 never");
 
+    // Per bus: members and can-gw's counters (3 frames, each forwarded to 2 members); per member:
+    // the eBPF counters of its interface.
+    assert_eq!(metric(t, "vcan_plugin_bus_members{bus=\"a\"}"), Some(3.0));
+    assert_eq!(metric(t, "vcan_plugin_bus_members{bus=\"b\"}"), Some(1.0));
+    assert_eq!(
+        metric(t, "vcan_plugin_bus_frames_forwarded_total{bus=\"a\"}"),
+        Some(6.0)
+    );
+    assert_eq!(
+        metric(t, "vcan_plugin_bus_frames_dropped_total{bus=\"a\"}"),
+        Some(0.0)
+    );
+    for kind in ["classic", "fd_brs"] {
+        assert_eq!(
+            metric(
+                t,
+                &format!(
+                    "vcan_plugin_can_frames_total{{direction=\"tx\",kind=\"{kind}\",\
+                     interface=\"can0\",namespace=\"default\",pod=\"a1\"}}"
+                )
+            ),
+            Some(1.0),
+            "a1 {kind}"
+        );
+    }
+
     // The rules are exactly the plugin's full mesh, as can-utils reads them.
     let ends: Vec<String> = a.iter().map(|p| bus_end(p, BUS_A)).collect();
     assert_eq!(bus_ends("a"), ends.iter().cloned().collect::<BTreeSet<_>>());
@@ -338,6 +366,18 @@ async fn three_on_a_one_on_b_and_a_private_pod(t: &TestNode) {
     })
     .await;
     println!("a3 deleted: its bus end and its rules are gone, 4 rules remain");
+    eventually(
+        "counts survive a3 leaving",
+        Duration::from_secs(20),
+        || match metric(t, "vcan_plugin_bus_frames_forwarded_total{bus=\"a\"}") {
+            Some(6.0) => match metric(t, "vcan_plugin_bus_members{bus=\"a\"}") {
+                Some(2.0) => Ok(()),
+                other => Err(format!("members {other:?}")),
+            },
+            other => Err(format!("forwarded {other:?}")),
+        },
+    )
+    .await;
 
     // The bus namespace goes away with its last member, and comes back with the next one.
     for pod in a.iter().take(2).chain([&b1, &p1]) {
@@ -382,6 +422,140 @@ async fn a_classic_bus_refuses_fd_frames(t: &TestNode) {
     let ends = vec![bus_end(&c1, BUS_C), bus_end(&c2, BUS_C)];
     assert_eq!(cangw_rules("c"), mesh(&ends, false));
     for pod in [&c1, &c2] {
+        t.node.delete_pod(pod).await.expect("delete");
+    }
+}
+
+/// F1 filters for 123:7FF and 200:700; F2 sends a mix; F3 (no filter) gets everything.
+async fn a_member_with_filters_receives_only_matching_ids(t: &TestNode) {
+    let mut f1 = listener("f1", BUS_A, 3, "can0");
+    f1.annotations
+        .insert("socketcan.io/filter".into(), "123:7FF, 200:700".into());
+    let f1 = start(t, &f1).await;
+    let f2 = start(t, &listener("f2", BUS_A, 6, "can0")).await;
+    let f3 = start(t, &listener("f3", BUS_A, 6, "can0")).await;
+    for pod in [&f1, &f2, &f3] {
+        wait_bound(t, pod, "can0").await;
+    }
+    let sent = [
+        "123#01",
+        "124#02",
+        "2AB#03",
+        "00000123#04",
+        "300#05",
+        "2FF#FF",
+    ];
+    for frame in sent {
+        send_ok(t, &f2, frame).await;
+    }
+    let all: Vec<String> = sent.iter().map(|f| format!("can0 {f}")).collect();
+    assert_eq!(dumped(t, &f3).await, all);
+    assert_eq!(dumped(t, &f2).await, all);
+    assert_eq!(
+        dumped(t, &f1).await,
+        ["can0 123#01", "can0 2AB#03", "can0 2FF#FF"]
+    );
+    // Two filters × two senders × classic and FD.
+    let f1_end = bus_end(&f1, BUS_A);
+    let filtered: Vec<RuleText> = cangw_rules("a")
+        .into_iter()
+        .filter(|r| r.1 == f1_end)
+        .collect();
+    assert_eq!(filtered.len(), 8, "{filtered:?}");
+    assert!(filtered.iter().all(|r| r.3.is_some()), "{filtered:?}");
+    println!("filtered member received only 123, 2AB and 2FF; rules: {filtered:?}");
+    for pod in [&f1, &f2, &f3] {
+        t.node.delete_pod(pod).await.expect("delete");
+    }
+}
+
+/// R1 sends 400 frames, 20 ms apart, to R2 while the plugin restarts: R2 gets every one, in order.
+/// After the restart a new member joins and the mesh is exactly the three members' rules.
+async fn a_plugin_restart_loses_no_frame_between_members(t: &mut TestNode) {
+    const FRAMES: usize = 400;
+    let mut sender = ContainerSpec::new("app", CANUTILS_IMAGE, ["sleep", "3600"]);
+    sender.resources = vec![(BUS_B.to_string(), 1)];
+    let mut r1 = PodSpec::new("default", "r1");
+    r1.containers = vec![sender];
+    let r1 = start(t, &r1).await;
+    let r2 = start(t, &listener("r2", BUS_B, FRAMES, "can0")).await;
+    wait_bound(t, &r2, "can0").await;
+
+    let TestNode { node, plugin, .. } = t;
+    let count = FRAMES.to_string();
+    let cangen = [
+        "cangen", "can0", "-g", "20", "-n", &count, "-I", "i", "-L", "1", "-D", "i",
+    ];
+    let traffic = node
+        .cri
+        .exec(r1.container("app"), &cangen, Duration::from_secs(120));
+    let restart = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        plugin.restart().expect("plugin restarts");
+    };
+    let (traffic, ()) = tokio::join!(traffic, restart);
+    let traffic = traffic.expect("cangen runs");
+    assert_eq!(traffic.exit_code, 0, "cangen: {}", traffic.stderr);
+    t.node
+        .kubelet
+        .wait_for_resource(BUS_B, 4, Duration::from_secs(30))
+        .await
+        .expect("restarted plugin registers the bus again");
+    let frames = dumped(t, &r2).await;
+    assert_eq!(frames.len(), FRAMES);
+    for (i, frame) in frames.iter().enumerate() {
+        let id = frame
+            .split_whitespace()
+            .nth(1)
+            .and_then(|f| f.split_once('#'))
+            .map(|(id, _)| id.to_string())
+            .unwrap_or_default();
+        assert_eq!(id, format!("{:03X}", i % 0x800), "frame {i}: {frame}");
+    }
+    assert!(
+        t.plugin
+            .log()
+            .contains("adopted running pods resource=socketcan.io/bus-b pods=2"),
+        "plugin log:\n{}",
+        t.plugin.log()
+    );
+    println!("{FRAMES} frames through bus b across a plugin restart, none lost");
+
+    let r3 = start(t, &listener("r3", BUS_B, 1, "can0")).await;
+    wait_bound(t, &r3, "can0").await;
+    send_ok(t, &r1, "0B3#03").await;
+    assert_eq!(dumped(t, &r3).await, ["can0 0B3#03"]);
+    let ends: Vec<String> = [&r1, &r2, &r3].iter().map(|p| bus_end(p, BUS_B)).collect();
+    assert_eq!(cangw_rules("b"), mesh(&ends, true));
+    for pod in [&r1, &r2, &r3] {
+        t.node.delete_pod(pod).await.expect("delete");
+    }
+}
+
+/// A full bus: 32 members, one frame from the first reaches the 31 others (and its own echo).
+async fn thirty_two_members_all_receive_one_frame(t: &TestNode) {
+    let started = Instant::now();
+    let specs: Vec<PodSpec> = (0..32)
+        .map(|i| listener(&format!("full-{i}"), BUS_A, 1, "can0"))
+        .collect();
+    // Sixteen at a time: joins run concurrently, but 32 pods starting at once under emulation
+    // leave the last PreStarts close to the kubelet's 30 s timeout, whatever the plugin does.
+    let mut pods: Vec<StartedPod> = Vec::new();
+    for batch in specs.chunks(16) {
+        pods.extend(futures::future::join_all(batch.iter().map(|s| start(t, s))).await);
+    }
+    println!("32 members started in {:?}", started.elapsed());
+    for pod in &pods {
+        wait_bound(t, pod, "can0").await;
+    }
+    assert_eq!(metric(t, "vcan_plugin_bus_members{bus=\"a\"}"), Some(32.0));
+    send_ok(t, &pods[0], "5A5#32").await;
+    for pod in &pods {
+        assert_eq!(dumped(t, pod).await, ["can0 5A5#32"], "{}", pod.spec.name);
+    }
+    assert_eq!(cangw_rules("a").len(), 32 * 31 * 2);
+    println!("32 members on one bus each received the frame once");
+    for pod in &pods {
         t.node.delete_pod(pod).await.expect("delete");
     }
 }
