@@ -230,7 +230,8 @@ async fn main() -> anyhow::Result<()> {
     // before a new member can join.
     for i in &all {
         match i.recover().await {
-            Ok(n) => tracing::info!(resource = %i.resource(), pods = n, "adopted running pods"),
+            // The pod count first: logs and tests read "adopted running pods pods=N".
+            Ok(n) => tracing::info!(pods = n, resource = %i.resource(), "adopted running pods"),
             Err(e) => tracing::warn!(error = %e, "could not adopt running pods yet"),
         }
     }

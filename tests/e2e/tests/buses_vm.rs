@@ -515,7 +515,7 @@ async fn a_plugin_restart_loses_no_frame_between_members(t: &mut TestNode) {
     assert!(
         t.plugin
             .log()
-            .contains("adopted running pods resource=socketcan.io/bus-b pods=2"),
+            .contains("adopted running pods pods=2 resource=socketcan.io/bus-b"),
         "plugin log:\n{}",
         t.plugin.log()
     );
