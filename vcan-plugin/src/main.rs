@@ -219,6 +219,15 @@ async fn main() -> anyhow::Result<()> {
             None => injector,
         }));
     }
+    if !bus_injectors.is_empty() {
+        // Buses need can-gw (never loaded on demand) and vxcan; say so at start rather than at
+        // the first member's PreStart. The probe changes nothing.
+        let own = vcan_plugin::netns::Netns::Pid(std::process::id());
+        match tokio::task::spawn_blocking(move || vcan_plugin::cangw::Gateway::open(&own)).await? {
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "shared buses cannot forward frames"),
+        }
+    }
     let all: Vec<Arc<Injector>> = std::iter::once(injector.clone())
         .chain(bus_injectors.iter().cloned())
         .collect();

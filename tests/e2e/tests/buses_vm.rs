@@ -415,7 +415,27 @@ async fn a_classic_bus_refuses_fd_frames(t: &TestNode) {
     assert_eq!(mtu.stdout, "16\n");
     let (code, out) = send(t, &c1, "can0", FD).await;
     assert_ne!(code, 0, "an FD frame on a classic bus must fail: {out}");
-    println!("FD frame on the classic bus refused: {}", out.trim());
+    println!(
+        "FD frame on the classic bus refused by cansend: {}",
+        out.trim()
+    );
+    // cansend checks the MTU itself; the kernel refuses the write just the same.
+    let ns = t
+        .node
+        .cri
+        .netns_path(&c1.sandbox)
+        .await
+        .expect("sandbox status")
+        .expect("netns");
+    let refused = tokio::task::spawn_blocking(move || write_fd_frame(&ns))
+        .await
+        .expect("writer");
+    assert_eq!(
+        refused.raw_os_error(),
+        Some(libc::EINVAL),
+        "writing an FD frame to a classic-only member: {refused}"
+    );
+    println!("the kernel refuses an FD frame on the classic bus: {refused}");
     send_ok(t, &c1, CLASSIC).await;
     assert_eq!(dumped(t, &c2).await, [CLASSIC_SEEN]);
     assert_eq!(dumped(t, &c1).await, [CLASSIC_SEEN]);
@@ -558,4 +578,55 @@ async fn thirty_two_members_all_receive_one_frame(t: &TestNode) {
     for pod in &pods {
         t.node.delete_pod(pod).await.expect("delete");
     }
+}
+
+/// Writes one CAN FD frame from a CAN_RAW socket with FD frames enabled, bound to `can0` in the
+/// namespace `ns`; returns the write's error (or an error saying it succeeded).
+fn write_fd_frame(ns: &Path) -> std::io::Error {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const AF_CAN: i32 = 29;
+    const CAN_RAW: i32 = 1;
+    const SOL_CAN_RAW: i32 = 101;
+    const CAN_RAW_FD_FRAMES: i32 = 5;
+    let result = vcan_plugin::netns::run(
+        &vcan_plugin::netns::Netns::Path(ns.to_path_buf()),
+        || -> std::io::Error {
+            // SAFETY: socket calls on a fresh fd with buffers of the sizes passed.
+            unsafe {
+                let raw = libc::socket(AF_CAN, libc::SOCK_RAW, CAN_RAW);
+                if raw < 0 {
+                    return std::io::Error::last_os_error();
+                }
+                let fd = OwnedFd::from_raw_fd(raw);
+                let on: libc::c_int = 1;
+                if libc::setsockopt(
+                    fd.as_raw_fd(),
+                    SOL_CAN_RAW,
+                    CAN_RAW_FD_FRAMES,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                ) != 0
+                {
+                    return std::io::Error::last_os_error();
+                }
+                let ifindex = libc::if_nametoindex(c"can0".as_ptr());
+                // struct sockaddr_can: family, padding, ifindex, 16 bytes of addresses.
+                let mut addr = [0u8; 24];
+                addr[..2].copy_from_slice(&(AF_CAN as u16).to_ne_bytes());
+                addr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+                if libc::bind(fd.as_raw_fd(), addr.as_ptr().cast(), 24) != 0 {
+                    return std::io::Error::last_os_error();
+                }
+                // struct canfd_frame (CANFD_MTU, 72 bytes): id 0x123, 8 data bytes.
+                let mut frame = [0u8; 72];
+                frame[..4].copy_from_slice(&0x123u32.to_ne_bytes());
+                frame[4] = 8;
+                if libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) < 0 {
+                    return std::io::Error::last_os_error();
+                }
+                std::io::Error::other("the kernel accepted the FD frame")
+            }
+        },
+    );
+    result.unwrap_or_else(std::io::Error::other)
 }
