@@ -647,6 +647,7 @@ fn scrape(
         registered: true,
         vcan_supported: true,
         traffic,
+        buses: Vec::new(),
     };
     let t2 = Instant::now();
     let text = metrics.render(&snapshot);

@@ -462,6 +462,33 @@ impl Gateway {
         Ok(true)
     }
 
+    /// Adds each of `rules` that has no identical rule yet, listing the namespace's rules once
+    /// rather than once per rule (a member joining a bus of n adds 2·(n−1) rules or more); returns
+    /// how many were added.
+    pub fn add_missing(&mut self, rules: &[Rule]) -> Result<usize, GatewayError> {
+        let _serial = CHANGES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let existing: Vec<Rule> = self
+            .list()?
+            .into_iter()
+            .filter(|l| !l.foreign)
+            .map(|l| l.rule)
+            .collect();
+        let mut added: Vec<Rule> = Vec::new();
+        for rule in rules {
+            if existing.iter().chain(&added).any(|r| r.same_as(rule)) {
+                continue;
+            }
+            let mut msg = rule_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_ACK, rule);
+            self.sock.transact(&mut msg).map_err(|e| {
+                self.error(format!("adding CAN gateway rule {rule}"), e, Some(rule))
+            })?;
+            added.push(*rule);
+        }
+        Ok(added.len())
+    }
+
     /// Deletes every rule identical to `rule`; returns whether there was one.
     pub fn delete(&mut self, rule: &Rule) -> Result<bool, GatewayError> {
         let _serial = CHANGES

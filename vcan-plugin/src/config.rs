@@ -58,6 +58,18 @@ pub struct Config {
     )]
     pub bpffs_dir: PathBuf,
 
+    /// Shared CAN buses between pods (JSON or YAML file), e.g.
+    /// {"buses":[{"name":"powertrain","fd":true,"members":32,"interface":"can0"}]}. Each bus is
+    /// its own resource, <domain>/bus-<name>. Without it only private vcans are served.
+    #[arg(long, env = "VCAN_BUS_CONFIG")]
+    pub bus_config: Option<PathBuf>,
+
+    /// Directory for state that must outlive the plugin: the buses' network namespaces are
+    /// bind-mounted under <state-dir>/buses/. Must be a host directory with Bidirectional mount
+    /// propagation when the plugin runs in a container.
+    #[arg(long, env = "VCAN_STATE_DIR", default_value = "/run/vcan-plugin")]
+    pub state_dir: PathBuf,
+
     /// Seconds between checks that this node can still create vcan interfaces.
     #[arg(long, env = "VCAN_HEALTH_INTERVAL", default_value_t = 30)]
     pub health_interval: u64,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
+use crate::bus::{self, Bus, BusError, MemberConfigError};
 use crate::ebpf::{Attachment, Counters, EbpfError};
 use crate::link::{LinkError, LinkInfo, Links, VcanSpec};
 use crate::metrics::Metrics;
@@ -89,6 +90,22 @@ pub enum InjectError {
         /// What failed.
         source: Box<EbpfError>,
     },
+    /// The pod's annotations for a shared bus are invalid.
+    #[error("pod {pod}: {source}")]
+    BusMember {
+        /// The pod.
+        pod: PodRef,
+        /// What is wrong.
+        source: Box<MemberConfigError>,
+    },
+    /// Joining a shared bus failed.
+    #[error("pod {pod}: {source}")]
+    Bus {
+        /// The pod.
+        pod: PodRef,
+        /// What failed.
+        source: Box<BusError>,
+    },
     /// Creating an interface failed.
     #[error("pod {pod}: {source}")]
     Link {
@@ -111,8 +128,12 @@ impl InjectError {
             InjectError::PodResources(_)
             | InjectError::Runtime(RuntimeError::Unavailable { .. }) => Code::Unavailable,
             InjectError::Runtime(_) => Code::NotFound,
-            InjectError::HostNetwork(_) | InjectError::PodConfig { .. } => Code::FailedPrecondition,
-            InjectError::Link { .. } | InjectError::Counters { .. } => Code::Internal,
+            InjectError::HostNetwork(_)
+            | InjectError::PodConfig { .. }
+            | InjectError::BusMember { .. } => Code::FailedPrecondition,
+            InjectError::Link { .. } | InjectError::Counters { .. } | InjectError::Bus { .. } => {
+                Code::Internal
+            }
         }
     }
 }
@@ -135,6 +156,8 @@ pub struct Injector {
     allocated: AtomicUsize,
     metrics: Arc<Metrics>,
     counters: Option<Arc<Counters>>,
+    /// Set when the resource is a shared bus rather than private vcans.
+    bus: Option<Arc<Bus>>,
 }
 
 impl std::fmt::Debug for Injector {
@@ -164,7 +187,20 @@ impl Injector {
             allocated: AtomicUsize::new(0),
             metrics,
             counters: None,
+            bus: None,
         }
+    }
+
+    /// Serves the shared bus `bus` instead of private vcans: each pod holding the resource joins
+    /// the bus with one interface.
+    pub fn with_bus(mut self, bus: Arc<Bus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// The shared bus served, if the resource is one.
+    pub fn bus(&self) -> Option<&Arc<Bus>> {
+        self.bus.as_ref()
     }
 
     /// Attaches frame counters to every interface created from now on.
@@ -237,6 +273,21 @@ impl Injector {
     /// pods that rename interfaces by annotation already know their names.
     pub fn allocate_env(&self, ids: &[String]) -> Result<HashMap<String, String>, InjectError> {
         self.check_ids(ids)?;
+        if let Some(bus) = &self.bus {
+            if ids.len() > 1 {
+                return Err(InjectError::InvalidIds(format!(
+                    "{} devices of {} requested by one container: a pod joins a bus with one \
+                     interface, request {}: 1",
+                    ids.len(),
+                    self.resource,
+                    self.resource
+                )));
+            }
+            return Ok(HashMap::from([(
+                INTERFACES_ENV.to_string(),
+                bus.spec().interface.clone(),
+            )]));
+        }
         let names: Vec<String> = (0..ids.len()).map(pod_config::default_name).collect();
         Ok(HashMap::from([(
             INTERFACES_ENV.to_string(),
@@ -273,6 +324,12 @@ impl Injector {
             .netns
             .clone()
             .ok_or_else(|| InjectError::HostNetwork(owner.pod.clone()))?;
+        if let Some(bus) = self.bus.clone() {
+            let served = self.join_bus(bus, owner, sandbox, netns, timings).await?;
+            self.lock_served()
+                .insert(served.sandbox.clone(), served.clone());
+            return Ok(served);
+        }
         let specs = pod_config::interfaces(
             self.resource.domain(),
             &sandbox.annotations,
@@ -323,6 +380,77 @@ impl Injector {
         };
         self.lock_served().insert(sandbox.id, served.clone());
         Ok(served)
+    }
+
+    /// Makes the pod a member of `bus`: its end of a vxcan pair, counted like a private
+    /// interface, and the rules joining it to the other members, all in place on return.
+    async fn join_bus(
+        &self,
+        bus: Arc<Bus>,
+        owner: PodDevices,
+        sandbox: crate::runtime::Sandbox,
+        netns: PathBuf,
+        timings: &mut PreStartTimings,
+    ) -> Result<ServedPod, InjectError> {
+        let pod = owner.pod.clone();
+        let config = bus::member_config(self.resource.domain(), &sandbox.annotations, bus.spec())
+            .map_err(|source| InjectError::BusMember {
+            pod: pod.clone(),
+            source: Box::new(source),
+        })?;
+        // A pod whose containers each hold a device joins once, under its lowest device.
+        let bus_end = owner
+            .device_ids
+            .iter()
+            .min()
+            .and_then(|id| bus::bus_end_name(id))
+            .ok_or_else(|| {
+                InjectError::InvalidIds(format!("no device of {} for pod {pod}", self.resource))
+            })?;
+        let started = Instant::now();
+        let target = Netns::Path(netns.clone());
+        let pair = bus
+            .join(&pod, &sandbox.id, &target, &bus_end, &config)
+            .await
+            .map_err(|source| InjectError::Bus {
+                pod: pod.clone(),
+                source: Box::new(source),
+            })?;
+        let link_time = started.elapsed();
+        let attachment = match self.counters.clone() {
+            Some(counters) => {
+                let ifname = pair.name.clone();
+                let attached =
+                    tokio::task::spawn_blocking(move || counters.attach(&target, &ifname))
+                        .await
+                        .map_err(|e| EbpfError::Attach {
+                            ifname: pair.name.clone(),
+                            ns: netns.display().to_string(),
+                            detail: format!("the attaching thread failed: {e}"),
+                        })
+                        .and_then(|r| r);
+                Some(attached.map_err(|source| InjectError::Counters {
+                    pod: pod.clone(),
+                    source: Box::new(source),
+                })?)
+            }
+            None => None,
+        };
+        timings.link_creation = link_time;
+        timings.bpf_attach = started.elapsed().saturating_sub(link_time);
+        Ok(ServedPod {
+            pod,
+            sandbox: sandbox.id,
+            netns,
+            interfaces: vec![LinkInfo {
+                index: pair.index,
+                name: pair.name,
+                kind: "vxcan".into(),
+                mtu: pair.mtu.bytes(),
+                up: true,
+            }],
+            attachments: attachment.into_iter().collect(),
+        })
     }
 
     fn lock_served(&self) -> std::sync::MutexGuard<'_, HashMap<String, ServedPod>> {
@@ -379,6 +507,19 @@ impl Injector {
                 .collect();
             ids.iter().filter_map(|id| served.remove(id)).collect()
         };
+        if let Some(bus) = &self.bus {
+            let sandboxes: Vec<String> = gone.iter().map(|p| p.sandbox.clone()).collect();
+            // Also run with no one gone: it removes a namespace left without members, e.g. by
+            // members deleted while the plugin was down.
+            match bus.leave(sandboxes).await {
+                Ok(left) => {
+                    for m in left {
+                        tracing::info!(bus = %bus.spec().name, pod = %m.pod, "member left the bus");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "leaving the bus failed"),
+            }
+        }
         if let Some(counters) = self.counters.clone() {
             let attachments: Vec<Attachment> =
                 gone.iter().flat_map(|p| p.attachments.clone()).collect();

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod bus;
 pub mod cangw;
 pub mod config;
 pub mod ebpf;

@@ -10,12 +10,13 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use vcan_plugin::bus::{self, Bus, BusStats};
 use vcan_plugin::config::{Config, LogFormat};
 use vcan_plugin::ebpf::{self, Counters};
 use vcan_plugin::health::{self, Health};
 use vcan_plugin::injector::Injector;
 use vcan_plugin::kubelet::registration::Registrar;
-use vcan_plugin::metrics::{self, Metrics, Snapshot, StateSource, TrafficSample};
+use vcan_plugin::metrics::{self, BusSample, Metrics, Snapshot, StateSource, TrafficSample};
 use vcan_plugin::podresources::PodResources;
 use vcan_plugin::resource::DeviceSet;
 use vcan_plugin::runtime::{self, CriRuntime};
@@ -26,8 +27,11 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
 /// The live state behind /metrics and /readyz.
 struct Live {
     injector: Arc<Injector>,
+    /// One injector per shared bus.
+    buses: Vec<Arc<Injector>>,
     health: tokio::sync::watch::Receiver<Health>,
-    registered: Arc<AtomicBool>,
+    /// One flag per resource: ready only when every resource is registered.
+    registered: Vec<Arc<AtomicBool>>,
 }
 
 impl Live {
@@ -37,7 +41,10 @@ impl Live {
             return Vec::new();
         };
         let mut samples = Vec::new();
-        for pod in self.injector.served() {
+        let served = std::iter::once(&self.injector)
+            .chain(&self.buses)
+            .flat_map(|i| i.served());
+        for pod in served {
             for attachment in &pod.attachments {
                 let snapshot = match counters.read(attachment) {
                     Ok(s) => s,
@@ -58,6 +65,31 @@ impl Live {
     }
 }
 
+impl Live {
+    /// Every bus's members and can-gw counters, read now.
+    fn buses(&self) -> Vec<BusSample> {
+        self.buses
+            .iter()
+            .filter_map(|i| i.bus())
+            .map(|bus| {
+                let stats = bus.stats().unwrap_or_else(|e| {
+                    tracing::debug!(bus = %bus.spec().name, error = %e, "reading bus counters failed");
+                    BusStats {
+                        members: bus.members().len(),
+                        ..BusStats::default()
+                    }
+                });
+                BusSample {
+                    bus: bus.spec().name.clone(),
+                    members: stats.members,
+                    forwarded: stats.forwarded,
+                    dropped: stats.dropped,
+                }
+            })
+            .collect()
+    }
+}
+
 impl StateSource for Live {
     fn snapshot(&self) -> Snapshot {
         let devices = self.injector.devices().len();
@@ -67,15 +99,16 @@ impl StateSource for Live {
             healthy: if supported { devices } else { 0 },
             allocated: self.injector.allocated(),
             pods_served: self.injector.served().len(),
-            registered: self.registered.load(Ordering::SeqCst),
+            registered: self.registered.iter().all(|r| r.load(Ordering::SeqCst)),
             vcan_supported: supported,
             traffic: self.traffic(),
+            buses: self.buses(),
         }
     }
 
     fn readiness(&self) -> (bool, bool) {
         (
-            self.registered.load(Ordering::SeqCst),
+            self.registered.iter().all(|r| r.load(Ordering::SeqCst)),
             self.health.borrow().is_healthy(),
         )
     }
@@ -145,22 +178,76 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(CriRuntime::new(&containerd_socket)),
         metrics.clone(),
     );
-    let injector = Arc::new(match counters {
+    let injector = Arc::new(match counters.clone() {
         Some(c) => injector.with_counters(c),
         None => injector,
     });
+    let buses = match &config.bus_config {
+        Some(path) => bus::load(path)?,
+        None => Vec::new(),
+    };
+    let mut bus_injectors = Vec::new();
+    for spec in buses {
+        let bus = Bus::new(spec, config.resource_name.domain(), &config.state_dir)
+            .context("bus resource name")?;
+        if bus.resource() == &config.resource_name {
+            anyhow::bail!(
+                "bus {} has the resource name {} of the private interfaces: rename the bus",
+                bus.spec().name,
+                bus.resource()
+            );
+        }
+        tracing::info!(
+            bus = %bus.spec().name,
+            resource = %bus.resource(),
+            fd = bus.spec().fd,
+            members = bus.spec().members,
+            interface = %bus.spec().interface,
+            namespace = %bus.namespace().display(),
+            "serving shared CAN bus"
+        );
+        let injector = Injector::new(
+            bus.resource().clone(),
+            DeviceSet::new(bus.resource(), bus.spec().members as usize),
+            PodResources::new(&config.pod_resources_socket),
+            Arc::new(CriRuntime::new(&containerd_socket)),
+            metrics.clone(),
+        )
+        .with_bus(Arc::new(bus));
+        bus_injectors.push(Arc::new(match counters.clone() {
+            Some(c) => injector.with_counters(c),
+            None => injector,
+        }));
+    }
+    if !bus_injectors.is_empty() {
+        // Buses need can-gw (never loaded on demand) and vxcan; say so at start rather than at
+        // the first member's PreStart. The probe changes nothing.
+        let own = vcan_plugin::netns::Netns::Pid(std::process::id());
+        match tokio::task::spawn_blocking(move || vcan_plugin::cangw::Gateway::open(&own)).await? {
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "shared buses cannot forward frames"),
+        }
+    }
+    let all: Vec<Arc<Injector>> = std::iter::once(injector.clone())
+        .chain(bus_injectors.iter().cloned())
+        .collect();
     let health = health::watch(Duration::from_secs(config.health_interval.max(1)));
 
     // Interfaces of running pods survive a plugin restart; take them over from what the kubelet and
     // the runtime report rather than from anything this process remembered.
-    match injector.recover().await {
-        Ok(n) => tracing::info!(pods = n, "adopted running pods"),
-        Err(e) => tracing::warn!(error = %e, "could not adopt running pods yet"),
+    // Bus members are adopted before their bus is served, so every member's rules are known
+    // before a new member can join.
+    for i in &all {
+        match i.recover().await {
+            // The pod count first: logs and tests read "adopted running pods pods=N".
+            Ok(n) => tracing::info!(pods = n, resource = %i.resource(), "adopted running pods"),
+            Err(e) => tracing::warn!(error = %e, "could not adopt running pods yet"),
+        }
     }
 
     let shutdown = CancellationToken::new();
     let reconciler = {
-        let injector = injector.clone();
+        let all = all.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
@@ -169,23 +256,36 @@ async fn main() -> anyhow::Result<()> {
                     () = shutdown.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
-                match injector.reconcile().await {
-                    Ok(gone) => {
-                        for pod in gone {
-                            tracing::info!(pod = %pod.pod, "pod went away: forgotten");
+                for injector in &all {
+                    match injector.reconcile().await {
+                        Ok(gone) => {
+                            for pod in gone {
+                                tracing::info!(
+                                    resource = %injector.resource(),
+                                    pod = %pod.pod,
+                                    "pod went away: forgotten"
+                                );
+                            }
                         }
+                        Err(e) => tracing::debug!(error = %e, "reconcile skipped"),
                     }
-                    Err(e) => tracing::debug!(error = %e, "reconcile skipped"),
                 }
             }
         })
     };
 
     let registrar = Registrar::new(&config.device_plugin_dir, injector.clone(), health.clone());
+    let bus_registrars: Vec<Registrar> = bus_injectors
+        .iter()
+        .map(|i| Registrar::new(&config.device_plugin_dir, i.clone(), health.clone()))
+        .collect();
     let live = Arc::new(Live {
         injector: injector.clone(),
+        buses: bus_injectors.clone(),
         health,
-        registered: registrar.registered_flag(),
+        registered: std::iter::once(registrar.registered_flag())
+            .chain(bus_registrars.iter().map(Registrar::registered_flag))
+            .collect(),
     });
     let http = {
         let server = metrics::serve(
@@ -216,11 +316,15 @@ async fn main() -> anyhow::Result<()> {
             shutdown.cancel();
         })
     };
-    registrar
-        .run(shutdown.clone())
-        .await
-        .context("device-plugin registration failed")?;
+    // Each resource has its own socket and registration; any of them failing stops the plugin.
+    let registrations = futures::future::try_join_all(
+        std::iter::once(&registrar)
+            .chain(&bus_registrars)
+            .map(|r| r.run(shutdown.clone())),
+    )
+    .await;
     shutdown.cancel();
+    registrations.context("device-plugin registration failed")?;
     let _ = reconciler.await;
     let _ = http.await;
     signals.abort();

@@ -122,6 +122,21 @@ pub struct Snapshot {
     pub vcan_supported: bool,
     /// CAN traffic per pod, interface, direction and kind.
     pub traffic: Vec<TrafficSample>,
+    /// Shared buses: members and can-gw's counters.
+    pub buses: Vec<BusSample>,
+}
+
+/// One shared bus's state for a scrape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BusSample {
+    /// The bus's name.
+    pub bus: String,
+    /// Member pods.
+    pub members: usize,
+    /// Frames forwarded by the bus's can-gw rules.
+    pub forwarded: u64,
+    /// Frames the rules could not forward.
+    pub dropped: u64,
 }
 
 /// The plugin's metrics.
@@ -393,6 +408,42 @@ fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::Metr
         resource,
         f64::from(u8::from(now.registered)),
     ));
+    if !now.buses.is_empty() {
+        let members = GaugeVec::new(
+            Opts::new(
+                name("bus_members"),
+                "Pods that are members of a shared CAN bus.",
+            ),
+            &["bus"],
+        )
+        .expect("valid metric");
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                name("bus_frames_forwarded_total"),
+                "Frames the kernel's CAN gateway forwarded between members of a shared bus (one \
+                 per receiving member), summed over the bus's rules.",
+            ),
+            &["bus"],
+        )
+        .expect("valid metric");
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                name("bus_frames_dropped_total"),
+                "Frames the kernel's CAN gateway failed to forward to a member of a shared bus \
+                 (member's interface down or its queue full), summed over the bus's rules.",
+            ),
+            &["bus"],
+        )
+        .expect("valid metric");
+        for b in &now.buses {
+            members.with_label_values(&[&b.bus]).set(b.members as f64);
+            forwarded.with_label_values(&[&b.bus]).inc_by(b.forwarded);
+            dropped.with_label_values(&[&b.bus]).inc_by(b.dropped);
+        }
+        families.extend(members.collect());
+        families.extend(forwarded.collect());
+        families.extend(dropped.collect());
+    }
     families.extend(gauge(
         "vcan_supported",
         "1 if this node can create vcan interfaces (vcan module present).",
@@ -493,6 +544,12 @@ mod tests {
             pods_served: 1,
             registered: true,
             vcan_supported: true,
+            buses: vec![BusSample {
+                bus: "powertrain".into(),
+                members: 3,
+                forwarded: 12,
+                dropped: 1,
+            }],
             traffic: vec![
                 TrafficSample {
                     namespace: "default".into(),
@@ -532,6 +589,10 @@ mod tests {
             "# HELP vcan_plugin_can_frames_total",
             "# TYPE vcan_plugin_prestart_duration_seconds histogram",
             "attach_mode=\"clsact\"",
+            "vcan_plugin_bus_members{bus=\"powertrain\"} 3",
+            "vcan_plugin_bus_frames_forwarded_total{bus=\"powertrain\"} 12",
+            "vcan_plugin_bus_frames_dropped_total{bus=\"powertrain\"} 1",
+            "# TYPE vcan_plugin_bus_frames_forwarded_total counter",
         ] {
             assert!(text.contains(expected), "missing {expected} in\n{text}");
         }

@@ -3,7 +3,8 @@
 //! A network namespace belongs to a thread, not to a process, so entering one on a tokio worker would
 //! move every task that later runs on that worker into the pod's namespace. Everything here therefore
 //! happens on a fresh OS thread that enters the target namespace, does its work and exits; the
-//! calling thread's namespace is never changed. This is the only module that calls `setns`.
+//! calling thread's namespace is never changed. This is the only module that calls `setns` (and
+//! the only one that creates namespaces).
 
 use std::fmt;
 use std::fs::File;
@@ -170,6 +171,113 @@ where
         .map_err(|_| NetnsError::Thread("the worker panicked".into()))?
 }
 
+/// Makes `path` name a network namespace that outlives the plugin: reuses the namespace already
+/// bind-mounted there, or creates a new, empty one and bind-mounts it onto `path` (what
+/// `ip netns add` does). Returns whether a namespace was created.
+///
+/// The namespace lives as long as the mount, not as long as any process, so it survives plugin
+/// restarts; it must be on a mount that propagates to the node (a hostPath with Bidirectional
+/// propagation) for a restarted plugin container to see it.
+pub fn create_persistent(path: &Path) -> Result<bool, NetnsError> {
+    let ns = Netns::Path(path.to_path_buf());
+    match File::open(path) {
+        Ok(file) if is_nsfs(&file) => return Ok(false),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(NetnsError::Open {
+                ns: ns.to_string(),
+                source,
+            });
+        }
+    }
+    let open_error = |source| NetnsError::Open {
+        ns: ns.to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(open_error)?;
+    }
+    // The mount point: an empty file, as for `ip netns add`.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(open_error)?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| open_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let name = ns.to_string();
+    let handle = std::thread::Builder::new()
+        .name("netns-create".into())
+        .spawn(move || -> Result<(), NetnsError> {
+            // SAFETY: unshare only changes this thread's network namespace; the thread ends right
+            // after, and the bind mount keeps the namespace alive.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(NetnsError::Enter {
+                    ns: name,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            let source = c"/proc/thread-self/ns/net";
+            // SAFETY: both paths are valid NUL-terminated strings; a bind mount takes no data.
+            let rc = unsafe {
+                libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                return Err(NetnsError::Open {
+                    ns: name,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            Ok(())
+        })
+        .map_err(|e| NetnsError::Thread(e.to_string()))?;
+    let result = handle
+        .join()
+        .map_err(|_| NetnsError::Thread("the worker panicked".into()))?;
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result.map(|()| true)
+}
+
+/// Destroys a namespace made by [`create_persistent`]: unmounts `path` (the kernel frees the
+/// namespace, and every interface in it, once nothing else refers to it) and removes the file.
+/// Returns whether there was one.
+pub fn remove_persistent(path: &Path) -> Result<bool, NetnsError> {
+    let ns = Netns::Path(path.to_path_buf());
+    let error = |source| NetnsError::Open {
+        ns: ns.to_string(),
+        source,
+    };
+    if !path.exists() {
+        return Ok(false);
+    }
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: a valid NUL-terminated path; MNT_DETACH never blocks on users of the namespace.
+    let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        // EINVAL: not a mount point (a leftover placeholder file); removing it is all there is.
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(error(e));
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(error(e)),
+    }
+}
+
 /// The inode of a namespace file: two paths name the same namespace exactly when their inodes match.
 pub fn inode(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -212,6 +320,23 @@ mod tests {
         .expect("unshare works as root");
         assert_ne!(own, inside);
         assert_eq!(links, ["lo"]);
+    }
+
+    #[test]
+    fn a_persistent_namespace_is_made_once_and_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("buses/a");
+        assert!(create_persistent(&path).expect("create"));
+        assert!(!create_persistent(&path).expect("reuse"));
+        let own = inode(Path::new("/proc/thread-self/ns/net")).expect("own namespace");
+        let inside = run(&Netns::Path(path.clone()), || {
+            inode(Path::new("/proc/thread-self/ns/net")).expect("worker namespace")
+        })
+        .expect("enter");
+        assert_ne!(own, inside);
+        assert!(remove_persistent(&path).expect("remove"));
+        assert!(!path.exists());
+        assert!(!remove_persistent(&path).expect("already gone"));
     }
 
     #[test]

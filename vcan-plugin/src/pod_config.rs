@@ -10,7 +10,9 @@ use std::collections::{BTreeSet, HashMap};
 use crate::link::{self, CanMtu, VcanSpec};
 
 /// The annotation options the plugin understands, after the domain prefix.
-pub const OPTIONS: &[&str] = &["names", "fd"];
+///
+/// `filter` is read only for members of shared buses ([`crate::bus`]); private interfaces ignore it.
+pub const OPTIONS: &[&str] = &["names", "fd", "filter"];
 
 /// The default name of the pod's `index`-th interface.
 pub fn default_name(index: usize) -> String {

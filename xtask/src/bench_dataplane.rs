@@ -17,7 +17,19 @@ pub fn bench_dataplane(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
     if vm.memory == vm::VmOptions::default().memory {
         vm.memory = 2048;
     }
-    eprintln!("[xtask] building the dataplane_bench example (release)");
+    run_example("dataplane_bench", SUMMARY, args, vm)
+}
+
+/// `cargo xtask bench-bus`: the shared-bus benchmark (`vcan-plugin/examples/bus_bench.rs`), latency
+/// and throughput through a bus vs a single vcan. See BENCHMARKS.md.
+pub fn bench_bus(args: &[String], vm: vm::VmOptions) -> Result<()> {
+    run_example("bus_bench", "bus-bench.txt", args, vm)
+}
+
+/// Builds the example `example` (release), runs it in the test-bed with `args` and
+/// `--summary <results>/<summary>`, and prints the figures it wrote there.
+fn run_example(example: &str, summary: &str, args: &[String], vm: vm::VmOptions) -> Result<()> {
+    eprintln!("[xtask] building the {example} example (release)");
     util::run(
         util::cargo()
             .args([
@@ -26,11 +38,11 @@ pub fn bench_dataplane(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
                 "-p",
                 "vcan-plugin",
                 "--example",
-                "dataplane_bench",
+                example,
             ])
             .current_dir(util::workspace_root()),
     )?;
-    let binary = util::target_dir().join("release/examples/dataplane_bench");
+    let binary = util::target_dir().join("release/examples").join(example);
     let binary = binary.to_str().context("non-UTF-8 target path")?;
 
     let host = util::output(std::process::Command::new("sh").args([
@@ -41,7 +53,7 @@ pub fn bench_dataplane(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
     .unwrap_or_default();
 
     let mut script = format!(
-        "exec {} --summary \"$VMTEST_RESULTS/{SUMMARY}\"",
+        "exec {} --summary \"$VMTEST_RESULTS/{summary}\"",
         util::sh_quote(binary)
     );
     for arg in args {
@@ -53,13 +65,13 @@ pub fn bench_dataplane(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
         timeout: Duration::from_secs(3600),
         stream: true,
         vm,
-        ..vm::GuestJob::new("bench-dataplane", script)
+        ..vm::GuestJob::new(example.replace('_', "-"), script)
     };
     // Other VMs or builds on the host slow the guest's vCPUs unevenly: say how busy it was.
     let load_before = loadavg();
     let outcome = vm::run_in_guest(&job)?;
     let load_after = loadavg();
-    let summary = std::fs::read_to_string(outcome.results.join(SUMMARY)).unwrap_or_default();
+    let figures = std::fs::read_to_string(outcome.results.join(summary)).unwrap_or_default();
     println!("\n[xtask] {}", host.trim());
     println!(
         "[xtask] guest boot {}, wall {:.0} s",
@@ -69,10 +81,10 @@ pub fn bench_dataplane(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
         outcome.wall.as_secs_f64()
     );
     println!("[xtask] host load average (1 min) before {load_before}, after {load_after}");
-    print!("{summary}");
+    print!("{figures}");
     if outcome.status != 0 {
         bail!(
-            "dataplane_bench failed in the VM (exit status {}; console: {})",
+            "{example} failed in the VM (exit status {}; console: {})",
             outcome.status,
             outcome.console_log.display()
         );

@@ -78,6 +78,16 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Shared-bus benchmark in the test-bed: member→member latency through a bus vs a single
+    /// vcan, and frames/s per member with 8 members (see BENCHMARKS.md).
+    BenchBus {
+        /// VM settings.
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// Arguments for the benchmark (e.g. `-- --members 8 --frames 20000 --rounds 5`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Install the Debian packages the project needs (only those missing).
     Setup,
     /// Setup, fmt, clippy, host tests and VM tests, stopping at the first failure.
@@ -116,6 +126,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Images { force } => images::images(force).map(|()| ExitCode::SUCCESS),
         Cmd::Demo { vm } => demo::demo(vm).map(|()| ExitCode::SUCCESS),
         Cmd::Bench { vm, args } => demo::bench(&args, vm).map(|()| ExitCode::SUCCESS),
+        Cmd::BenchBus { vm, args } => {
+            bench_dataplane::bench_bus(&args, vm).map(|()| ExitCode::SUCCESS)
+        }
         Cmd::BenchDataplane { vm, args } => {
             bench_dataplane::bench_dataplane(&args, vm).map(|()| ExitCode::SUCCESS)
         }

@@ -109,6 +109,9 @@ pub struct ContainerSpec {
     /// vcan devices the container requests (resource limit); for the caller's kubelet
     /// stand-in, not used by [`Cri`].
     pub vcan: u32,
+    /// Other extended resources the container requests (e.g. a shared bus), as (name, count);
+    /// for the caller's kubelet stand-in, not used by [`Cri`].
+    pub resources: Vec<(String, u32)>,
     /// Host directories mounted into the container (Kubernetes hostPath volumes and their
     /// `volumeMounts`), in order.
     pub mounts: Vec<HostMount>,

@@ -31,6 +31,17 @@ impl TestNode {
     /// Starts containerd, the kubelet stand-in and the plugin (with `devices` devices and metrics
     /// on `metrics_address`), and waits until the plugin has registered with healthy devices.
     pub async fn start(devices: u32, metrics_address: &str) -> Result<Self> {
+        Self::start_with(devices, metrics_address, Vec::new(), &[]).await
+    }
+
+    /// Like [`TestNode::start`], with further plugin arguments, and also waiting for each of
+    /// `resources` (name, devices) to be registered with healthy devices.
+    pub async fn start_with(
+        devices: u32,
+        metrics_address: &str,
+        extra_args: Vec<String>,
+        resources: &[(&str, usize)],
+    ) -> Result<Self> {
         let root = PathBuf::from("/run/vcan-node");
         std::fs::create_dir_all(&root)?;
         let containerd = Containerd::start(ContainerdOptions::default())
@@ -48,6 +59,7 @@ impl TestNode {
             resource_name: RESOURCE.to_string(),
             devices,
             log: root.join("vcan-plugin.log"),
+            extra_args,
         })?;
         let node = Node {
             kubelet,
@@ -66,6 +78,14 @@ impl TestNode {
             .wait_for_resource(RESOURCE, devices as usize, Duration::from_secs(30))
             .await
             .with_context(|| format!("plugin log:\n{}", test_node.plugin.log()))?;
+        for (resource, count) in resources {
+            test_node
+                .node
+                .kubelet
+                .wait_for_resource(resource, *count, Duration::from_secs(30))
+                .await
+                .with_context(|| format!("plugin log:\n{}", test_node.plugin.log()))?;
+        }
         Ok(test_node)
     }
 }

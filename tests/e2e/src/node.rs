@@ -52,7 +52,13 @@ impl Node {
         let requests: Vec<(String, String, usize)> = spec
             .containers
             .iter()
-            .map(|c| (c.name.clone(), self.resource.clone(), c.vcan as usize))
+            .flat_map(|c| {
+                std::iter::once((c.name.clone(), self.resource.clone(), c.vcan as usize)).chain(
+                    c.resources
+                        .iter()
+                        .map(|(r, n)| (c.name.clone(), r.clone(), *n as usize)),
+                )
+            })
             .collect();
         let allocation = self
             .kubelet
@@ -73,14 +79,17 @@ impl Node {
             prestart: Duration::ZERO,
         };
         for container in &spec.containers {
-            let devices = started
+            // One PreStartContainer per resource the container holds, as the kubelet's device
+            // manager calls each plugin in turn.
+            let allocations: Vec<_> = started
                 .allocation
                 .containers
                 .iter()
-                .find(|a| a.container == container.name)
-                .cloned();
+                .filter(|a| a.container == container.name)
+                .cloned()
+                .collect();
             let mut envs = HashMap::new();
-            if let Some(devices) = devices {
+            for devices in allocations {
                 let t = Instant::now();
                 let result = self.kubelet.prestart(&devices).await;
                 started.prestart += t.elapsed();
@@ -92,7 +101,7 @@ impl Node {
                     ));
                     return Ok(started);
                 }
-                envs = devices.envs;
+                envs.extend(devices.envs);
             }
             let id = self
                 .cri

@@ -35,6 +35,8 @@ pub struct PluginConfig {
     pub devices: u32,
     /// Where its log goes.
     pub log: PathBuf,
+    /// Further arguments (e.g. `--bus-config FILE`).
+    pub extra_args: Vec<String>,
 }
 
 /// A running daemon; killed on drop.
@@ -62,6 +64,7 @@ impl Plugin {
             .args(["--metrics-address", &config.metrics_address])
             .args(["--resource-name", &config.resource_name])
             .args(["--devices", &config.devices.to_string()])
+            .args(&config.extra_args)
             .env("RUST_LOG", "vcan_plugin=debug,info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::from(log.try_clone()?))
