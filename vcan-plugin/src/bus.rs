@@ -80,7 +80,7 @@ pub enum BusConfigError {
         /// The error.
         source: std::io::Error,
     },
-    /// The file is not valid JSON/YAML of the expected shape.
+    /// The file is not valid JSON of the expected shape.
     #[error(
         "the bus configuration {path} is not valid: {detail} (expected e.g. \
          {{\"buses\":[{{\"name\":\"powertrain\",\"fd\":true,\"members\":32,\"interface\":\"can0\"}}]}})"
@@ -131,10 +131,10 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// Parses a bus configuration (`path` only names it in errors). JSON and YAML are both accepted
-/// (JSON is YAML). `fd` defaults to true, `members` to 32, `interface` to `can0`.
+/// Parses a bus configuration, JSON (`path` only names it in errors). `fd` defaults to true,
+/// `members` to 32, `interface` to `can0`.
 pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
-    let raw: RawFile = serde_yaml::from_str(text).map_err(|e| BusConfigError::Syntax {
+    let raw: RawFile = serde_json::from_str(text).map_err(|e| BusConfigError::Syntax {
         path: path.to_string(),
         detail: e.to_string(),
     })?;
@@ -759,7 +759,7 @@ mod tests {
     }
 
     #[test]
-    fn json_and_yaml_configs_parse_with_defaults() {
+    fn configs_parse_with_defaults() {
         let json = r#"{"buses":[{"name":"powertrain","fd":true,"members":8,"interface":"pt0"},
                        {"name":"body"}]}"#;
         let buses = parse(json, "buses.json").expect("valid");
@@ -780,8 +780,7 @@ mod tests {
                 }
             ]
         );
-        let yaml = "buses:\n  - name: chassis\n    fd: false\n";
-        let buses = parse(yaml, "buses.yaml").expect("valid");
+        let buses = parse(r#"{"buses":[{"name":"chassis","fd":false}]}"#, "b.json").expect("valid");
         assert_eq!(buses[0].name, "chassis");
         assert_eq!(buses[0].mtu(), CanMtu::Classic);
         assert_eq!(
@@ -791,7 +790,11 @@ mod tests {
                 .to_string(),
             "socketcan.io/bus-chassis"
         );
-        assert!(parse("buses: []", "x").expect("empty is fine").is_empty());
+        assert!(
+            parse(r#"{"buses":[]}"#, "x")
+                .expect("empty is fine")
+                .is_empty()
+        );
     }
 
     #[test]

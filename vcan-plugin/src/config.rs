@@ -58,7 +58,7 @@ pub struct Config {
     )]
     pub bpffs_dir: PathBuf,
 
-    /// Shared CAN buses between pods (JSON or YAML file), e.g.
+    /// Shared CAN buses between pods (a JSON file), e.g.
     /// {"buses":[{"name":"powertrain","fd":true,"members":32,"interface":"can0"}]}. Each bus is
     /// its own resource, <domain>/bus-<name>. Without it only private vcans are served.
     #[arg(long, env = "VCAN_BUS_CONFIG")]

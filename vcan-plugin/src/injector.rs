@@ -419,16 +419,17 @@ impl Injector {
         let link_time = started.elapsed();
         let attachment = match self.counters.clone() {
             Some(counters) => {
-                let ifname = pair.name.clone();
-                let attached =
-                    tokio::task::spawn_blocking(move || counters.attach(&target, &ifname))
-                        .await
-                        .map_err(|e| EbpfError::Attach {
-                            ifname: pair.name.clone(),
-                            ns: netns.display().to_string(),
-                            detail: format!("the attaching thread failed: {e}"),
-                        })
-                        .and_then(|r| r);
+                let (ifname, ifindex) = (pair.name.clone(), pair.index);
+                let attached = tokio::task::spawn_blocking(move || {
+                    counters.attach_index(&target, &ifname, ifindex)
+                })
+                .await
+                .map_err(|e| EbpfError::Attach {
+                    ifname: pair.name.clone(),
+                    ns: netns.display().to_string(),
+                    detail: format!("the attaching thread failed: {e}"),
+                })
+                .and_then(|r| r);
                 Some(attached.map_err(|source| InjectError::Counters {
                     pod: pod.clone(),
                     source: Box::new(source),

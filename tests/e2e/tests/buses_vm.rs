@@ -37,14 +37,15 @@ const FD: &str = "1F334455##1.00112233445566778899AABBCCDDEEFF";
 const FD_SEEN: &str = "can0 1F334455##500112233445566778899AABBCCDDEEFF";
 
 fn bus_config() -> PathBuf {
-    let path = PathBuf::from("/run/vcan-node/buses.yaml");
+    let path = PathBuf::from("/run/vcan-node/buses.json");
     std::fs::create_dir_all("/run/vcan-node").expect("node dir");
     std::fs::write(
         &path,
-        "buses:\n\
-         - {name: a, fd: true}\n\
-         - {name: b, fd: true, members: 4}\n\
-         - {name: c, fd: false, members: 4, interface: can0}\n",
+        r#"{"buses": [
+            {"name": "a", "fd": true},
+            {"name": "b", "fd": true, "members": 4},
+            {"name": "c", "fd": false, "members": 4, "interface": "can0"}
+        ]}"#,
     )
     .expect("write bus config");
     path
