@@ -1,14 +1,18 @@
-//! Whether this node can create vcan interfaces at all.
+//! Whether this node can serve its devices at all: create vcan interfaces (private devices), and
+//! vxcan pairs joined by can-gw (shared buses).
 //!
-//! The probe creates a vcan in a throw-away network namespace, so it sees exactly what a pod would
-//! get (module loaded or autoloadable, permissions) without ever touching the node's namespace.
+//! The probes create interfaces in a throw-away network namespace, so they see exactly what a pod
+//! would get (module loaded or autoloadable, permissions) without ever touching the node's
+//! namespace.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::cangw::Gateway;
 use crate::link::{CanMtu, LinkError, Links, VcanSpec};
-use crate::netns;
+use crate::netns::{self, Netns};
+use crate::vxcan;
 
 /// The node's ability to serve vcan devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,24 +46,67 @@ pub fn probe() -> Health {
     }
 }
 
-/// Probes now and then every `interval`, publishing changes on the returned channel and logging
-/// each transition with its reason.
+/// Whether shared buses can work: a vxcan pair can be created, and the can-gw module (never
+/// loaded on demand) answers. Probing can-gw changes nothing, so it runs in the plugin's own
+/// namespace.
+pub fn probe_bus() -> Health {
+    if let Err(e) = vxcan::probe() {
+        return Health::Unhealthy(e.to_string());
+    }
+    match Gateway::open(&Netns::Pid(std::process::id())) {
+        Ok(_) => Health::Healthy,
+        Err(e) => Health::Unhealthy(e.to_string()),
+    }
+}
+
+/// What a probe checks, for the logs.
+#[derive(Debug, Clone, Copy)]
+pub enum Probe {
+    /// [`probe`]: vcan interfaces, the private devices.
+    Vcan,
+    /// [`probe_bus`]: vxcan pairs and can-gw, the shared buses.
+    Bus,
+}
+
+impl Probe {
+    fn run(self) -> Health {
+        match self {
+            Probe::Vcan => probe(),
+            Probe::Bus => probe_bus(),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Probe::Vcan => "vcan interfaces",
+            Probe::Bus => "shared buses (vxcan and can-gw)",
+        }
+    }
+}
+
+/// Probes vcan support now and then every `interval`, publishing changes on the returned channel
+/// and logging each transition with its reason.
 pub fn watch(interval: Duration) -> watch::Receiver<Health> {
-    let initial = probe();
-    log_transition(None, &initial);
+    watch_probe(Probe::Vcan, interval)
+}
+
+/// [`watch`] for any [`Probe`].
+pub fn watch_probe(kind: Probe, interval: Duration) -> watch::Receiver<Health> {
+    let initial = kind.run();
+    log_transition(kind, None, &initial);
     let (tx, rx) = watch::channel(initial);
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.tick().await;
         loop {
             ticker.tick().await;
-            let now = match tokio::task::spawn_blocking(probe).await {
+            let now = match tokio::task::spawn_blocking(move || kind.run()).await {
                 Ok(h) => h,
                 Err(e) => Health::Unhealthy(format!("health probe failed: {e}")),
             };
             let before = tx.borrow().clone();
             if before != now {
-                log_transition(Some(&before), &now);
+                log_transition(kind, Some(&before), &now);
                 if tx.send(now).is_err() {
                     return;
                 }
@@ -69,13 +116,14 @@ pub fn watch(interval: Duration) -> watch::Receiver<Health> {
     rx
 }
 
-fn log_transition(before: Option<&Health>, now: &Health) {
+fn log_transition(kind: Probe, before: Option<&Health>, now: &Health) {
+    let what = kind.what();
     match now {
         Health::Healthy => {
-            tracing::info!(previous = ?before, "node can create vcan interfaces: devices healthy")
+            tracing::info!(previous = ?before, "node supports {what}: devices healthy")
         }
         Health::Unhealthy(why) => {
-            tracing::error!(reason = %why, "node cannot create vcan interfaces: all devices unhealthy")
+            tracing::error!(reason = %why, "node does not support {what}: all devices unhealthy")
         }
     }
 }

@@ -219,15 +219,6 @@ async fn main() -> anyhow::Result<()> {
             None => injector,
         }));
     }
-    if !bus_injectors.is_empty() {
-        // Buses need can-gw (never loaded on demand) and vxcan; say so at start rather than at
-        // the first member's PreStart. The probe changes nothing.
-        let own = vcan_plugin::netns::Netns::Pid(std::process::id());
-        match tokio::task::spawn_blocking(move || vcan_plugin::cangw::Gateway::open(&own)).await? {
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "shared buses cannot forward frames"),
-        }
-    }
     let all: Vec<Arc<Injector>> = std::iter::once(injector.clone())
         .chain(bus_injectors.iter().cloned())
         .collect();
@@ -275,9 +266,17 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let registrar = Registrar::new(&config.device_plugin_dir, injector.clone(), health.clone());
+    // Bus devices are healthy while the node can make vxcan pairs and forward with can-gw.
+    let bus_health = (!bus_injectors.is_empty()).then(|| {
+        health::watch_probe(
+            health::Probe::Bus,
+            Duration::from_secs(config.health_interval.max(1)),
+        )
+    });
     let bus_registrars: Vec<Registrar> = bus_injectors
         .iter()
-        .map(|i| Registrar::new(&config.device_plugin_dir, i.clone(), health.clone()))
+        .zip(std::iter::repeat_with(|| bus_health.clone()).flatten())
+        .map(|(i, h)| Registrar::new(&config.device_plugin_dir, i.clone(), h))
         .collect();
     let live = Arc::new(Live {
         injector: injector.clone(),

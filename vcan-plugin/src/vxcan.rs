@@ -342,6 +342,43 @@ pub fn ensure(ns: &Netns, peer_ns: &Netns, spec: &VxcanSpec) -> Result<VxcanPair
     adopt(&mut here, &mut there, peer_ns, &peer_file, end, spec)
 }
 
+/// Whether this node can create vxcan pairs at all (module loaded or loadable, permissions):
+/// creates one with both ends in a new, empty namespace that is thrown away with it.
+pub fn probe() -> Result<(), VxcanError> {
+    netns::run_in_new(|| -> Result<(), VxcanError> {
+        let ns_name = "a throw-away namespace";
+        // The peer goes to this same namespace: the fd of the calling thread's namespace.
+        let own = File::open("/proc/thread-self/ns/net").map_err(|source| NetnsError::Open {
+            ns: ns_name.into(),
+            source,
+        })?;
+        let mut sock = Socket::open(libc::NETLINK_ROUTE)
+            .map_err(|e| netlink_error("probing", "", ns_name, e))?;
+        let mut msg = Message::new(
+            RTM_NEWLINK,
+            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+            &ifinfomsg(0, 0, 0),
+        );
+        msg.attr_str(IFLA_IFNAME, "vxprobe0")
+            .begin_nest(IFLA_LINKINFO)
+            .attr_str(IFLA_INFO_KIND, KIND)
+            .begin_nest(IFLA_INFO_DATA)
+            .attr(
+                VXCAN_INFO_PEER,
+                &peer_info("vxprobe1", CanMtu::Fd, own.as_raw_fd()),
+            )
+            .end_nest()
+            .end_nest();
+        match sock.transact(&mut msg) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(VxcanError::VxcanUnsupported)
+            }
+            Err(e) => Err(netlink_error("creating a vxcan pair", "vxprobe0", ns_name, e).into()),
+        }
+    })?
+}
+
 /// Fails if the peer's name is taken in the peer namespace (creating would fail with a bare
 /// EEXIST that does not say which of the two names clashed).
 fn check_peer_name_free(there: &mut Links, spec: &VxcanSpec) -> Result<(), VxcanError> {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use vcan_plugin::cangw::{Gateway, GatewayError};
+use vcan_plugin::health::{self, Health};
 use vcan_plugin::link::CanMtu;
 use vcan_plugin::netns::Netns;
 use vcan_plugin::vxcan::{self, VxcanError, VxcanSpec};
@@ -49,8 +50,14 @@ fn cangw_without_the_modules_the_errors_say_what_to_load() {
     // /bin/false reproduces a node whose kernel lacks the modules.
     std::fs::write(MODPROBE_KNOB, "/bin/false").expect("disable autoloading");
     let (a, b) = (NetnsFixture::new(), NetnsFixture::new());
+    assert_eq!(health::probe_bus(), Health::Healthy, "with both modules");
 
     unload("can_gw");
+    // The buses' health probe: what turns the bus devices Unhealthy, with the advice.
+    match health::probe_bus() {
+        Health::Unhealthy(why) => assert!(why.contains("modprobe can-gw"), "{why}"),
+        Health::Healthy => panic!("buses reported healthy without can-gw"),
+    }
     let err = Gateway::open(&netns_of(&b)).expect_err("no can-gw");
     assert!(matches!(err, GatewayError::NotLoaded), "{err}");
     assert!(err.to_string().contains("modprobe can-gw"), "{err}");
@@ -68,4 +75,10 @@ fn cangw_without_the_modules_the_errors_say_what_to_load() {
     .expect_err("no vxcan driver");
     assert!(matches!(err, VxcanError::VxcanUnsupported), "{err}");
     assert!(err.to_string().contains("modprobe vxcan"), "{err}");
+    let err = vxcan::probe().expect_err("the probe finds no vxcan driver either");
+    assert!(matches!(err, VxcanError::VxcanUnsupported), "{err}");
+    match health::probe_bus() {
+        Health::Unhealthy(why) => assert!(why.contains("modprobe vxcan"), "{why}"),
+        Health::Healthy => panic!("buses reported healthy without vxcan"),
+    }
 }
