@@ -69,6 +69,7 @@ COMBINATIONS = {
         ["servicemonitor", "prometheus-rule", "k8s-socketcan-compat"],
     ),
     "microk8s+podmonitor+prometheus-rule": ("microk8s", ["podmonitor", "prometheus-rule"]),
+    "containerd+shared-buses+node-selector": ("containerd", ["shared-buses", "node-selector"]),
 }
 FLAVOUR_OF_OVERLAY = {"containerd": "containerd", "k3s": "k3s", "microk8s": "microk8s", "aks": "containerd"}
 
@@ -530,10 +531,16 @@ def check_daemonset(objects: list[dict[str, Any]], flavour: str, base_source: st
     pod_seccomp = ((spec.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
 
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    # Shared buses (components/shared-buses) are the one exception to least privilege: their
+    # namespaces must be bind-mounted onto the host, which needs Bidirectional propagation, which
+    # Kubernetes allows only in privileged containers.
+    plugin_env = next((env_of(c) for c in spec.get("containers") or [] if c["name"] == "vcan-plugin"), {})
+    buses = "VCAN_BUS_CONFIG" in plugin_env
     for v in volumes.values():
         host = v.get("hostPath")
         if host is None:
-            if set(v) - {"name", "emptyDir"}:
+            allowed = {"name", "emptyDir"} | ({"configMap"} if buses else set())
+            if set(v) - allowed:
                 p.append(f"volume {v['name']}: only hostPath directories and emptyDir are expected")
             continue
         if host.get("type") not in ("Directory", "DirectoryOrCreate"):
@@ -548,7 +555,7 @@ def check_daemonset(objects: list[dict[str, Any]], flavour: str, base_source: st
     for c in list(containers.values()) + list(inits.values()):
         name = c["name"]
         sc = c.get("securityContext") or {}
-        if sc.get("privileged"):
+        if sc.get("privileged") and not (buses and name == "vcan-plugin"):
             p.append(f"{name}: privileged: true is not allowed")
         if sc.get("allowPrivilegeEscalation") is not False:
             p.append(f"{name}: allowPrivilegeEscalation must be false")
@@ -586,7 +593,9 @@ def check_daemonset(objects: list[dict[str, Any]], flavour: str, base_source: st
             if vol is None:
                 p.append(f"{name}: mount {m['mountPath']} names a missing volume {m['name']}")
                 continue
-            if m.get("mountPropagation") == "Bidirectional":
+            if m.get("mountPropagation") == "Bidirectional" and not (
+                sc.get("privileged") and buses and m["mountPath"] == plugin_env.get("VCAN_STATE_DIR")
+            ):
                 p.append(f"{name}: mount {m['mountPath']}: Bidirectional propagation needs a privileged container")
             if m.get("subPath") or m.get("subPathExpr"):
                 p.append(f"{name}: mount {m['mountPath']}: subPath mounts a file or go stale; mount directories")
@@ -662,6 +671,8 @@ def check_plugin_container(c: dict[str, Any], volumes: dict[str, Any], labels: d
     netns = mounts.get("/var/run/netns")
     if not netns or netns.get("mountPropagation") != "HostToContainer":
         p.append("/var/run/netns must be mounted with mountPropagation: HostToContainer")
+    if "VCAN_BUS_CONFIG" in env:
+        p += check_buses(c, env, volumes, mounts)
 
     port = env["VCAN_METRICS_ADDRESS"].rpartition(":")[2]
     ports = {pt.get("name"): pt for pt in c.get("ports") or []}
@@ -671,6 +682,34 @@ def check_plugin_container(c: dict[str, Any], volumes: dict[str, Any], labels: d
         get = (c.get(probe) or {}).get("httpGet") or {}
         if get.get("path") != path or get.get("port") not in ("metrics", int(port)):
             p.append(f"{probe} must GET {path} on the metrics port")
+    return p
+
+
+def check_buses(c: dict[str, Any], env: dict[str, str], volumes: dict[str, Any], mounts: dict[str, Any]) -> list[str]:
+    """Shared buses: the configuration comes from a ConfigMap, and the state directory that holds
+    the buses' namespaces is the host's, with Bidirectional propagation (so a plugin restart
+    keeps the buses)."""
+    p: list[str] = []
+    config = env["VCAN_BUS_CONFIG"]
+    directory, _, key = config.rpartition("/")
+    m = mounts.get(directory)
+    cm_volume = (volumes.get(m["name"]) or {}).get("configMap") if m else None
+    if not cm_volume:
+        p.append(f"VCAN_BUS_CONFIG {config}: {directory} must be a ConfigMap volume mount")
+    elif m.get("readOnly") is not True:
+        p.append(f"the bus configuration mount {directory} must be read-only")
+    state = env.get("VCAN_STATE_DIR", "/run/vcan-plugin")
+    sm = mounts.get(state)
+    host = ((volumes.get(sm["name"]) or {}).get("hostPath") or {}) if sm else {}
+    if not sm or host.get("path") != state:
+        p.append(f"VCAN_STATE_DIR {state} must be the host's {state}, mounted at the same path")
+    elif sm.get("mountPropagation") != "Bidirectional":
+        p.append(
+            f"VCAN_STATE_DIR {state} needs mountPropagation: Bidirectional, or a plugin restart "
+            "destroys every bus"
+        )
+    if not (c.get("securityContext") or {}).get("privileged"):
+        p.append("shared buses need a privileged plugin container (Bidirectional propagation)")
     return p
 
 

@@ -46,6 +46,44 @@ class DaemonSetPolicy(unittest.TestCase):
             spec["containers"][0]["securityContext"]["privileged"] = True
         self.assertIn("privileged: true is not allowed", self.problems(change))
 
+    def test_shared_buses_component_passes(self) -> None:
+        objects = self.with_buses()
+        self.assertEqual(cm.check_daemonset(objects, "containerd", BASE_SOURCE), [])
+        self.assertEqual(cm.check_objects(objects), [])
+
+    def with_buses(self) -> list[dict]:
+        with tempfile.TemporaryDirectory(dir=ROOT / "target") as d:
+            k = Path(d) / "kustomization.yaml"
+            k.write_text(json.dumps({
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(Path("..") / ".." / "deploy/overlays/containerd")],
+                "components": [str(Path("..") / ".." / "deploy/components/shared-buses")],
+            }))
+            return kl.build(Path(d))
+
+    def test_buses_need_a_bidirectional_host_state_dir(self) -> None:
+        def change(spec):
+            for m in spec["containers"][0]["volumeMounts"]:
+                if m["name"] == "state":
+                    m["mountPropagation"] = "HostToContainer"
+        problems = "\n".join(cm.check_daemonset(self.mutated(change, self.with_buses()), "containerd", BASE_SOURCE))
+        self.assertIn("needs mountPropagation: Bidirectional", problems)
+
+    def test_privileged_init_container_is_refused_even_with_buses(self) -> None:
+        def change(spec):
+            spec["initContainers"][0]["securityContext"]["privileged"] = True
+        problems = "\n".join(cm.check_daemonset(self.mutated(change, self.with_buses()), "containerd", BASE_SOURCE))
+        self.assertIn("modprobe-vcan: privileged: true is not allowed", problems)
+
+    def test_bus_config_outside_a_configmap(self) -> None:
+        def change(spec):
+            for e in spec["containers"][0]["env"]:
+                if e["name"] == "VCAN_BUS_CONFIG":
+                    e["value"] = "/tmp/buses.json"
+        problems = "\n".join(cm.check_daemonset(self.mutated(change, self.with_buses()), "containerd", BASE_SOURCE))
+        self.assertIn("must be a ConfigMap volume mount", problems)
+
     def test_host_namespaces(self) -> None:
         for flag in ("hostNetwork", "hostPID", "hostIPC"):
             with self.subTest(flag=flag):
