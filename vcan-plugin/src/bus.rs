@@ -402,8 +402,32 @@ pub struct Bus {
 /// See [`Bus::stats`].
 #[derive(Debug, Default)]
 struct Counted {
-    last_seen: HashMap<Rule, (u64, u64)>,
+    last_seen: HashMap<Rule, Seen>,
     retired: (u64, u64),
+}
+
+/// One rule's counters: the kernel's 32-bit values as last read, and the 64-bit totals they add
+/// up to across wrap-arounds (a busy bus passes 2^32 frames in days).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    raw: (u32, u32),
+    total: (u64, u64),
+}
+
+impl Seen {
+    fn new(raw: (u32, u32)) -> Self {
+        Seen {
+            raw,
+            total: (u64::from(raw.0), u64::from(raw.1)),
+        }
+    }
+
+    /// Advances to `raw`; a value below the last one has wrapped.
+    fn advance(&mut self, raw: (u32, u32)) {
+        self.total.0 += u64::from(raw.0.wrapping_sub(self.raw.0));
+        self.total.1 += u64::from(raw.1.wrapping_sub(self.raw.1));
+        self.raw = raw;
+    }
 }
 
 /// The rules that deliver frames from `src` to `dst`: one per filter of `dst` (or one without a
@@ -656,30 +680,31 @@ impl Bus {
     /// their interface) have their last counts added to the retired sums.
     fn note_counters(&self, listed: &[crate::cangw::ListedRule], complete: bool) {
         let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
-        let now: HashMap<Rule, (u64, u64)> = listed
+        let now: HashMap<Rule, (u32, u32)> = listed
             .iter()
             .filter(|l| !l.foreign)
-            .map(|l| {
-                (
-                    l.rule,
-                    (u64::from(l.counters.handled), u64::from(l.counters.dropped)),
-                )
-            })
+            .map(|l| (l.rule, (l.counters.handled, l.counters.dropped)))
             .collect();
         if complete {
-            let gone: Vec<(u64, u64)> = counted
+            let gone: Vec<Rule> = counted
                 .last_seen
-                .iter()
-                .filter(|(rule, _)| !now.contains_key(rule))
-                .map(|(_, c)| *c)
+                .keys()
+                .filter(|rule| !now.contains_key(rule))
+                .copied()
                 .collect();
-            for (forwarded, dropped) in gone {
-                counted.retired.0 += forwarded;
-                counted.retired.1 += dropped;
+            for rule in gone {
+                if let Some(seen) = counted.last_seen.remove(&rule) {
+                    counted.retired.0 += seen.total.0;
+                    counted.retired.1 += seen.total.1;
+                }
             }
-            counted.last_seen = now;
-        } else {
-            counted.last_seen.extend(now);
+        }
+        for (rule, raw) in now {
+            counted
+                .last_seen
+                .entry(rule)
+                .and_modify(|seen| seen.advance(raw))
+                .or_insert_with(|| Seen::new(raw));
         }
     }
 
@@ -729,10 +754,10 @@ impl Bus {
             dropped: counted.retired.1,
             rules: 0,
         };
-        for (forwarded, dropped) in counted.last_seen.values() {
+        for seen in counted.last_seen.values() {
             stats.rules += 1;
-            stats.forwarded += forwarded;
-            stats.dropped += dropped;
+            stats.forwarded += seen.total.0;
+            stats.dropped += seen.total.1;
         }
         Ok(stats)
     }
@@ -741,6 +766,15 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_counters_keep_counting_across_the_kernels_32_bit_wrap() {
+        let mut seen = Seen::new((u32::MAX - 1, 5));
+        seen.advance((3, 5));
+        assert_eq!(seen.total, (u64::from(u32::MAX) + 4, 5));
+        seen.advance((10, 7));
+        assert_eq!(seen.total, (u64::from(u32::MAX) + 11, 7));
+    }
 
     fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
