@@ -64,6 +64,45 @@ fn report(label: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
     (p50, p99)
 }
 
+/// How long the idle daemon is watched.
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+
+/// utime + stime of process `pid`, in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces: count fields after its closing parenthesis.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/{pid}/stat: {stat}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+            .parse()?)
+    };
+    // rest starts at field 3 (state): utime is field 14, stime field 15.
+    Ok(field(11)? + field(12)?)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?
+        .parse()
+        .map_err(Into::into)
+}
+
 fn check(pod: &StartedPod) -> Result<()> {
     match &pod.failure {
         Some(f) => bail!("{}: {f}", pod.spec.name),
@@ -117,6 +156,21 @@ async fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     let (_, conc_p99) = report("PreStart concurrent", concurrent);
+
+    // The daemon at rest with those pods: reconcile every 10 s, health probe, no scrapes.
+    let pid = t.plugin.pid();
+    let (cpu0, at) = (cpu_ticks(pid)?, Instant::now());
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let (cpu1, window) = (cpu_ticks(pid)?, at.elapsed());
+    let ticks = clock_ticks();
+    println!(
+        "plugin idle with {} pods ({} interfaces): {:.2} % of one CPU over {:.0} s, VmRSS {} KiB",
+        started_pods.len(),
+        2 * started_pods.len(),
+        100.0 * (cpu1 - cpu0) as f64 / ticks / window.as_secs_f64(),
+        window.as_secs_f64(),
+        rss_kib(pid)?
+    );
     for pod in &started_pods {
         t.node.delete_pod(pod).await?;
     }
