@@ -17,7 +17,6 @@
 
 use std::ffi::CString;
 use std::fmt::Write as _;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -95,34 +94,9 @@ struct TempNetns {
 
 impl TempNetns {
     fn create(name: &str) -> io::Result<Self> {
-        let dir = Path::new("/run/netns");
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(name);
-        File::create(&path)?;
-        let ns = TempNetns { path };
-        let target = CString::new(ns.path.as_os_str().as_encoded_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // A new namespace on a thread of its own, pinned by a bind mount before the thread exits
-        // (mounts are per process, namespaces per thread).
-        netns::run_in_new(move || -> io::Result<()> {
-            let source = c"/proc/thread-self/ns/net";
-            // SAFETY: both strings are NUL-terminated; a bind mount takes no data.
-            let rc = unsafe {
-                libc::mount(
-                    source.as_ptr(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        })
-        .map_err(io::Error::other)??;
-        Ok(ns)
+        let path = Path::new("/run/netns").join(name);
+        netns::create_persistent(&path).map_err(io::Error::other)?;
+        Ok(TempNetns { path })
     }
 
     fn netns(&self) -> Netns {
@@ -132,11 +106,7 @@ impl TempNetns {
 
 impl Drop for TempNetns {
     fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.path.as_os_str().as_encoded_bytes()) {
-            // SAFETY: target is NUL-terminated.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = std::fs::remove_file(&self.path);
+        let _ = netns::remove_persistent(&self.path);
     }
 }
 

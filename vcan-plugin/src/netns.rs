@@ -208,40 +208,29 @@ pub fn create_persistent(path: &Path) -> Result<bool, NetnsError> {
     let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| open_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let name = ns.to_string();
-    let handle = std::thread::Builder::new()
-        .name("netns-create".into())
-        .spawn(move || -> Result<(), NetnsError> {
-            // SAFETY: unshare only changes this thread's network namespace; the thread ends right
-            // after, and the bind mount keeps the namespace alive.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(NetnsError::Enter {
-                    ns: name,
-                    source: io::Error::last_os_error(),
-                });
-            }
-            let source = c"/proc/thread-self/ns/net";
-            // SAFETY: both paths are valid NUL-terminated strings; a bind mount takes no data.
-            let rc = unsafe {
-                libc::mount(
-                    source.as_ptr(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                )
-            };
-            if rc != 0 {
-                return Err(NetnsError::Open {
-                    ns: name,
-                    source: io::Error::last_os_error(),
-                });
-            }
-            Ok(())
-        })
-        .map_err(|e| NetnsError::Thread(e.to_string()))?;
-    let result = handle
-        .join()
-        .map_err(|_| NetnsError::Thread("the worker panicked".into()))?;
+    // A new namespace on a thread of its own, pinned by the bind mount before the thread ends
+    // (mounts belong to the process, the namespace only to the thread).
+    let result = run_in_new(move || -> Result<(), NetnsError> {
+        let source = c"/proc/thread-self/ns/net";
+        // SAFETY: both paths are valid NUL-terminated strings; a bind mount takes no data.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(NetnsError::Open {
+                ns: name,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    })
+    .and_then(|r| r);
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }

@@ -295,22 +295,7 @@ pub fn ensure(ns: &Netns, peer_ns: &Netns, spec: &VxcanSpec) -> Result<VxcanPair
         Some(end) => end,
         None => {
             check_peer_name_free(&mut there, spec)?;
-            let mut msg = Message::new(
-                RTM_NEWLINK,
-                NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
-                &ifinfomsg(0, IFF_UP, IFF_UP),
-            );
-            msg.attr_str(IFLA_IFNAME, &spec.name)
-                .attr_u32(IFLA_MTU, spec.mtu.bytes())
-                .begin_nest(IFLA_LINKINFO)
-                .attr_str(IFLA_INFO_KIND, KIND)
-                .begin_nest(IFLA_INFO_DATA)
-                .attr(
-                    VXCAN_INFO_PEER,
-                    &peer_info(&spec.peer_name, spec.mtu, peer_file.as_raw_fd()),
-                )
-                .end_nest()
-                .end_nest();
+            let mut msg = new_pair(spec, peer_file.as_raw_fd());
             match sock.transact(&mut msg) {
                 Ok(_) => {}
                 // Someone created one of the names between our lookups and our request; what
@@ -342,6 +327,42 @@ pub fn ensure(ns: &Netns, peer_ns: &Netns, spec: &VxcanSpec) -> Result<VxcanPair
     adopt(&mut here, &mut there, peer_ns, &peer_file, end, spec)
 }
 
+/// The `RTM_NEWLINK` request for pair `spec`, its peer going to the namespace `peer_ns_fd`; the
+/// first end comes up with it (see [`peer_info`] for the peer).
+fn new_pair(spec: &VxcanSpec, peer_ns_fd: i32) -> Message {
+    let mut msg = Message::new(
+        RTM_NEWLINK,
+        NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+        &ifinfomsg(0, IFF_UP, IFF_UP),
+    );
+    msg.attr_str(IFLA_IFNAME, &spec.name)
+        .attr_u32(IFLA_MTU, spec.mtu.bytes())
+        .begin_nest(IFLA_LINKINFO)
+        .attr_str(IFLA_INFO_KIND, KIND)
+        .begin_nest(IFLA_INFO_DATA)
+        .attr(
+            VXCAN_INFO_PEER,
+            &peer_info(&spec.peer_name, spec.mtu, peer_ns_fd),
+        )
+        .end_nest()
+        .end_nest();
+    msg
+}
+
+/// The error for `name` being an interface of another kind.
+fn not_vxcan(name: &str, kind: String, ns: &str) -> VxcanError {
+    LinkError::NameTaken {
+        name: name.to_string(),
+        kind: if kind.is_empty() {
+            "non-CAN".into()
+        } else {
+            kind
+        },
+        ns: ns.to_string(),
+    }
+    .into()
+}
+
 /// Whether this node can create vxcan pairs at all (module loaded or loadable, permissions):
 /// creates one with both ends in a new, empty namespace that is thrown away with it.
 pub fn probe() -> Result<(), VxcanError> {
@@ -354,22 +375,12 @@ pub fn probe() -> Result<(), VxcanError> {
         })?;
         let mut sock = Socket::open(libc::NETLINK_ROUTE)
             .map_err(|e| netlink_error("probing", "", ns_name, e))?;
-        let mut msg = Message::new(
-            RTM_NEWLINK,
-            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
-            &ifinfomsg(0, 0, 0),
-        );
-        msg.attr_str(IFLA_IFNAME, "vxprobe0")
-            .begin_nest(IFLA_LINKINFO)
-            .attr_str(IFLA_INFO_KIND, KIND)
-            .begin_nest(IFLA_INFO_DATA)
-            .attr(
-                VXCAN_INFO_PEER,
-                &peer_info("vxprobe1", CanMtu::Fd, own.as_raw_fd()),
-            )
-            .end_nest()
-            .end_nest();
-        match sock.transact(&mut msg) {
+        let spec = VxcanSpec {
+            name: "vxprobe0".into(),
+            peer_name: "vxprobe1".into(),
+            mtu: CanMtu::Fd,
+        };
+        match sock.transact(&mut new_pair(&spec, own.as_raw_fd())) {
             Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 Err(VxcanError::VxcanUnsupported)
@@ -414,16 +425,7 @@ fn adopt(
         reason,
     };
     if end.kind != KIND {
-        return Err(LinkError::NameTaken {
-            name: spec.name.clone(),
-            kind: if end.kind.is_empty() {
-                "non-CAN".into()
-            } else {
-                end.kind
-            },
-            ns: ns_name.to_string(),
-        }
-        .into());
+        return Err(not_vxcan(&spec.name, end.kind, ns_name));
     }
     // Interface indexes repeat across namespaces, so the peer's index alone does not identify it:
     // the end's IFLA_LINK_NETNSID must be the id this namespace gives the requested peer namespace.
@@ -488,16 +490,7 @@ pub fn delete(ns: &Netns, name: &str) -> Result<bool, VxcanError> {
         return Ok(false);
     };
     if end.kind != KIND {
-        return Err(LinkError::NameTaken {
-            name: name.to_string(),
-            kind: if end.kind.is_empty() {
-                "non-CAN".into()
-            } else {
-                end.kind
-            },
-            ns: ns_name.to_string(),
-        }
-        .into());
+        return Err(not_vxcan(name, end.kind, ns_name));
     }
     let mut msg = Message::new(RTM_DELLINK, NLM_F_ACK, &ifinfomsg(end.index, 0, 0));
     match sock.transact(&mut msg) {

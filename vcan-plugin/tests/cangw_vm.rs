@@ -23,7 +23,9 @@ use vcan_plugin::cangw::{self, Counters, Gateway, GatewayError, Rule};
 use vcan_plugin::link::{CanMtu, LinkError};
 use vcan_plugin::netns::{Netns, NetnsError};
 use vcan_plugin::vxcan::{self, VxcanError, VxcanPair, VxcanSpec};
-use vcan_test_support::{IP, NetnsFixture, require_testbed, run_in_netns, wait_for_can_listener};
+use vcan_test_support::{
+    IP, NetnsFixture, parse_cangw_listing, require_testbed, run_in_netns, wait_for_can_listener,
+};
 
 /// Under TCG, with other tests running alongside, a listener can take many seconds to bind.
 const BIND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -214,46 +216,18 @@ fn cangw_listing(bus: &Bus) -> Vec<(String, Counters)> {
     let out = run_in_netns(bus.ns.name(), "cangw", &["-L"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut rules = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let (options, counts) = line
-            .split_once(" # ")
-            .unwrap_or_else(|| panic!("unexpected cangw -L line {line:?} in:\n{text}"));
-        let mut tokens = options.split_whitespace();
-        assert_eq!(
-            (tokens.next(), tokens.next()),
-            (Some("cangw"), Some("-A")),
-            "{line}"
-        );
-        let (mut src, mut dst, mut filter) = (String::new(), String::new(), None);
-        let mut flags = BTreeSet::new();
-        while let Some(token) = tokens.next() {
-            match token {
-                "-s" => src = tokens.next().unwrap_or_default().to_string(),
-                "-d" => dst = tokens.next().unwrap_or_default().to_string(),
-                "-f" => filter = tokens.next().map(str::to_string),
-                flag => {
-                    flags.insert(flag.to_string());
-                }
-            }
+    for r in parse_cangw_listing(&text) {
+        let mut options = format!("-s {} -d {} {}", r.src, r.dst, r.flags);
+        if let Some(f) = r.filter {
+            options.push_str(&format!(" -f {f}"));
         }
-        let mut text = format!(
-            "-s {src} -d {dst} {}",
-            flags.into_iter().collect::<Vec<_>>().join(" ")
-        );
-        if let Some(f) = filter {
-            text.push_str(&format!(" -f {f}"));
-        }
-        let numbers: Vec<u32> = counts
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        assert_eq!(numbers.len(), 3, "{line}");
+        assert_eq!(r.counts.len(), 3, "counts of {options} in:\n{text}");
         rules.push((
-            text,
+            options,
             Counters {
-                handled: numbers[0],
-                dropped: numbers[1],
-                deleted: numbers[2],
+                handled: r.counts[0],
+                dropped: r.counts[1],
+                deleted: r.counts[2],
             },
         ));
     }

@@ -16,7 +16,7 @@ use vcan_e2e::env::TestNode;
 use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::StartedPod;
 use vcan_e2e::{ContainerSpec, PodSpec};
-use vcan_test_support::{require_testbed, wait_for_can_listener};
+use vcan_test_support::{parse_cangw_listing, require_testbed, wait_for_can_listener};
 
 const STATE_DIR: &str = "/run/vcan-node/state";
 const BUS_A: &str = "socketcan.io/bus-a";
@@ -198,28 +198,12 @@ type RuleText = (String, String, String, Option<String>);
 fn cangw_rules(bus: &str) -> BTreeSet<RuleText> {
     let text = in_bus_ns(bus, "cangw", &["-L"]);
     let mut rules = BTreeSet::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let options = line.split(" # ").next().unwrap_or_default();
-        let mut tokens = options.split_whitespace().skip(2);
-        let (mut src, mut dst, mut filter) = (String::new(), String::new(), None);
-        let mut flags = BTreeSet::new();
-        while let Some(token) = tokens.next() {
-            match token {
-                "-s" => src = tokens.next().unwrap_or_default().to_string(),
-                "-d" => dst = tokens.next().unwrap_or_default().to_string(),
-                "-f" => filter = tokens.next().map(str::to_string),
-                flag => {
-                    flags.insert(flag.to_string());
-                }
-            }
-        }
-        let inserted = rules.insert((
-            src,
-            dst,
-            flags.into_iter().collect::<Vec<_>>().join(" "),
-            filter,
-        ));
-        assert!(inserted, "duplicate rule {line:?} in:\n{text}");
+    for r in parse_cangw_listing(&text) {
+        let rule = (r.src, r.dst, r.flags, r.filter);
+        assert!(
+            rules.insert(rule.clone()),
+            "duplicate rule {rule:?} in:\n{text}"
+        );
     }
     rules
 }

@@ -216,3 +216,58 @@ receive list 'rx_fil':
         assert!(msg.contains("`cargo xtask vm-test`"), "{msg}");
     }
 }
+
+/// One rule as `cangw -L` (can-utils) prints it, e.g.
+/// `cangw -A -s m0000 -d m0001 -X -i -f 123:C00007FF # 0 handled 0 dropped 0 deleted`: an
+/// independent reader of the kernel's can-gw rules.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CangwListed {
+    /// `-s`: the source interface.
+    pub src: String,
+    /// `-d`: the destination interface.
+    pub dst: String,
+    /// The other options (`-X`, `-i`, ...), sorted and space-separated.
+    pub flags: String,
+    /// `-f ID:MASK`, if the rule has a filter.
+    pub filter: Option<String>,
+    /// The numbers after `#`: handled, dropped, deleted.
+    pub counts: Vec<u32>,
+}
+
+/// Parses the non-empty lines of a `cangw -L` listing; panics on a line of another shape.
+pub fn parse_cangw_listing(text: &str) -> Vec<CangwListed> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (options, counts) = line.split_once(" # ").unwrap_or((line, ""));
+            let mut tokens = options.split_whitespace();
+            assert_eq!(
+                (tokens.next(), tokens.next()),
+                (Some("cangw"), Some("-A")),
+                "unexpected cangw -L line {line:?} in:\n{text}"
+            );
+            let (mut src, mut dst, mut filter) = (String::new(), String::new(), None);
+            let mut flags = std::collections::BTreeSet::new();
+            while let Some(token) = tokens.next() {
+                match token {
+                    "-s" => src = tokens.next().unwrap_or_default().to_string(),
+                    "-d" => dst = tokens.next().unwrap_or_default().to_string(),
+                    "-f" => filter = tokens.next().map(str::to_string),
+                    flag => {
+                        flags.insert(flag);
+                    }
+                }
+            }
+            CangwListed {
+                src,
+                dst,
+                flags: flags.into_iter().collect::<Vec<_>>().join(" "),
+                filter,
+                counts: counts
+                    .split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect(),
+            }
+        })
+        .collect()
+}
