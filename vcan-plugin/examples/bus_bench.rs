@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vcan_plugin::bus::{Bus, BusSpec, MemberConfig};
-use vcan_plugin::link::{CanMtu, Links, VcanSpec};
-use vcan_plugin::netns::{self, Netns};
-use vcan_plugin::podresources::PodRef;
+use vcan_plugin::kernel::link::{CanMtu, Links, VcanSpec};
+use vcan_plugin::kernel::netns::{self, Netns};
+use vcan_plugin::pod::resources::PodRef;
 
 /// Benchmark settings.
 #[derive(Debug, Parser)]

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vcan_plugin::ebpf::{Config, Counters, CountersSnapshot};
-use vcan_plugin::link::{CanMtu, Links, VcanSpec};
-use vcan_plugin::metrics::{self, Metrics, Snapshot};
-use vcan_plugin::netns::{self, Netns};
+use vcan_plugin::kernel::link::{CanMtu, Links, VcanSpec};
+use vcan_plugin::kernel::netns::{self, Netns};
+use vcan_plugin::telemetry::metrics::{self, Metrics, ResourceSample, Snapshot};
 
 /// Benchmark settings.
 #[derive(Debug, Parser)]
@@ -610,11 +610,14 @@ fn scrape(
     }
     let series = traffic.len();
     let snapshot = Snapshot {
-        devices: targets.len(),
-        healthy: targets.len(),
-        allocated: targets.len(),
-        pods_served: targets.len(),
-        registered: true,
+        resources: vec![ResourceSample {
+            resource: "socketcan.io/vcan".into(),
+            devices: targets.len(),
+            healthy: targets.len(),
+            allocated: targets.len(),
+            pods_served: targets.len(),
+            registered: true,
+        }],
         vcan_supported: true,
         traffic,
         buses: Vec::new(),
@@ -691,7 +694,7 @@ fn render_only(args: &Args, report: &mut Report) -> Result<(), String> {
     snap.egress.classic.bytes = 987_648;
     snap.egress.std_id = 123_456;
     snap.ingress = snap.egress;
-    let metrics = Metrics::new("socketcan.io/vcan", "clsact");
+    let metrics = Metrics::new(&["socketcan.io/vcan".into()], "clsact");
     timed_scrapes(
         report,
         "synthetic counters",
@@ -765,7 +768,10 @@ fn scrape_bench(args: &Args, counters: &Counters, report: &mut Report) -> Result
             counters.attach_mode()
         ));
 
-        let metrics = Metrics::new("socketcan.io/vcan", counters.attach_mode().as_str());
+        let metrics = Metrics::new(
+            &["socketcan.io/vcan".into()],
+            counters.attach_mode().as_str(),
+        );
         let targets: Vec<(String, String)> = attached
             .iter()
             .map(|(pod, att)| (pod.clone(), att.info.ifname.clone()))

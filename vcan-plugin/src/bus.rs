@@ -2,9 +2,9 @@
 //!
 //! Each bus named in the plugin's bus configuration is its own extended resource
 //! (`<domain>/bus-<name>`). A pod holding it gets one interface in its namespace: the pod end of a
-//! [`crate::vxcan`] pair whose other end (the *bus end*) lives in a network namespace the plugin
+//! [`crate::kernel::vxcan`] pair whose other end (the *bus end*) lives in a network namespace the plugin
 //! owns for that bus, bind-mounted under the state directory so it outlives plugin restarts. In
-//! that namespace [`crate::cangw`] rules forward every frame arriving on one bus end out of every
+//! that namespace [`crate::kernel::cangw`] rules forward every frame arriving on one bus end out of every
 //! other bus end.
 //!
 //! Topology: a full mesh of rules, one per ordered pair of members (and per frame kind on an FD
@@ -13,6 +13,9 @@
 //! A hub (every member forwarding to one end that forwards to everyone) needs two hops; the mesh
 //! needs one, never returns a frame to its sender and touches only the joining or leaving member's
 //! 2·(n−1) rules. n·(n−1) rules are few for the tens of members a node hosts (992 for 32).
+//!
+//! Every lock here belongs to one [`Bus`]: a join or leave on one bus never waits for another bus,
+//! nor for the pods with private interfaces.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,13 +23,13 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use crate::cangw::{Filter, Gateway, GatewayError, Rule};
-use crate::link::{self, CanMtu, LinkError, Links};
-use crate::netns::{self, Netns, NetnsError};
-use crate::pod_config::{self, PodConfigError};
-use crate::podresources::PodRef;
+use crate::kernel::cangw::{Filter, Gateway, GatewayError, ListedRule, Rule};
+use crate::kernel::link::{self, CanMtu, LinkError, Links};
+use crate::kernel::netns::{self, Netns, NetnsError};
+use crate::kernel::vxcan::{self, VxcanError, VxcanPair, VxcanSpec};
+use crate::pod::annotations::{self, PodConfigError};
+use crate::pod::resources::PodRef;
 use crate::resource::{ResourceName, ResourceNameError};
-use crate::vxcan::{self, VxcanError, VxcanPair, VxcanSpec};
 
 /// Members per node when the configuration does not say.
 pub const DEFAULT_MEMBERS: u32 = 32;
@@ -36,8 +39,13 @@ pub const DEFAULT_INTERFACE: &str = "can0";
 pub const RESOURCE_PREFIX: &str = "bus-";
 /// The annotation option (after the domain) holding a member's receive filters.
 pub const FILTER_OPTION: &str = "filter";
-/// Longest bus name: the resource name `bus-<name>` must leave room for device IDs.
-const MAX_NAME_LEN: usize = 54;
+/// Most receive filters one member may list. Each filter is one more rule from every other member
+/// (two on an FD bus), so filters multiply the bus's rules; and the overlap check compares every
+/// two filters of a member, which stays cheap up to this count.
+pub const MAX_FILTERS: usize = 64;
+/// Longest bus name. Kubernetes allows 63 characters after the domain: the device IDs
+/// `bus-<name>-NNNN` would allow 54, and the annotation `interface.<name>` 53.
+const MAX_NAME_LEN: usize = 63 - annotations::BUS_INTERFACE_OPTION.len();
 
 /// `CAN_EFF_FLAG`: the identifier is extended (29 bits).
 const CAN_EFF_FLAG: u32 = 0x8000_0000;
@@ -53,7 +61,8 @@ pub struct BusSpec {
     pub fd: bool,
     /// How many pods of the node can be members at once (the devices advertised).
     pub members: u32,
-    /// The interface name inside member pods, unless a pod's `names` annotation says otherwise.
+    /// The interface name inside member pods, unless a pod's annotations say otherwise (see
+    /// [`member_config`]).
     pub interface: String,
 }
 
@@ -123,8 +132,10 @@ struct RawBus {
     interface: Option<String>,
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// Whether `s` can name a bus: a DNS label of at most 53 characters.
+pub(crate) fn is_bus_name(s: &str) -> bool {
     !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
@@ -146,7 +157,7 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
             field,
             message,
         };
-        if !is_dns_label(&bus.name) || bus.name.len() > MAX_NAME_LEN {
+        if !is_bus_name(&bus.name) {
             return Err(field(
                 "name",
                 format!(
@@ -202,6 +213,19 @@ pub enum MemberConfigError {
     /// The same checks as for private interfaces (unknown option, bad name).
     #[error(transparent)]
     Pod(#[from] PodConfigError),
+    /// More filters than [`MAX_FILTERS`].
+    #[error(
+        "annotation {key} lists {count} filters, more than the {max} a member may have: combine \
+         filters with wider masks"
+    )]
+    TooManyFilters {
+        /// The annotation key.
+        key: String,
+        /// How many filters it lists.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A filter is not `ID:MASK` in hex.
     #[error(
         "annotation {key}: {entry:?} is not a filter: expected ID:MASK in hex, 3 digits for a \
@@ -260,8 +284,9 @@ fn overlap(a: &Filter, b: &Filter) -> bool {
 
 /// Works out a member's interface name and filters from its pod's `annotations` under `domain`.
 ///
-/// The first name of `<domain>/names` overrides the bus's interface name; `<domain>/filter` lists
-/// receive filters, comma-separated.
+/// The interface name is `<domain>/interface.<bus>` if set, else the first name of
+/// `<domain>/names` (one list for every resource of the pod, kept for pods on a single bus), else
+/// the bus's. `<domain>/filter` lists receive filters, comma-separated, at most [`MAX_FILTERS`].
 pub fn member_config(
     domain: &str,
     annotations: &HashMap<String, String>,
@@ -269,38 +294,105 @@ pub fn member_config(
 ) -> Result<MemberConfig, MemberConfigError> {
     // The shared checks (unknown options, valid names) as for the pod's private interfaces.
     // Any count of names works here: only the first one is used.
-    let named = pod_config::interfaces(domain, annotations, 64)?;
+    let named = annotations::interfaces(domain, annotations, 64)?;
+    let per_bus = annotations
+        .get(&annotations::bus_interface_key(domain, &bus.name))
+        .map(|v| v.trim().to_string());
     let explicit = annotations
         .get(&format!("{domain}/names"))
         .is_some_and(|v| v.split(',').any(|n| !n.trim().is_empty()));
-    let interface = match named.first() {
-        Some(spec) if explicit => spec.name.clone(),
+    let interface = match (per_bus, named.first()) {
+        (Some(name), _) => name,
+        (None, Some(spec)) if explicit => spec.name.clone(),
         _ => bus.interface.clone(),
     };
     let key = format!("{domain}/{FILTER_OPTION}");
-    let mut filters: Vec<(String, Filter)> = Vec::new();
-    for entry in annotations
+    let entries: Vec<&str> = annotations
         .get(&key)
         .map(|v| v.split(',').map(str::trim).filter(|e| !e.is_empty()))
         .into_iter()
         .flatten()
-    {
+        .collect();
+    if entries.len() > MAX_FILTERS {
+        return Err(MemberConfigError::TooManyFilters {
+            key,
+            count: entries.len(),
+            max: MAX_FILTERS,
+        });
+    }
+    let mut filters: Vec<(&str, Filter)> = Vec::with_capacity(entries.len());
+    for entry in entries {
         let filter = parse_filter(entry).ok_or_else(|| MemberConfigError::BadFilter {
             key: key.clone(),
             entry: entry.to_string(),
         })?;
+        // Every two filters are compared: at most 64·63/2 pairs, and overlapping is no
+        // equivalence that hashing could decide.
         if let Some((other, _)) = filters.iter().find(|(_, f)| overlap(f, &filter)) {
             return Err(MemberConfigError::Overlap {
                 key,
-                a: other.clone(),
+                a: other.to_string(),
                 b: entry.to_string(),
             });
         }
-        filters.push((entry.to_string(), filter));
+        filters.push((entry, filter));
     }
     Ok(MemberConfig {
         interface,
         filters: filters.into_iter().map(|(_, f)| f).collect(),
+    })
+}
+
+/// Counter slots the node needs at most: one per private device and one per possible member of
+/// each bus, as every interface the plugin serves gets its own eBPF counters.
+pub fn slots_needed(private_devices: u32, buses: &[BusSpec]) -> u64 {
+    u64::from(private_devices) + buses.iter().map(|b| u64::from(b.members)).sum::<u64>()
+}
+
+/// The configuration needs more counter slots than the node's eBPF maps hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "--devices {devices}{} need {needed} counter slots, the node has {capacity}: lower \
+     --devices{}",
+    describe_members(.members),
+    if .members.is_empty() { "" } else { " or buses[].members in the bus configuration" }
+)]
+pub struct CapacityError {
+    /// Private devices (`--devices`).
+    pub devices: u32,
+    /// Members of each bus, in configuration order.
+    pub members: Vec<u32>,
+    /// Slots needed.
+    pub needed: u64,
+    /// Slots the node has.
+    pub capacity: u32,
+}
+
+fn describe_members(members: &[u32]) -> String {
+    if members.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = members.iter().map(u32::to_string).collect();
+    format!(" plus bus members {}", list.join("+"))
+}
+
+/// Fails when the private devices and the buses' members together need more counter slots than
+/// `capacity` (the eBPF maps' `MAX_SLOTS`): the interfaces beyond it would otherwise be refused
+/// one by one at PreStart, long after the plugin started and advertised them.
+pub fn check_capacity(
+    private_devices: u32,
+    buses: &[BusSpec],
+    capacity: u32,
+) -> Result<(), CapacityError> {
+    let needed = slots_needed(private_devices, buses);
+    if needed <= u64::from(capacity) {
+        return Ok(());
+    }
+    Err(CapacityError {
+        devices: private_devices,
+        members: buses.iter().map(|b| b.members).collect(),
+        needed,
+        capacity,
     })
 }
 
@@ -323,6 +415,22 @@ pub enum BusError {
         ns: String,
         /// What failed.
         source: NetnsError,
+    },
+    /// The member's interface name is already taken in its pod: by the interface of another bus,
+    /// a private vcan or anything else that is not this bus's pair.
+    #[error(
+        "interface {interface} is already used in the pod by another bus or a private interface \
+         ({holder}): set annotation {annotation} to a different name"
+    )]
+    InterfaceInUse {
+        /// The bus.
+        bus: String,
+        /// The interface name.
+        interface: String,
+        /// What has the name, e.g. "a vcan interface".
+        holder: String,
+        /// The annotation choosing the member's interface name on this bus.
+        annotation: String,
     },
     /// The vxcan pair could not be made, found or deleted.
     #[error("bus {bus}: {source}")]
@@ -365,16 +473,25 @@ pub struct Member {
     pub filters: Vec<Filter>,
 }
 
-/// Frames the bus's rules have forwarded and dropped, and its members, read now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A bus's members and frame totals, read now ([`Bus::stats`]).
+#[derive(Debug)]
 pub struct BusStats {
-    /// Members known to the plugin.
+    /// Members known to the plugin; known even when the counters cannot be read.
     pub members: usize,
+    /// The frame totals, or why they could not be read. There is deliberately no default: zeros
+    /// standing in for a failed read would look like a counter reset to Prometheus.
+    pub frames: Result<FrameTotals, BusError>,
+}
+
+/// Frames a bus's rules have forwarded and dropped since the plugin started, current rules and
+/// rules since deleted together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameTotals {
     /// Rules in the bus namespace.
     pub rules: usize,
-    /// Frames forwarded, summed over the current rules (can-gw's 32-bit counters, widened).
+    /// Frames forwarded (can-gw's 32-bit counters, widened).
     pub forwarded: u64,
-    /// Frames dropped, summed over the current rules.
+    /// Frames dropped.
     pub dropped: u64,
 }
 
@@ -389,13 +506,16 @@ pub struct Bus {
     /// Held shared by joins while they use the namespace, exclusively to remove it.
     namespace: tokio::sync::RwLock<()>,
     /// Serialises the rule changes of joins and leaves: a member's rules are computed from the
-    /// others', so two joins must not interleave there. Pair creation and counter attachment, the
-    /// slow parts of a join, run outside it; other buses and private pods never wait on it.
+    /// others', so two joins must not interleave there, and [`crate::kernel::cangw`] leaves serialising
+    /// its list-then-change sequences to its callers (can-gw would take a rule added twice).
+    /// Pair creation and counter attachment, the slow parts of a join, run outside it; other
+    /// buses and private pods never wait on it.
     rules: tokio::sync::Mutex<()>,
     /// Serialises creating the namespace (two joins must not mount two namespaces on one file).
     creating: Mutex<()>,
     /// Counters of the rules as last read, and the sums of rules since deleted, so the bus
-    /// totals do not go down when members leave.
+    /// totals do not go down when members leave. Held from listing the rules until their counts
+    /// are recorded: a listing recorded after a newer one would look like a wrap-around.
     counted: Mutex<Counted>,
 }
 
@@ -404,6 +524,49 @@ pub struct Bus {
 struct Counted {
     last_seen: HashMap<Rule, Seen>,
     retired: (u64, u64),
+}
+
+impl Counted {
+    /// Records the rules' counters as read now. With `complete`, `listed` is every rule of the
+    /// bus, and rules seen before but missing now (deleted, by the plugin or by the kernel with
+    /// their interface) have their last counts added to the retired sums.
+    fn note(&mut self, listed: &[ListedRule], complete: bool) {
+        let now: HashMap<Rule, (u32, u32)> = listed
+            .iter()
+            .filter(|l| !l.foreign)
+            .map(|l| (l.rule, (l.counters.handled, l.counters.dropped)))
+            .collect();
+        if complete {
+            let retired = &mut self.retired;
+            self.last_seen.retain(|rule, seen| {
+                let keep = now.contains_key(rule);
+                if !keep {
+                    retired.0 += seen.total.0;
+                    retired.1 += seen.total.1;
+                }
+                keep
+            });
+        }
+        for (rule, raw) in now {
+            self.last_seen
+                .entry(rule)
+                .and_modify(|seen| seen.advance(raw))
+                .or_insert_with(|| Seen::new(raw));
+        }
+    }
+
+    fn totals(&self) -> FrameTotals {
+        let mut totals = FrameTotals {
+            rules: self.last_seen.len(),
+            forwarded: self.retired.0,
+            dropped: self.retired.1,
+        };
+        for seen in self.last_seen.values() {
+            totals.forwarded += seen.total.0;
+            totals.dropped += seen.total.1;
+        }
+        totals
+    }
 }
 
 /// One rule's counters: the kernel's 32-bit values as last read, and the 64-bit totals they add
@@ -490,6 +653,11 @@ impl Bus {
 
     fn lock_members(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_counted(&self) -> std::sync::MutexGuard<'_, Counted> {
+        // Counted's updates cannot panic halfway, so a poisoned lock is still usable.
+        self.counted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The members, sorted by pod.
@@ -590,19 +758,44 @@ impl Bus {
                 source,
             })?;
         }
-        vxcan::ensure(
-            pod_ns,
-            &ns,
-            &VxcanSpec {
-                name: interface.to_string(),
-                peer_name: bus_end.to_string(),
-                mtu: self.spec.mtu(),
+        let spec = VxcanSpec {
+            name: interface.to_string(),
+            peer_name: bus_end.to_string(),
+            mtu: self.spec.mtu(),
+        };
+        match vxcan::ensure(pod_ns, &ns, &spec) {
+            // The bus end is named after the device, which the kubelet gives one pod at a time:
+            // a bus end of that name is what is left of the device's previous holder, whose
+            // namespace the kernel has not finished tearing down (or a member deleted while the
+            // plugin was down). Deleting it takes its pair and its rules with it.
+            Err(VxcanError::Link(crate::kernel::link::LinkError::NameTaken { name, .. }))
+                if name == bus_end =>
+            {
+                tracing::info!(bus = %self.spec.name, bus_end, "removing the bus end left by the device's previous holder");
+                vxcan::delete(&ns, bus_end).map_err(|source| self.vxcan_error(source))?;
+                vxcan::ensure(pod_ns, &ns, &spec)
+            }
+            other => other,
+        }
+        .map_err(|source| self.vxcan_error(source))
+    }
+
+    /// A taken interface name in the pod becomes an error naming the annotation to set; the
+    /// annotation cannot help with `ensure`'s other errors, which concern the bus end or the
+    /// node.
+    fn vxcan_error(&self, source: VxcanError) -> BusError {
+        match source {
+            VxcanError::NameInUse { name, holder, .. } => BusError::InterfaceInUse {
+                bus: self.spec.name.clone(),
+                interface: name,
+                holder,
+                annotation: annotations::bus_interface_key(self.resource.domain(), &self.spec.name),
             },
-        )
-        .map_err(|source| BusError::Vxcan {
-            bus: self.spec.name.clone(),
-            source,
-        })
+            source => BusError::Vxcan {
+                bus: self.spec.name.clone(),
+                source,
+            },
+        }
     }
 
     /// Adds the rules between `me` and every other member and records `me` (with the rules lock).
@@ -661,11 +854,14 @@ impl Bus {
             let ends = self.bus_ends()?;
             if ends.get(&member.bus_end) == Some(&member.bus_index) {
                 let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
-                // The final counts of the rules about to go, for the bus totals.
+                // The final counts of the rules about to go, for the bus totals, recorded before
+                // a scrape can record an older listing of them.
+                let mut counted = self.lock_counted();
                 let listed = gw.list().map_err(|e| self.gateway_error(e))?;
-                self.note_counters(&listed, false);
+                counted.note(&listed, false);
                 gw.delete_interface(member.bus_index)
                     .map_err(|e| self.gateway_error(e))?;
+                drop(counted);
                 vxcan::delete(&self.ns(), &member.bus_end).map_err(|source| BusError::Vxcan {
                     bus: self.spec.name.clone(),
                     source,
@@ -673,39 +869,6 @@ impl Bus {
             }
         }
         Ok(Some(member))
-    }
-
-    /// Records the rules' counters as read now. With `complete`, `listed` is every rule of the
-    /// bus, and rules seen before but missing now (deleted, by the plugin or by the kernel with
-    /// their interface) have their last counts added to the retired sums.
-    fn note_counters(&self, listed: &[crate::cangw::ListedRule], complete: bool) {
-        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
-        let now: HashMap<Rule, (u32, u32)> = listed
-            .iter()
-            .filter(|l| !l.foreign)
-            .map(|l| (l.rule, (l.counters.handled, l.counters.dropped)))
-            .collect();
-        if complete {
-            let gone: Vec<Rule> = counted
-                .last_seen
-                .keys()
-                .filter(|rule| !now.contains_key(rule))
-                .copied()
-                .collect();
-            for rule in gone {
-                if let Some(seen) = counted.last_seen.remove(&rule) {
-                    counted.retired.0 += seen.total.0;
-                    counted.retired.1 += seen.total.1;
-                }
-            }
-        }
-        for (rule, raw) in now {
-            counted
-                .last_seen
-                .entry(rule)
-                .and_modify(|seen| seen.advance(raw))
-                .or_insert_with(|| Seen::new(raw));
-        }
     }
 
     /// Destroys the bus namespace if no member is known and no bus end is left in it (blocking;
@@ -739,27 +902,27 @@ impl Bus {
     /// just before the plugin deletes a member's rules), so they only go down when the plugin
     /// restarts or a member's pod goes away between a scrape and its last frames (Prometheus
     /// takes a decrease for a counter reset). The kernel's counters are 32 bits wide.
-    pub fn stats(&self) -> Result<BusStats, BusError> {
+    ///
+    /// When the rules cannot be listed, [`BusStats::frames`] is the error and nothing is recorded:
+    /// the rules seen before are neither forgotten nor counted as deleted.
+    pub fn stats(&self) -> BusStats {
+        let members = self.lock_members().len();
+        BusStats {
+            members,
+            frames: self.frame_totals(),
+        }
+    }
+
+    fn frame_totals(&self) -> Result<FrameTotals, BusError> {
+        let mut counted = self.lock_counted();
         let listed = if self.ns_path.exists() {
             let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
             gw.list().map_err(|e| self.gateway_error(e))?
         } else {
             Vec::new()
         };
-        self.note_counters(&listed, true);
-        let counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stats = BusStats {
-            members: self.lock_members().len(),
-            forwarded: counted.retired.0,
-            dropped: counted.retired.1,
-            rules: 0,
-        };
-        for seen in counted.last_seen.values() {
-            stats.rules += 1;
-            stats.forwarded += seen.total.0;
-            stats.dropped += seen.total.1;
-        }
-        Ok(stats)
+        counted.note(&listed, true);
+        Ok(counted.totals())
     }
 }
 
@@ -853,8 +1016,8 @@ mod tests {
             (r#"{"buses":[{"name":"a","fd":"yes"}]}"#, "not valid"),
             (r#"{"busses":[]}"#, "busses"),
             (
-                &format!(r#"{{"buses":[{{"name":"{}"}}]}}"#, "a".repeat(55)),
-                "name",
+                &format!(r#"{{"buses":[{{"name":"{}"}}]}}"#, "a".repeat(54)),
+                "1 to 53 characters",
             ),
         ];
         for (text, expected) in cases {
@@ -929,6 +1092,322 @@ mod tests {
             &b,
         )
         .expect("disjoint");
+    }
+
+    #[test]
+    fn the_longest_bus_name_still_makes_valid_annotation_keys_and_device_ids() {
+        let name = "a".repeat(MAX_NAME_LEN);
+        let buses = parse(&format!(r#"{{"buses":[{{"name":"{name}"}}]}}"#), "cfg").expect("valid");
+        let key = annotations::bus_interface_key("socketcan.io", &buses[0].name);
+        let (_, option) = key.split_once('/').expect("domain/name");
+        assert!(
+            option.len() <= 63,
+            "{option} is {} characters",
+            option.len()
+        );
+        assert!(format!("{RESOURCE_PREFIX}{name}-0001").len() <= 63);
+    }
+
+    #[test]
+    fn at_most_64_filters_and_the_error_says_how_many() {
+        let list = |n: u32| -> String {
+            (0..n)
+                .map(|i| format!("{i:03X}:7FF"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let b = bus(true);
+        let m = member_config(
+            "socketcan.io",
+            &ann(&[("socketcan.io/filter", &list(64))]),
+            &b,
+        )
+        .expect("64 disjoint filters");
+        assert_eq!(m.filters.len(), MAX_FILTERS);
+        let err = member_config(
+            "socketcan.io",
+            &ann(&[("socketcan.io/filter", &list(65))]),
+            &b,
+        )
+        .expect_err("65 filters");
+        assert_eq!(
+            err,
+            MemberConfigError::TooManyFilters {
+                key: "socketcan.io/filter".into(),
+                count: 65,
+                max: 64
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "annotation socketcan.io/filter lists 65 filters, more than the 64 a member may have: \
+             combine filters with wider masks"
+        );
+        // Counted before anything is parsed: a long list is refused as such, whatever it holds.
+        let junk = vec!["x"; 100].join(",");
+        let err = member_config("socketcan.io", &ann(&[("socketcan.io/filter", &junk)]), &b)
+            .expect_err("100 entries");
+        assert!(
+            matches!(err, MemberConfigError::TooManyFilters { count: 100, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn each_bus_takes_its_own_interface_annotation_first() {
+        let pt = bus(true);
+        let body = BusSpec {
+            name: "body".into(),
+            ..bus(false)
+        };
+        let a = ann(&[
+            ("socketcan.io/interface.body", "can1"),
+            ("socketcan.io/names", "pt"),
+        ]);
+        assert_eq!(
+            member_config("socketcan.io", &a, &body)
+                .expect("valid")
+                .interface,
+            "can1"
+        );
+        // Not this bus's key: `names` applies as before.
+        assert_eq!(
+            member_config("socketcan.io", &a, &pt)
+                .expect("valid")
+                .interface,
+            "pt"
+        );
+        let only_other = ann(&[("socketcan.io/interface.body", "can1")]);
+        assert_eq!(
+            member_config("socketcan.io", &only_other, &pt)
+                .expect("valid")
+                .interface,
+            "can0"
+        );
+        let err = member_config(
+            "socketcan.io",
+            &ann(&[("socketcan.io/interface.body", "no/slash")]),
+            &pt,
+        )
+        .expect_err("invalid name on any bus");
+        assert!(
+            err.to_string()
+                .starts_with("annotation socketcan.io/interface.body: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_name_taken_in_the_pod_names_the_annotation_to_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = Bus::new(
+            BusSpec {
+                name: "body".into(),
+                ..bus(false)
+            },
+            "socketcan.io",
+            dir.path(),
+        )
+        .expect("valid");
+        let err = body.vxcan_error(VxcanError::NameInUse {
+            name: "can0".into(),
+            ns: "/proc/7/ns/net".into(),
+            holder: "a vxcan pair whose other end is in another namespace, not /run/x".into(),
+        });
+        assert!(matches!(err, BusError::InterfaceInUse { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "interface can0 is already used in the pod by another bus or a private interface (a \
+             vxcan pair whose other end is in another namespace, not /run/x): set annotation \
+             socketcan.io/interface.body to a different name"
+        );
+        // Errors about the bus end or the node are not the pod's to fix by annotation.
+        let err = body.vxcan_error(VxcanError::VxcanUnsupported);
+        assert!(matches!(err, BusError::Vxcan { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn joining_with_a_name_the_pod_already_uses_names_the_annotation() {
+        // Every namespace has a `lo`, and finding it needs neither vxcan nor can-gw.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pod_ns = dir.path().join("pod");
+        netns::create_persistent(&pod_ns).expect("pod namespace (needs root)");
+        let bus = Arc::new(Bus::new(bus(true), "socketcan.io", dir.path()).expect("valid"));
+        let pod = PodRef {
+            namespace: "default".into(),
+            name: "x".into(),
+        };
+        let config = MemberConfig {
+            interface: "lo".into(),
+            filters: vec![],
+        };
+        let joined = bus
+            .join(
+                &pod,
+                "sandbox",
+                &Netns::Path(pod_ns.clone()),
+                "m0000",
+                &config,
+            )
+            .await;
+        let left = bus.leave(vec![]).await;
+        netns::remove_persistent(&pod_ns).expect("remove the pod namespace");
+        let err = joined.expect_err("lo is taken");
+        assert_eq!(
+            err.to_string(),
+            "interface lo is already used in the pod by another bus or a private interface (an \
+             interface of unknown kind): set annotation socketcan.io/interface.powertrain to a \
+             different name"
+        );
+        assert!(left.expect("leave").is_empty());
+        assert!(
+            !bus.namespace().exists(),
+            "the bus namespace went with the last member"
+        );
+    }
+
+    fn listed(rule: Rule, handled: u32, dropped: u32) -> ListedRule {
+        ListedRule {
+            rule,
+            counters: crate::kernel::cangw::Counters {
+                handled,
+                dropped,
+                deleted: 0,
+            },
+            foreign: false,
+        }
+    }
+
+    #[test]
+    fn deleted_rules_keep_counting_in_the_totals() {
+        let (a, b) = (Rule::classic(2, 3), Rule::classic(3, 2));
+        let mut counted = Counted::default();
+        counted.note(&[listed(a, 10, 1), listed(b, 5, 0)], true);
+        assert_eq!(
+            counted.totals(),
+            FrameTotals {
+                rules: 2,
+                forwarded: 15,
+                dropped: 1
+            }
+        );
+        // A leave reads b's final counts, then b is deleted.
+        counted.note(&[listed(a, 11, 1), listed(b, 7, 0)], false);
+        counted.note(&[listed(a, 12, 1)], true);
+        assert_eq!(
+            counted.totals(),
+            FrameTotals {
+                rules: 1,
+                forwarded: 19,
+                dropped: 1
+            }
+        );
+        let foreign = ListedRule {
+            foreign: true,
+            ..listed(Rule::classic(4, 2), 1000, 0)
+        };
+        counted.note(&[listed(a, 12, 1), foreign], true);
+        assert_eq!(counted.totals().forwarded, 19);
+    }
+
+    #[test]
+    fn a_failed_read_gives_an_error_not_zeros_and_forgets_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bus = Bus::new(bus(true), "socketcan.io", dir.path()).expect("valid");
+        {
+            let mut counted = bus.lock_counted();
+            counted.retired = (100, 2);
+            counted.note(&[listed(Rule::classic(2, 3), 7, 1)], false);
+        }
+        // A namespace file that is no namespace: the rules cannot be listed.
+        std::fs::create_dir_all(dir.path().join("buses")).expect("mkdir");
+        std::fs::write(bus.namespace(), b"").expect("placeholder");
+        let stats = bus.stats();
+        assert_eq!(stats.members, 0);
+        let err = stats.frames.expect_err("unreadable");
+        assert!(matches!(err, BusError::Gateway { .. }), "{err}");
+        assert_eq!(bus.lock_counted().last_seen.len(), 1, "nothing retired");
+
+        // Without a namespace there are no rules: the last one retires and the totals stay.
+        std::fs::remove_file(bus.namespace()).expect("rm");
+        let frames = bus.stats().frames.expect("no namespace, no rules");
+        assert_eq!(
+            frames,
+            FrameTotals {
+                rules: 0,
+                forwarded: 107,
+                dropped: 3
+            }
+        );
+    }
+
+    #[test]
+    fn capacity_counts_private_devices_and_every_possible_member() {
+        let buses = [
+            bus(true),
+            BusSpec {
+                name: "body".into(),
+                members: 9999,
+                ..bus(false)
+            },
+        ];
+        assert_eq!(slots_needed(100, &buses), 10_131);
+        assert_eq!(slots_needed(0, &[]), 0);
+        assert_eq!(slots_needed(u32::MAX, &buses), u64::from(u32::MAX) + 10_031);
+        check_capacity(4096 - 32, &buses[..1], 4096).expect("exactly full");
+        let err = check_capacity(100, &buses, 4096).expect_err("too many");
+        assert_eq!(
+            err.to_string(),
+            "--devices 100 plus bus members 32+9999 need 10131 counter slots, the node has 4096: \
+             lower --devices or buses[].members in the bus configuration"
+        );
+        let err = check_capacity(5000, &[], 4096).expect_err("too many devices");
+        assert_eq!(
+            err.to_string(),
+            "--devices 5000 need 5000 counter slots, the node has 4096: lower --devices"
+        );
+    }
+
+    /// The JSON of the first ```json block after `heading` in `markdown`.
+    fn json_after(markdown: &str, heading: &str) -> String {
+        let (_, rest) = markdown.split_once(heading).expect("heading");
+        let (_, block) = rest.split_once("```json\n").expect("json block");
+        block.split_once("```").expect("closed").0.to_string()
+    }
+
+    #[test]
+    fn the_shipped_examples_give_each_bus_its_own_interface_name() {
+        let yaml = include_str!("../../deploy/components/shared-buses/configmap.yaml");
+        let (_, json) = yaml.split_once("buses.json: |\n").expect("buses.json");
+        let readme = include_str!("../../README.md");
+        for (what, json) in [
+            ("configmap", json.to_string()),
+            ("README", json_after(readme, "## Shared buses")),
+        ] {
+            let buses = parse(&json, what).expect(what);
+            assert!(buses.len() >= 2, "{what}");
+            let mut names: Vec<&str> = buses.iter().map(|b| b.interface.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), buses.len(), "{what}: {json}");
+        }
+    }
+
+    #[test]
+    fn no_lock_is_shared_by_every_bus() {
+        // A static lock would make each bus wait for the others' joins and leaves.
+        for (file, source) in [
+            ("bus.rs", include_str!("bus.rs")),
+            ("kernel/cangw.rs", include_str!("kernel/cangw.rs")),
+        ] {
+            for line in source.lines().map(str::trim_start) {
+                let item = line
+                    .strip_prefix("pub ")
+                    .or_else(|| line.strip_prefix("pub(crate) "))
+                    .unwrap_or(line);
+                assert!(!item.starts_with("static "), "{file}: {line}");
+            }
+        }
     }
 
     #[test]

@@ -1,27 +1,23 @@
-//! vcan-plugin: a Kubernetes device plugin that gives pods virtual SocketCAN (`vcan`) interfaces.
+//! vcan-plugin: a Kubernetes device plugin that gives pods virtual SocketCAN interfaces.
 //!
-//! The modules follow the data: the kubelet calls the device-plugin API ([`kubelet`]); the
-//! [`injector`] finds the pod holding the allocated devices ([`podresources`]) and its sandbox's
-//! network namespace ([`runtime`]), reads its annotations ([`pod_config`]) and creates the pod's
-//! interfaces there ([`link`], inside the namespace via [`netns`]) before the pod's containers start.
+//! The modules follow the data: the kubelet calls the device-plugin API ([`kubelet`]); a
+//! [`serve::ResourceServer`] per resource finds the pod holding the allocated devices and its
+//! sandbox ([`pod`]) and has its [`serve::Provision`] make the pod's interfaces — private vcans or
+//! membership of a shared [`bus`] — with the [`kernel`]'s interfaces before the pod's containers start; [`ebpf`] counts their frames and
+//! [`telemetry`] reports. [`daemon`] wires it together, [`node`] is the state scrapes read.
 
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod bus;
-pub mod cangw;
 pub mod config;
+pub mod daemon;
 pub mod ebpf;
-pub mod health;
-pub mod injector;
+pub mod kernel;
 pub mod kubelet;
-pub mod link;
-pub mod metrics;
-pub mod netlink;
-pub mod netns;
-pub mod pod_config;
-pub mod podresources;
+pub mod node;
+pub mod pod;
 pub mod resource;
-pub mod runtime;
+pub mod serve;
+pub mod telemetry;
 pub mod uds;
-pub mod vxcan;

@@ -7,11 +7,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use vcan_plugin::cangw::{Gateway, GatewayError};
-use vcan_plugin::health::{self, Health};
-use vcan_plugin::link::CanMtu;
-use vcan_plugin::netns::Netns;
-use vcan_plugin::vxcan::{self, VxcanError, VxcanSpec};
+use vcan_plugin::kernel::cangw::{Gateway, GatewayError};
+use vcan_plugin::kernel::link::CanMtu;
+use vcan_plugin::kernel::netns::Netns;
+use vcan_plugin::kernel::vxcan::{self, VxcanError, VxcanSpec};
+use vcan_plugin::telemetry::health::{self, Health};
 use vcan_test_support::{NetnsFixture, require_testbed};
 
 const MODPROBE_KNOB: &str = "/proc/sys/kernel/modprobe";

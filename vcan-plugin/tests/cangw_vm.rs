@@ -19,10 +19,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use vcan_plugin::cangw::{self, Counters, Gateway, GatewayError, Rule};
-use vcan_plugin::link::{CanMtu, LinkError};
-use vcan_plugin::netns::{Netns, NetnsError};
-use vcan_plugin::vxcan::{self, VxcanError, VxcanPair, VxcanSpec};
+use vcan_plugin::kernel::cangw::{self, Counters, Gateway, GatewayError, Rule};
+use vcan_plugin::kernel::link::{CanMtu, LinkError};
+use vcan_plugin::kernel::netns::{Netns, NetnsError};
+use vcan_plugin::kernel::vxcan::{self, VxcanError, VxcanPair, VxcanSpec};
 use vcan_test_support::{
     IP, NetnsFixture, parse_cangw_listing, require_testbed, run_in_netns, wait_for_can_listener,
 };
@@ -591,9 +591,15 @@ fn cangw_vxcan_pairs_are_idempotent_and_conflicts_are_errors() {
         vxcan::ensure(&na, &nb, &spec("can0", "busX", CanMtu::Fd)).expect_err("peer name"),
         "\"busA1\"",
     );
-    conflict(
-        vxcan::ensure(&na, &nc, &fd_spec).expect_err("peer namespace"),
-        "its peer is not in",
+    let err = vxcan::ensure(&na, &nc, &fd_spec).expect_err("peer namespace");
+    assert!(
+        matches!(&err, VxcanError::NameInUse { name, .. } if name == "can0"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("other end is in another namespace"),
+        "{err}"
     );
 
     // busA1 is taken in B by the first pair; dummy0 in A is not a vxcan.
@@ -605,7 +611,7 @@ fn cangw_vxcan_pairs_are_idempotent_and_conflicts_are_errors() {
     a.ip(&["link", "add", "dummy0", "type", "dummy"]);
     let err = vxcan::ensure(&na, &nc, &spec("dummy0", "busY", CanMtu::Fd)).expect_err("dummy");
     assert!(
-        matches!(&err, VxcanError::Link(LinkError::NameTaken { kind, .. }) if kind == "dummy"),
+        matches!(&err, VxcanError::NameInUse { holder, .. } if holder == "a dummy interface"),
         "{err}"
     );
     let err = vxcan::delete(&na, "dummy0").expect_err("not a vxcan");

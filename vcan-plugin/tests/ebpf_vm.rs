@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use vcan_plugin::ebpf::{
     AttachMode, Config, Counters, CountersSnapshot, DirectionCounts, KindCounts,
 };
-use vcan_plugin::link::{CanMtu, Links, VcanSpec};
-use vcan_plugin::netns::Netns;
+use vcan_plugin::kernel::link::{CanMtu, Links, VcanSpec};
+use vcan_plugin::kernel::netns::Netns;
 use vcan_test_support::{NetnsFixture, require_testbed, run_in_netns};
 
 /// The tests share the kernel's BPF state and the flood measurement wants a quiet machine: run

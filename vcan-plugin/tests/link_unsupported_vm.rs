@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use vcan_plugin::link::{CanMtu, LinkError, Links, VcanSpec};
-use vcan_plugin::netns::Netns;
+use vcan_plugin::kernel::link::{CanMtu, LinkError, Links, VcanSpec};
+use vcan_plugin::kernel::netns::Netns;
 use vcan_test_support::{NetnsFixture, require_testbed};
 
 const MODPROBE_KNOB: &str = "/proc/sys/kernel/modprobe";

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vcan_plugin::link::{CanMtu, LinkError, Links, VcanSpec};
-use vcan_plugin::netns::{self, Netns};
+use vcan_plugin::kernel::link::{CanMtu, LinkError, Links, VcanSpec};
+use vcan_plugin::kernel::netns::{self, Netns};
 use vcan_test_support::{IP, NetnsFixture, require_testbed, wait_for_can_listener};
 
 const BIND_TIMEOUT: Duration = Duration::from_secs(20);

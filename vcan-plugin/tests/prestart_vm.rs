@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use common::{Harness, start_kubelet};
 use vcan_plugin::api::deviceplugin::v1beta1::PreStartContainerRequest;
-use vcan_plugin::health::{self, Health};
-use vcan_plugin::link::Links;
-use vcan_plugin::netns::Netns;
+use vcan_plugin::kernel::link::Links;
+use vcan_plugin::kernel::netns::Netns;
+use vcan_plugin::telemetry::health::{self, Health};
 use vcan_test_support::{NetnsFixture, require_testbed};
 
 fn ids(list: &[&str]) -> Vec<String> {
@@ -76,7 +76,7 @@ async fn prestart_creates_the_pods_named_fd_interfaces_once_for_all_containers()
         .await
         .expect("restarted container");
     assert_eq!(vcans(&fx), expected);
-    assert_eq!(h.injector.served().len(), 1);
+    assert_eq!(h.server.served().len(), 1);
 
     // A classic-only pod with default names.
     let classic = NetnsFixture::new();
@@ -105,17 +105,29 @@ async fn prestart_creates_the_pods_named_fd_interfaces_once_for_all_containers()
         ]
     );
 
-    // After a plugin restart, recovery adopts both pods from the kubelet and the runtime.
-    let adopted = h.injector.recover().await.expect("recover");
-    assert_eq!(adopted, 2);
-
-    // A pod that went away is forgotten.
-    h.pod_resources.remove_pod("default", "classic");
-    let gone = h.injector.reconcile().await.expect("reconcile");
-    assert_eq!(gone.len(), 1);
-    assert_eq!(gone[0].pod.name, "classic");
-    assert_eq!(h.injector.served().len(), 1);
+    // A plugin restart: the registration stops, a process with nothing in memory starts and its
+    // first pass adopts both pods from the kubelet and the runtime.
     stop.cancel();
+    let restarted = h.fresh_server();
+    assert!(restarted.served().is_empty());
+    let pass = restarted.reconcile().await;
+    assert_eq!(pass.adopted.len(), 2, "{pass:?}");
+    assert_eq!(restarted.served().len(), 2);
+    assert_eq!(vcans(&fx), expected, "adoption changes nothing in the pods");
+
+    // Missing from PodResources while the sandbox runs: nothing is released.
+    h.pod_resources.remove_pod("default", "classic");
+    let pass = restarted.reconcile().await;
+    assert!(pass.released.is_empty(), "{pass:?}");
+    assert_eq!(restarted.served().len(), 2);
+
+    // The sandbox goes (the runtime forgets it, its namespace is deleted): released.
+    h.runtime.remove("default", "classic");
+    drop(classic);
+    let pass = restarted.reconcile().await;
+    assert_eq!(pass.released.len(), 1, "{pass:?}");
+    assert_eq!(pass.released[0].pod.name, "classic");
+    assert_eq!(restarted.served().len(), 1);
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! `cargo xtask demo` and `cargo xtask bench`: the demo node and the PreStart latency benchmark,
-//! both run by host-built binaries inside the CAN test-bed VM.
+//! both run by host-built binaries inside the CAN test-bed VM. Both first install whatever Debian
+//! packages are missing (`cargo xtask setup`): building the plugin needs clang-19 and libbpf-dev,
+//! the test-bed qemu, busybox and the rest, so on a fresh machine they are the first command.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{images, util, vm};
+use crate::{images, setup, util, vm};
 
 /// Builds the daemon and the e2e binaries in `profile` (`dev` or `release`).
 fn build(profile: &str) -> Result<()> {
@@ -35,6 +37,8 @@ fn run_binary(
     timeout: Duration,
     vm: vm::VmOptions,
 ) -> Result<()> {
+    // Only missing packages are installed; with all present this is a dpkg query per package.
+    setup::setup().context("installing the Debian packages the build and the VM need failed")?;
     build(profile)?;
     let dir = util::target_dir().join(if profile == "dev" { "debug" } else { profile });
     let path = |bin: &str| -> Result<String> {

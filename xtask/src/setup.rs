@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: installs the Debian packages the project's builds and tests need.
+//! `cargo xtask setup`: installs the Debian packages the project's builds and tests need. `cargo
+//! xtask ci`, `cargo xtask demo` and `cargo xtask bench` run it first.
 
 use std::process::{Command, Stdio};
 

@@ -737,7 +737,7 @@ impl Cri {
             .info
             .get("info")
             .with_context(|| format!("verbose PodSandboxStatus {sandbox_id} has no `info`"))?;
-        vcan_plugin::runtime::netns_from_info(info)
+        vcan_plugin::pod::runtime::netns_from_info(info)
             .map_err(|why| anyhow::anyhow!("sandbox {sandbox_id}: {why}"))
     }
 

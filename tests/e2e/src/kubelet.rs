@@ -4,7 +4,6 @@
 //! serve a fresh `kubelet.sock`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +40,8 @@ pub const PRESTART_TIMEOUT: Duration = Duration::from_secs(30);
 /// A registered plugin as the device manager sees it.
 #[derive(Debug, Clone)]
 struct Endpoint {
+    /// The socket file name the plugin registered.
+    endpoint: String,
     client: DevicePluginClient<Channel>,
     options: DevicePluginOptions,
     /// Device ID → healthy, from the latest ListAndWatch snapshot.
@@ -78,6 +79,10 @@ struct State {
     endpoints: HashMap<String, Endpoint>,
     pods: Vec<PodAllocation>,
     generation: u64,
+    /// While set, PodResources lists no pod, as a restarted kubelet does until it re-syncs.
+    listing_empty: bool,
+    /// Cancelled when the kubelet process "dies": every ListAndWatch stream closes with it.
+    life: CancellationToken,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -95,22 +100,40 @@ struct RegistrationService {
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<Empty>, Status> {
-        let request = request.into_inner();
+        // A kubelet that dies mid-call drops the connection: the call fails at once.
+        let life = lock(&self.state).life.clone();
+        tokio::select! {
+            () = life.cancelled() => Err(Status::unavailable("the kubelet stopped")),
+            answer = self.register_now(request.into_inner()) => answer,
+        }
+    }
+}
+
+impl RegistrationService {
+    async fn register_now(&self, request: RegisterRequest) -> Result<Response<Empty>, Status> {
         if request.version != "v1beta1" {
             return Err(Status::invalid_argument(format!(
                 "unsupported version {}",
                 request.version
             )));
         }
-        // Like the kubelet: dial back into the plugin before answering, read its options, then
+        // Like the kubelet: dial back into the plugin before answering (a blocking dial with a
+        // 10 s timeout, retried while the socket file is missing), read its options, then
         // consume ListAndWatch in the background.
-        let channel = tokio::time::timeout(
-            Duration::from_secs(10),
-            uds::connect(&self.dir.join(&request.endpoint)),
-        )
-        .await
-        .map_err(|_| Status::deadline_exceeded("dial back timed out"))?
-        .map_err(|e| Status::unavailable(format!("dial back: {e}")))?;
+        let path = self.dir.join(&request.endpoint);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let channel = loop {
+            match uds::connect(&path).await {
+                Ok(channel) => break channel,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::unavailable(format!(
+                        "cannot connect to plugin endpoint {}: {e}",
+                        path.display()
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
         let mut client = DevicePluginClient::new(channel);
         let options = client
             .get_device_plugin_options(Empty {})
@@ -124,6 +147,7 @@ impl Registration for RegistrationService {
             state.endpoints.insert(
                 request.resource_name.clone(),
                 Endpoint {
+                    endpoint: request.endpoint.clone(),
                     client,
                     options,
                     devices: BTreeMap::new(),
@@ -134,8 +158,14 @@ impl Registration for RegistrationService {
         };
         let state = self.state.clone();
         let resource = request.resource_name.clone();
+        let life = lock(&self.state).life.clone();
         tokio::spawn(async move {
-            while let Some(Ok(snapshot)) = stream.next().await {
+            loop {
+                let next = tokio::select! {
+                    () = life.cancelled() => return,
+                    next = stream.next() => next,
+                };
+                let Some(Ok(snapshot)) = next else { break };
                 let mut state = lock(&state);
                 let Some(endpoint) = state.endpoints.get_mut(&resource) else {
                     return;
@@ -174,8 +204,12 @@ impl PodResourcesLister for PodResourcesService {
         _: Request<ListPodResourcesRequest>,
     ) -> Result<Response<ListPodResourcesResponse>, Status> {
         let state = lock(&self.state);
-        let pod_resources = state
-            .pods
+        let listed: &[PodAllocation] = if state.listing_empty {
+            &[]
+        } else {
+            &state.pods
+        };
+        let pod_resources = listed
             .iter()
             .map(|p| PodResources {
                 name: p.name.clone(),
@@ -230,10 +264,11 @@ impl Drop for Kubelet {
     }
 }
 
-fn remove_sockets(dir: &Path) -> Result<()> {
+/// What the kubelet's device manager does on start: remove every file in its directory.
+fn remove_files(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let entry = entry?;
-        if entry.file_type()?.is_socket() {
+        if !entry.file_type()?.is_dir() {
             std::fs::remove_file(entry.path())?;
         }
     }
@@ -260,7 +295,12 @@ impl Kubelet {
         if let Some(parent) = self.pod_resources_socket.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        remove_sockets(&self.dir)?;
+        remove_files(&self.dir)?;
+        self.listen()
+    }
+
+    /// Serves `kubelet.sock` and the PodResources socket.
+    fn listen(&self) -> Result<()> {
         let _ = std::fs::remove_file(&self.pod_resources_socket);
         let registration =
             UnixListener::bind(self.dir.join("kubelet.sock")).context("bind kubelet.sock")?;
@@ -296,13 +336,55 @@ impl Kubelet {
         Ok(())
     }
 
-    /// Restarts like the kubelet: stop serving, forget the plugins, delete every socket in the
-    /// device-plugin directory and serve anew. Admitted pods (the checkpoint) are kept.
+    /// Restarts like the kubelet: the process dies (its servers stop, every plugin connection
+    /// closes), the new one deletes every file in the device-plugin directory and serves anew.
+    /// Admitted pods (the checkpoint) are kept.
     pub async fn restart(&mut self) -> Result<()> {
+        self.restart_with_gap(Duration::ZERO).await
+    }
+
+    /// Like [`Kubelet::restart`], with `gap` between the clean-up of the directory and the new
+    /// `kubelet.sock` (a real kubelet does other start-up work in between).
+    pub async fn restart_with_gap(&mut self, gap: Duration) -> Result<()> {
         self.stop.cancel();
-        lock(&self.state).endpoints.clear();
+        {
+            let mut state = lock(&self.state);
+            state.life.cancel();
+            state.life = CancellationToken::new();
+            state.endpoints.clear();
+        }
         self.stop = CancellationToken::new();
-        self.serve()
+        remove_files(&self.dir)?;
+        tokio::time::sleep(gap).await;
+        self.listen()
+    }
+
+    /// While `empty`, PodResources lists no pod at all (a kubelet re-syncing after a restart, or
+    /// with its API server unreachable); allocations are kept.
+    pub fn set_listing_empty(&self, empty: bool) {
+        lock(&self.state).listing_empty = empty;
+    }
+
+    /// Dials `resource`'s registered endpoint afresh, as the kubelet does after a restart of its
+    /// own, and reads its options.
+    pub async fn dial(&self, resource: &str) -> Result<DevicePluginOptions> {
+        let endpoint = self.endpoint(resource)?.endpoint;
+        let channel = uds::connect(&self.dir.join(&endpoint))
+            .await
+            .with_context(|| format!("dial {endpoint}"))?;
+        Ok(DevicePluginClient::new(channel)
+            .get_device_plugin_options(Empty {})
+            .await
+            .with_context(|| format!("GetDevicePluginOptions on {endpoint}"))?
+            .into_inner())
+    }
+
+    /// Whether `resource` is registered with a stream that delivered its devices.
+    pub fn is_registered(&self, resource: &str) -> bool {
+        lock(&self.state)
+            .endpoints
+            .get(resource)
+            .is_some_and(|e| !e.devices.is_empty())
     }
 
     /// Waits until `resource` is registered with at least `healthy` healthy devices.

@@ -101,6 +101,15 @@ impl Plugin {
         Ok(())
     }
 
+    /// Kills the daemon with SIGKILL (no clean-up at all, as a crash or the OOM killer) and
+    /// starts it again with the same configuration.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        *self = Plugin::start(&self.config)?;
+        Ok(())
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

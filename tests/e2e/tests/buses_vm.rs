@@ -573,8 +573,8 @@ fn write_fd_frame(ns: &Path) -> std::io::Error {
     const CAN_RAW: i32 = 1;
     const SOL_CAN_RAW: i32 = 101;
     const CAN_RAW_FD_FRAMES: i32 = 5;
-    let result = vcan_plugin::netns::run(
-        &vcan_plugin::netns::Netns::Path(ns.to_path_buf()),
+    let result = vcan_plugin::kernel::netns::run(
+        &vcan_plugin::kernel::netns::Netns::Path(ns.to_path_buf()),
         || -> std::io::Error {
             // SAFETY: socket calls on a fresh fd with buffers of the sizes passed.
             unsafe {

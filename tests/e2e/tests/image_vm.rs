@@ -14,7 +14,7 @@ use vcan_e2e::images::{self, CANUTILS_IMAGE, PLUGIN_IMAGE};
 use vcan_e2e::kubelet::Kubelet;
 use vcan_e2e::node::Node;
 use vcan_e2e::{ContainerSpec, Containerd, ContainerdOptions, Cri, PodSpec};
-use vcan_plugin::netns::Netns;
+use vcan_plugin::kernel::netns::Netns;
 use vcan_test_support::require_testbed;
 
 const RESOURCE: &str = "socketcan.io/vcan";
@@ -253,7 +253,7 @@ async fn plugin_http(netns: &Path, path: &str) -> Result<(u16, String)> {
     let ns = Netns::Path(netns.to_path_buf());
     let path = path.to_string();
     tokio::task::spawn_blocking(move || {
-        vcan_plugin::netns::run(&ns, move || {
+        vcan_plugin::kernel::netns::run(&ns, move || {
             vcan_e2e::plugin::http_get("127.0.0.1:9720", &path)
         })
     })

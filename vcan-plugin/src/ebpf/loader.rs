@@ -30,8 +30,8 @@ use super::layout::{
     VcanSlot,
 };
 use super::sys;
-use crate::netlink::{Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
-use crate::netns::{self, Netns, NetnsError};
+use crate::kernel::netlink::{Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
+use crate::kernel::netns::{self, Netns, NetnsError};
 
 /// The compiled counter program (`vcan-ebpf/src/vcan_count.bpf.c`, built by `build.rs`).
 pub(super) static OBJECT: &[u8] =

@@ -18,7 +18,7 @@
 //! is gone ([`Counters::sweep`]), and [`Counters::attach`] (or [`Counters::adopt`]) returns the
 //! existing attachment for a live interface, whose counters simply continue.
 //!
-//! Attaching happens inside the pod's namespace via [`crate::netns::run`]; everything here is
+//! Attaching happens inside the pod's namespace via [`crate::kernel::netns::run`]; everything here is
 //! blocking (call it from `spawn_blocking` in async code).
 
 mod entry;
@@ -28,15 +28,15 @@ mod sys;
 pub mod layout;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use aya::maps::{MapError, PerCpuValues};
 
 pub use loader::{AttachMode, attach_mode};
 
-use crate::link::{LinkError, Links};
-use crate::netns::{self, Netns, NetnsError};
+use crate::kernel::link::{LinkError, Links};
+use crate::kernel::netns::{self, Netns, NetnsError};
 use layout::{DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, VcanCounters, VcanKey, VcanKind, VcanSlot};
 use loader::{CountersMap, Programs, SlotsMap};
 
@@ -477,11 +477,6 @@ impl Counters {
         self.mode
     }
 
-    /// The bpffs directory holding the pins.
-    pub fn bpffs_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the in-memory view at worst a step behind the
         // maps; carrying on beats poisoning every later call.
@@ -704,16 +699,6 @@ impl Counters {
             .collect()
     }
 
-    /// Every registered attachment with its counters (for a metrics scrape).
-    pub fn read_all(&self) -> Result<Vec<(SlotInfo, CountersSnapshot)>, EbpfError> {
-        let inner = self.lock();
-        inner
-            .records
-            .iter()
-            .map(|(s, r)| Ok((SlotInfo::from_record(*s, r), Self::read_slot(&inner, *s)?)))
-            .collect()
-    }
-
     /// Releases the slots whose attachments the kernel no longer has (their interface or
     /// namespace was deleted without a detach, e.g. while the plugin was down), and removes
     /// counters entries that belong to no slot (left by an attach interrupted by a crash).
@@ -834,7 +819,7 @@ mod tests {
     #[test]
     fn default_config_pins_under_sys_fs_bpf() {
         let c = Config::default();
-        assert_eq!(c.bpffs_dir, Path::new("/sys/fs/bpf/vcan-plugin"));
+        assert_eq!(c.bpffs_dir, std::path::Path::new("/sys/fs/bpf/vcan-plugin"));
         assert_eq!(c.mode, None);
     }
 

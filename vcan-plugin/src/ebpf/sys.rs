@@ -39,9 +39,16 @@ impl Attr {
     }
 }
 
-fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
-    // SAFETY: attr points to a live, writable buffer of the size passed; the kernel reads at
-    // most that many bytes of it.
+/// Calls `bpf(2)` with `cmd` and `attr`.
+///
+/// # Safety
+///
+/// Every address written into `attr` (paths, info buffers, instruction and log buffers) must
+/// point to memory that is valid for the whole call, of at least the size `cmd` reads or writes
+/// there (the lengths given alongside in `attr`), and writable where the kernel writes.
+unsafe fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` itself is a live, writable buffer of the size passed; the addresses inside it
+    // are the caller's contract.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -57,8 +64,13 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
 }
 
 /// A command that returns a new file descriptor.
-fn bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
-    let rc = sys_bpf(cmd, attr)?;
+///
+/// # Safety
+///
+/// As for [`sys_bpf`].
+unsafe fn bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+    // SAFETY: the caller's contract is sys_bpf's.
+    let rc = unsafe { sys_bpf(cmd, attr) }?;
     let fd = i32::try_from(rc).map_err(|_| io::Error::other("bpf(2) returned a bad fd"))?;
     // SAFETY: the command returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -81,9 +93,9 @@ pub fn load_classifier(insns: &[[u8; 8]], name: &str, license: &str) -> io::Resu
         }
         let n = name.len().min(15);
         attr.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]); // prog_name
-        // The kernel reads `insns`, `license` and writes at most log_size bytes of `log`, all of
-        // which outlive the call.
-        bpf_fd(BPF_PROG_LOAD, &mut attr)
+        // SAFETY: the kernel reads `insns` and `license` and writes at most log_size bytes of
+        // `log`, all of which outlive the call.
+        unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) }
     };
     match load(None) {
         Ok(fd) => Ok(fd),
@@ -118,7 +130,8 @@ pub fn prog_id(prog: &OwnedFd) -> io::Result<u32> {
     attr.put_u32(0, prog.as_raw_fd() as u32);
     attr.put_u32(4, std::mem::size_of_val(&info) as u32);
     attr.put_u64(8, info.as_mut_ptr() as u64);
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: `info` is writable, of the length given, and outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info[1])
 }
 
@@ -136,13 +149,15 @@ pub fn tcx_attach_and_pin(
     attr.put_u32(4, ifindex); // target_ifindex
     attr.put_u32(8, attach_type);
     // flags, relative_fd and expected_revision stay 0: append after whatever is attached.
-    let link = bpf_fd(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: this command's attributes hold no addresses.
+    let link = unsafe { bpf_fd(BPF_LINK_CREATE, &mut attr) }?;
     let path = CString::new(pin.as_os_str().as_bytes())
         .map_err(|_| io::Error::other("pin path contains a NUL byte"))?;
     let mut attr = Attr::new();
     attr.put_u64(0, path.as_ptr() as u64); // pathname
     attr.put_u32(8, link.as_raw_fd() as u32); // bpf_fd
-    sys_bpf(BPF_OBJ_PIN, &mut attr)?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_PIN, &mut attr) }?;
     Ok(())
 }
 
@@ -155,7 +170,8 @@ pub fn prog_exists(id: u32) -> io::Result<bool> {
     }
     let mut attr = Attr::new();
     attr.put_u32(0, id); // prog_id
-    match bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut attr) {
+    // SAFETY: this command's attributes hold no addresses.
+    match unsafe { bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut attr) } {
         Ok(_fd) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -169,7 +185,8 @@ pub fn tcx_link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
         .map_err(|_| io::Error::other("pin path contains a NUL byte"))?;
     let mut attr = Attr::new();
     attr.put_u64(0, path.as_ptr() as u64); // pathname
-    let fd = match bpf_fd(BPF_OBJ_GET, &mut attr) {
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let fd = match unsafe { bpf_fd(BPF_OBJ_GET, &mut attr) } {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(e) => return Err(e),
@@ -181,8 +198,8 @@ pub fn tcx_link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
     attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
     attr.put_u32(4, std::mem::size_of_val(&info) as u32); // info.info_len
     attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
-    // The kernel writes at most `info_len` bytes into `info`, which outlives the call.
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     let link_type = info[0] as u32;
     let ifindex = info[2] as u32;
     if link_type != BPF_LINK_TYPE_TCX {

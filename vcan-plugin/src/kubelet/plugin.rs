@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
@@ -17,9 +18,9 @@ use crate::api::deviceplugin::v1beta1::{
     PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
     PreferredAllocationResponse,
 };
-use crate::health::Health;
-use crate::injector::Injector;
-use crate::metrics::Outcome;
+use crate::serve::ResourceServer;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{Metrics, Outcome};
 
 /// `Device.health` for usable devices.
 pub const HEALTHY: &str = "Healthy";
@@ -34,28 +35,73 @@ pub fn options() -> DevicePluginOptions {
     }
 }
 
-/// The device-plugin service of one registration generation.
+/// The ListAndWatch streams of one resource, numbered as they open, and the highest number of
+/// one the kubelet closed: a registration only cares about streams opened after it started.
+#[derive(Debug)]
+pub struct Streams {
+    opened: AtomicU64,
+    lost: watch::Sender<u64>,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            opened: AtomicU64::new(0),
+            lost: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Streams {
+    /// The number of the last stream opened so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::SeqCst)
+    }
+
+    /// Watches the highest number of a stream the kubelet closed.
+    pub fn lost(&self) -> watch::Receiver<u64> {
+        self.lost.subscribe()
+    }
+
+    fn open(&self) -> u64 {
+        self.opened.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn close(&self, id: u64) {
+        self.lost
+            .send_modify(|highest| *highest = (*highest).max(id));
+    }
+}
+
+/// The device-plugin service of one served socket; it records its own calls in the metrics.
 ///
-/// Each re-registration gets a fresh `stop` token: cancelling it ends the ListAndWatch streams of
-/// the previous kubelet so the old server can shut down.
+/// Each socket gets a fresh `stop` token: cancelling it ends the ListAndWatch streams so the old
+/// server can shut down. When the kubelet closes a stream (it went away), `streams` records it
+/// so the registration loop checks for a restart at once.
 #[derive(Debug, Clone)]
 pub struct PluginService {
-    injector: Arc<Injector>,
+    server: Arc<ResourceServer>,
+    metrics: Arc<Metrics>,
     health: watch::Receiver<Health>,
     stop: CancellationToken,
+    streams: Arc<Streams>,
 }
 
 impl PluginService {
-    /// A service backed by `injector`, advertising devices as `health` says.
+    /// A service backed by `server`, advertising devices as `health` says.
     pub fn new(
-        injector: Arc<Injector>,
+        server: Arc<ResourceServer>,
+        metrics: Arc<Metrics>,
         health: watch::Receiver<Health>,
         stop: CancellationToken,
+        streams: Arc<Streams>,
     ) -> Self {
         PluginService {
-            injector,
+            server,
+            metrics,
             health,
             stop,
+            streams,
         }
     }
 
@@ -67,7 +113,7 @@ impl PluginService {
         };
         ListAndWatchResponse {
             devices: self
-                .injector
+                .server
                 .devices()
                 .ids()
                 .map(|id| Device {
@@ -99,6 +145,7 @@ impl DevicePlugin for PluginService {
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
         let service = self.clone();
+        let id = self.streams.open();
         let mut health = self.health.clone();
         tokio::spawn(async move {
             loop {
@@ -108,12 +155,17 @@ impl DevicePlugin for PluginService {
                     "sending ListAndWatch snapshot"
                 );
                 if tx.send(Ok(snapshot)).await.is_err() {
+                    service.streams.close(id);
                     return;
                 }
                 tokio::select! {
                     changed = health.changed() => if changed.is_err() { return },
                     () = service.stop.cancelled() => return,
-                    () = tx.closed() => return,
+                    () = tx.closed() => {
+                        tracing::debug!(resource = %service.server.resource(), "the kubelet closed ListAndWatch");
+                        service.streams.close(id);
+                        return;
+                    }
                 }
             }
         });
@@ -135,6 +187,7 @@ impl DevicePlugin for PluginService {
         request: Request<AllocateRequest>,
     ) -> Result<Response<AllocateResponse>, Status> {
         let started = Instant::now();
+        let resource = self.server.resource().to_string();
         let requests = request.into_inner().container_requests;
         if requests.is_empty() {
             return Err(Status::invalid_argument(
@@ -143,13 +196,12 @@ impl DevicePlugin for PluginService {
         }
         let mut responses = Vec::with_capacity(requests.len());
         for container in &requests {
-            let envs = match self.injector.allocate_env(&container.devices_ids) {
+            let envs = match self.server.allocate_env(&container.devices_ids) {
                 Ok(envs) => envs,
                 Err(e) => {
                     tracing::warn!(ids = ?container.devices_ids, error = %e, "Allocate refused");
-                    self.injector
-                        .metrics()
-                        .allocate(Outcome::Error, started.elapsed());
+                    self.metrics
+                        .allocate(&resource, Outcome::Error, started.elapsed());
                     return Err(e.into());
                 }
             };
@@ -158,9 +210,8 @@ impl DevicePlugin for PluginService {
                 ..Default::default()
             });
         }
-        self.injector
-            .metrics()
-            .allocate(Outcome::Success, started.elapsed());
+        self.metrics
+            .allocate(&resource, Outcome::Success, started.elapsed());
         tracing::debug!(containers = requests.len(), elapsed = ?started.elapsed(), "Allocate");
         Ok(Response::new(AllocateResponse {
             container_responses: responses,
@@ -173,10 +224,12 @@ impl DevicePlugin for PluginService {
     ) -> Result<Response<PreStartContainerResponse>, Status> {
         let ids = request.into_inner().devices_ids;
         let started = Instant::now();
-        match self.injector.prestart(&ids).await {
+        let resource = self.server.resource().to_string();
+        match self.server.prestart(&ids).await {
             Ok((served, timings)) => {
                 let names: Vec<&str> = served.interfaces.iter().map(|l| l.name.as_str()).collect();
                 tracing::info!(
+                    %resource,
                     pod = %served.pod,
                     netns = %served.netns.display(),
                     interfaces = ?names,
@@ -187,7 +240,8 @@ impl DevicePlugin for PluginService {
                     bpf_attach = ?timings.bpf_attach,
                     "PreStartContainer: interfaces up"
                 );
-                self.injector.metrics().prestart(
+                self.metrics.prestart(
+                    &resource,
                     Outcome::Success,
                     started.elapsed(),
                     Some(&timings),
@@ -195,10 +249,9 @@ impl DevicePlugin for PluginService {
                 Ok(Response::new(PreStartContainerResponse {}))
             }
             Err(e) => {
-                tracing::warn!(?ids, error = %e, "PreStartContainer failed");
-                self.injector
-                    .metrics()
-                    .prestart(Outcome::Error, started.elapsed(), None);
+                tracing::warn!(%resource, ?ids, error = %e, "PreStartContainer failed");
+                self.metrics
+                    .prestart(&resource, Outcome::Error, started.elapsed(), None);
                 Err(e.into())
             }
         }

@@ -31,12 +31,14 @@ use vcan_plugin::api::podresources::v1::{
     ContainerResources, GetPodResourcesRequest, GetPodResourcesResponse, ListPodResourcesRequest,
     ListPodResourcesResponse, PodResources,
 };
-use vcan_plugin::health::Health;
-use vcan_plugin::injector::Injector;
 use vcan_plugin::kubelet::registration::Registrar;
-use vcan_plugin::podresources::{self, PodRef};
+use vcan_plugin::pod::resources::{self, PodRef};
+use vcan_plugin::pod::runtime::{RuntimeError, Sandbox, SandboxLookup, SandboxState};
 use vcan_plugin::resource::{DeviceSet, ResourceName};
-use vcan_plugin::runtime::{RuntimeError, Sandbox, SandboxLookup};
+use vcan_plugin::serve::ResourceServer;
+use vcan_plugin::serve::private::PrivateVcans;
+use vcan_plugin::telemetry::health::Health;
+use vcan_plugin::telemetry::metrics::Metrics;
 use vcan_plugin::uds;
 
 pub const RESOURCE: &str = "example.com/vcan";
@@ -55,15 +57,26 @@ pub struct Registered {
 struct FakeKubelet {
     dir: PathBuf,
     registered: mpsc::UnboundedSender<Registered>,
+    /// Cancelled when this kubelet "dies": its ListAndWatch streams close with it.
+    life: CancellationToken,
 }
 
 #[tonic::async_trait]
 impl Registration for FakeKubelet {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<Empty>, Status> {
         let request = request.into_inner();
-        let channel = uds::connect(&self.dir.join(&request.endpoint))
-            .await
-            .map_err(|e| Status::unavailable(format!("dial back: {e}")))?;
+        // Like the kubelet: a blocking dial with a 10 s timeout, retried while the file is missing.
+        let path = self.dir.join(&request.endpoint);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let channel = loop {
+            match uds::connect(&path).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::unavailable(format!("dial back: {e}")));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         let mut client = DevicePluginClient::new(channel);
         let options = client
             .get_device_plugin_options(Empty {})
@@ -71,8 +84,14 @@ impl Registration for FakeKubelet {
             .into_inner();
         let mut stream = client.list_and_watch(Empty {}).await?.into_inner();
         let (tx, snapshots) = mpsc::unbounded_channel();
+        let life = self.life.clone();
         tokio::spawn(async move {
-            while let Some(Ok(snapshot)) = stream.next().await {
+            loop {
+                let next = tokio::select! {
+                    () = life.cancelled() => return,
+                    next = stream.next() => next,
+                };
+                let Some(Ok(snapshot)) = next else { return };
                 if tx.send(snapshot).is_err() {
                     return;
                 }
@@ -110,6 +129,7 @@ pub fn start_kubelet(dir: &Path) -> KubeletHandle {
     let service = FakeKubelet {
         dir: dir.to_path_buf(),
         registered: tx,
+        life: stop.clone(),
     };
     let token = stop.clone();
     tokio::spawn(async move {
@@ -125,6 +145,20 @@ pub fn start_kubelet(dir: &Path) -> KubeletHandle {
         registrations,
         stop,
     }
+}
+
+/// Restarts the kubelet the way the real one does: it dies (closing every plugin connection),
+/// the new process deletes every file in the device-plugin directory, and after `gap` listens on
+/// a new `kubelet.sock`. The test's PodResources socket, kept in the same directory, stays.
+pub async fn restart_kubelet(dir: &Path, old: KubeletHandle, gap: Duration) -> KubeletHandle {
+    drop(old);
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        if entry.file_name() != "pod-resources.sock" {
+            std::fs::remove_file(entry.path()).expect("remove file");
+        }
+    }
+    tokio::time::sleep(gap).await;
+    start_kubelet(dir)
 }
 
 /// A PodResources server with a settable pod list that can refuse the next calls with
@@ -229,9 +263,30 @@ impl SandboxLookup for FakeRuntime {
             .cloned()
             .ok_or_else(|| RuntimeError::NoSandbox(pod.clone()))
     }
+
+    async fn sandbox_state(&self, id: &str) -> Result<SandboxState, RuntimeError> {
+        let known = self
+            .sandboxes
+            .lock()
+            .expect("lock")
+            .values()
+            .any(|s| s.id == id);
+        Ok(if known {
+            SandboxState::Ready
+        } else {
+            SandboxState::Absent
+        })
+    }
 }
 
 impl FakeRuntime {
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.sandboxes
+            .lock()
+            .expect("lock")
+            .remove(&pod(namespace, name));
+    }
+
     pub fn add(
         &self,
         namespace: &str,
@@ -261,13 +316,15 @@ pub fn pod(namespace: &str, name: &str) -> PodRef {
     }
 }
 
-/// Everything a plugin test needs: a temp kubelet directory, fakes and the plugin's injector.
+/// Everything a plugin test needs: a temp kubelet directory, fakes and the plugin's server.
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub pod_resources: FakePodResources,
     pub runtime: Arc<FakeRuntime>,
-    pub injector: Arc<Injector>,
+    pub server: Arc<ResourceServer>,
+    pub metrics: Arc<Metrics>,
     pub health: watch::Sender<Health>,
+    devices: usize,
 }
 
 impl Harness {
@@ -277,29 +334,31 @@ impl Harness {
         let pr_path = dir.path().join("pod-resources.sock");
         start_pod_resources(&pr_path, fake.clone());
         let runtime = Arc::new(FakeRuntime::default());
-        let resource: ResourceName = RESOURCE.parse().expect("resource");
-        let injector = Arc::new(Injector::new(
-            resource.clone(),
-            DeviceSet::new(&resource, devices),
-            podresources::PodResources::new(&pr_path),
-            runtime.clone(),
-            Arc::new(vcan_plugin::metrics::Metrics::new(RESOURCE, "none")),
-        ));
         let (health, _) = watch::channel(Health::Healthy);
-        Harness {
+        let mut h = Harness {
+            server: Arc::new(new_server(dir.path(), runtime.clone(), devices)),
             dir,
             pod_resources: fake,
             runtime,
-            injector,
+            metrics: Arc::new(Metrics::new(&[RESOURCE.to_string()], "none")),
             health,
-        }
+            devices,
+        };
+        h.server = Arc::new(h.fresh_server());
+        h
+    }
+
+    /// A server with nothing in memory, as a restarted plugin process has.
+    pub fn fresh_server(&self) -> ResourceServer {
+        new_server(self.dir.path(), self.runtime.clone(), self.devices)
     }
 
     /// Starts the registrar in the background; returns its stop token.
     pub fn start_registrar(&self) -> (CancellationToken, Arc<std::sync::atomic::AtomicBool>) {
         let registrar = Registrar::new(
             self.dir.path(),
-            self.injector.clone(),
+            self.server.clone(),
+            self.metrics.clone(),
             self.health.subscribe(),
         );
         let flag = registrar.registered_flag();
@@ -320,6 +379,18 @@ impl Harness {
         }
         panic!("plugin socket {} never answered", path.display());
     }
+}
+
+fn new_server(dir: &Path, runtime: Arc<FakeRuntime>, devices: usize) -> ResourceServer {
+    let resource: ResourceName = RESOURCE.parse().expect("resource");
+    ResourceServer::new(
+        resource.clone(),
+        DeviceSet::new(&resource, devices),
+        resources::PodResources::new(&dir.join("pod-resources.sock")),
+        runtime,
+        None,
+        Arc::new(PrivateVcans),
+    )
 }
 
 /// Waits for the next registration, failing after `timeout`.

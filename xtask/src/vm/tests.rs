@@ -299,6 +299,11 @@ fn report_binary(binary: &TestBinary, results: &Path, index: usize) -> Counts {
 /// without reporting a failure still fails, for every selected test it did not pass.
 fn tally(parsed: Option<Counts>, rc: Option<i32>, selected: usize) -> Counts {
     match (parsed, rc) {
+        // Fewer tests ran than the binary listed on the host: the missing ones count as failed.
+        (Some(c), Some(0)) if c.passed + c.failed < selected => Counts {
+            passed: c.passed,
+            failed: selected - c.passed,
+        },
         (Some(c), Some(0)) => c,
         (Some(c), _) if c.failed > 0 => c,
         (parsed, _) => {
@@ -369,5 +374,7 @@ mod unit {
         assert_eq!(tally(None, Some(132), 3), c(0, 3));
         assert_eq!(tally(None, None, 3), c(0, 3));
         assert_eq!(tally(Some(c(2, 0)), Some(1), 2), c(2, 1));
+        // A binary that ran fewer tests than it listed.
+        assert_eq!(tally(Some(c(1, 0)), Some(0), 3), c(1, 2));
     }
 }

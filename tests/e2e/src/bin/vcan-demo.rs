@@ -9,9 +9,28 @@ use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::{ContainerSpec, PodSpec};
 
 const FRAME: &str = "5A1#11.2233.44556677.88";
+/// How commands run in the pod's container are labelled.
+const IN_POD: &str = "[in pod can-demo]";
 
 fn step(started: Instant, what: &str) {
     println!("[{:6.1} s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// A command line as sh would read it, each argument quoted where needed.
+fn shell_line(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%#".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -60,26 +79,29 @@ async fn main() -> Result<()> {
             cri.exec(&container, &args, Duration::from_secs(60)).await
         }
     };
+    // Runs a command in the container and shows it first, exactly as it runs.
+    let shown = |cmd: Vec<String>| {
+        println!("{IN_POD} $ {}", shell_line(&cmd));
+        exec(cmd)
+    };
+    println!(
+        "\nLines marked {IN_POD} are commands run in the pod's container \"can\" through \
+         containerd's CRI ExecSync call; no kubectl or API server is involved.\n"
+    );
 
-    let env = exec(vec![
+    let env = shown(vec![
         "sh".into(),
         "-c".into(),
         "echo $VCAN_INTERFACES".into(),
     ])
     .await?;
-    println!(
-        "\n$ kubectl exec can-demo -- sh -c 'echo $VCAN_INTERFACES'\n{}",
-        env.stdout
-    );
-    let links = exec(vec!["ip".into(), "-details".into(), "link".into()]).await?;
-    println!(
-        "$ kubectl exec can-demo -- ip -details link\n{}",
-        links.stdout
-    );
+    println!("{}", env.stdout);
+    let links = shown(vec!["ip".into(), "-details".into(), "link".into()]).await?;
+    println!("{}", links.stdout);
 
     // candump in the background inside the pod; cansend once it is listening.
     let listen = "timeout 60 candump -L -n 1 vcan0 > /tmp/candump.log 2>&1 &";
-    exec(vec!["sh".into(), "-c".into(), listen.into()]).await?;
+    shown(vec!["sh".into(), "-c".into(), listen.into()]).await?;
     let wait = "for i in $(seq 600); do grep -q '^ *vcan0 ' /proc/net/can/rcvlist_all && exit 0; \
                 sleep 0.1; done; exit 1";
     if exec(vec!["sh".into(), "-c".into(), wait.into()])
@@ -89,8 +111,7 @@ async fn main() -> Result<()> {
     {
         bail!("candump never started listening on vcan0");
     }
-    println!("$ kubectl exec can-demo -- cansend vcan0 {FRAME}");
-    let sent = exec(vec!["cansend".into(), "vcan0".into(), FRAME.into()]).await?;
+    let sent = shown(vec!["cansend".into(), "vcan0".into(), FRAME.into()]).await?;
     if sent.exit_code != 0 {
         bail!("cansend failed: {}", sent.stderr);
     }
@@ -104,7 +125,7 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("$ kubectl exec can-demo -- candump -L vcan0\n{heard}");
+    println!("{IN_POD} $ cat /tmp/candump.log\n{heard}");
     if !heard.contains("vcan0 5A1#1122334455667788") {
         bail!("candump did not receive the frame: {heard:?}");
     }
@@ -114,7 +135,9 @@ async fn main() -> Result<()> {
         .plugin
         .http_get("/metrics")
         .context("scraping the plugin")?;
-    println!("\n$ curl -s localhost:9720/metrics | grep 'pod=\"can-demo\"' | grep -v ' 0$'");
+    println!(
+        "\n[on the node] GET http://127.0.0.1:9720/metrics, the non-zero series with pod=\"can-demo\":"
+    );
     for line in metrics
         .lines()
         .filter(|l| l.contains("pod=\"can-demo\"") && !l.ends_with(" 0"))

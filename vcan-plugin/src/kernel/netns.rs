@@ -267,6 +267,19 @@ pub fn remove_persistent(path: &Path) -> Result<bool, NetnsError> {
     }
 }
 
+/// Whether `path` is the node's network namespace (that of PID 1 in the plugin's view) or the
+/// plugin's own: namespaces no pod should ever get interfaces in. Compares device and inode.
+pub fn is_node_namespace(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(target) = id(path) else {
+        return false;
+    };
+    ["/proc/1/ns/net", "/proc/self/ns/net"]
+        .iter()
+        .any(|own| id(Path::new(own)) == Some(target))
+}
+
 /// The inode of a namespace file: two paths name the same namespace exactly when their inodes match.
 pub fn inode(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -298,7 +311,7 @@ mod tests {
         let own = inode(Path::new("/proc/thread-self/ns/net")).expect("own namespace");
         let (inside, links) = run_in_new(|| {
             let ino = inode(Path::new("/proc/thread-self/ns/net")).expect("worker namespace");
-            let names: Vec<String> = crate::link::Links::current()
+            let names: Vec<String> = crate::kernel::link::Links::current()
                 .and_then(|mut l| l.list())
                 .expect("list")
                 .into_iter()

@@ -1,25 +1,18 @@
-//! Prometheus metrics and the HTTP endpoint serving them with the health probes.
+//! Prometheus metrics.
 //!
 //! Request counters and latency histograms live in a registry for the process's lifetime. Everything
 //! describing current state — devices, served pods and the per-pod CAN traffic — is built afresh at
 //! each scrape from the live sources, so a pod's series disappear with the pod.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts,
     Registry, TextEncoder,
 };
 
-use crate::injector::PreStartTimings;
+use crate::serve::PreStartTimings;
 
 /// Prefix of every metric.
 pub const PREFIX: &str = "vcan_plugin";
@@ -108,6 +101,21 @@ pub fn traffic_samples(
 /// The node's current state, gathered for one scrape.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// Every resource served (private vcans and each bus).
+    pub resources: Vec<ResourceSample>,
+    /// Whether the node can create vcan interfaces.
+    pub vcan_supported: bool,
+    /// CAN traffic per pod, interface, direction and kind.
+    pub traffic: Vec<TrafficSample>,
+    /// Shared buses: members and can-gw's counters.
+    pub buses: Vec<BusSample>,
+}
+
+/// One resource's state for a scrape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceSample {
+    /// The extended resource.
+    pub resource: String,
     /// Devices advertised.
     pub devices: usize,
     /// Devices advertised healthy.
@@ -118,12 +126,6 @@ pub struct Snapshot {
     pub pods_served: usize,
     /// Whether the kubelet accepted the current registration.
     pub registered: bool,
-    /// Whether the node can create vcan interfaces.
-    pub vcan_supported: bool,
-    /// CAN traffic per pod, interface, direction and kind.
-    pub traffic: Vec<TrafficSample>,
-    /// Shared buses: members and can-gw's counters.
-    pub buses: Vec<BusSample>,
 }
 
 /// One shared bus's state for a scrape.
@@ -133,6 +135,14 @@ pub struct BusSample {
     pub bus: String,
     /// Member pods.
     pub members: usize,
+    /// Frames forwarded and dropped by the bus's can-gw rules; `None` when they could not be
+    /// read, so the series are left out rather than reported as 0 (which reads as a reset).
+    pub frames: Option<BusFrames>,
+}
+
+/// A bus's frame totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusFrames {
     /// Frames forwarded by the bus's can-gw rules.
     pub forwarded: u64,
     /// Frames the rules could not forward.
@@ -143,7 +153,6 @@ pub struct BusSample {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    resource: String,
     allocate_requests: IntCounterVec,
     prestart_requests: IntCounterVec,
     allocate_duration: Histogram,
@@ -156,8 +165,8 @@ fn name(suffix: &str) -> String {
 }
 
 impl Metrics {
-    /// Metrics for `resource`, with build information (`attach_mode` of the eBPF program).
-    pub fn new(resource: &str, attach_mode: &str) -> Self {
+    /// Metrics for `resources`, with build information (`attach_mode` of the eBPF program).
+    pub fn new(resources: &[String], attach_mode: &str) -> Self {
         let registry = Registry::new();
         let allocate_requests = IntCounterVec::new(
             Opts::new(
@@ -226,9 +235,11 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         }
         // Known label values start at zero so rates and alerts work before the first event.
-        for outcome in [Outcome::Success, Outcome::Error] {
-            allocate_requests.with_label_values(&[resource, outcome.label()]);
-            prestart_requests.with_label_values(&[resource, outcome.label()]);
+        for resource in resources {
+            for outcome in [Outcome::Success, Outcome::Error] {
+                allocate_requests.with_label_values(&[resource.as_str(), outcome.label()]);
+                prestart_requests.with_label_values(&[resource.as_str(), outcome.label()]);
+            }
         }
         for phase in [
             "pod_lookup",
@@ -240,7 +251,6 @@ impl Metrics {
         }
         Metrics {
             registry,
-            resource: resource.to_string(),
             allocate_requests,
             prestart_requests,
             allocate_duration,
@@ -249,18 +259,24 @@ impl Metrics {
         }
     }
 
-    /// Records an Allocate call.
-    pub fn allocate(&self, outcome: Outcome, took: Duration) {
+    /// Records an Allocate call for `resource`.
+    pub fn allocate(&self, resource: &str, outcome: Outcome, took: Duration) {
         self.allocate_requests
-            .with_label_values(&[self.resource.as_str(), outcome.label()])
+            .with_label_values(&[resource, outcome.label()])
             .inc();
         self.allocate_duration.observe(took.as_secs_f64());
     }
 
-    /// Records a PreStartContainer call and, when it got that far, its parts.
-    pub fn prestart(&self, outcome: Outcome, took: Duration, timings: Option<&PreStartTimings>) {
+    /// Records a PreStartContainer call for `resource` and, when it got that far, its parts.
+    pub fn prestart(
+        &self,
+        resource: &str,
+        outcome: Outcome,
+        took: Duration,
+        timings: Option<&PreStartTimings>,
+    ) {
         self.prestart_requests
-            .with_label_values(&[self.resource.as_str(), outcome.label()])
+            .with_label_values(&[resource, outcome.label()])
             .inc();
         self.prestart_duration.observe(took.as_secs_f64());
         if let Some(t) = timings {
@@ -280,7 +296,7 @@ impl Metrics {
     /// The Prometheus text exposition of everything, with `now` as the current state.
     pub fn render(&self, now: &Snapshot) -> String {
         let mut families = self.registry.gather();
-        families.extend(state_families(&self.resource, now));
+        families.extend(state_families(now));
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
@@ -364,50 +380,45 @@ fn gauge(suffix: &str, help: &str, value: f64) -> Vec<prometheus::proto::MetricF
     g.collect()
 }
 
-fn resource_gauge(
-    suffix: &str,
-    help: &str,
-    resource: &str,
-    value: f64,
-) -> Vec<prometheus::proto::MetricFamily> {
-    let g = GaugeVec::new(Opts::new(name(suffix), help), &["resource"]).expect("valid metric");
-    g.with_label_values(&[resource]).set(value);
-    g.collect()
-}
-
 /// Families describing the current state; built per scrape.
-fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
+fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
     let mut families = Vec::new();
-    families.extend(resource_gauge(
-        "devices",
-        "Devices advertised to the kubelet.",
-        resource,
-        now.devices as f64,
-    ));
-    families.extend(resource_gauge(
-        "devices_healthy",
-        "Devices advertised healthy (0 when the node cannot create vcan interfaces).",
-        resource,
-        now.healthy as f64,
-    ));
-    families.extend(resource_gauge(
-        "devices_allocated",
-        "Devices held by pods according to the kubelet.",
-        resource,
-        now.allocated as f64,
-    ));
-    families.extend(resource_gauge(
-        "pods_served",
-        "Pods whose interfaces the plugin created or adopted.",
-        resource,
-        now.pods_served as f64,
-    ));
-    families.extend(resource_gauge(
-        "registered",
-        "1 while the kubelet has accepted the plugin's registration.",
-        resource,
-        f64::from(u8::from(now.registered)),
-    ));
+    type Field = fn(&ResourceSample) -> f64;
+    let per_resource: [(&str, &str, Field); 5] = [
+        ("devices", "Devices advertised to the kubelet.", |r| {
+            r.devices as f64
+        }),
+        (
+            "devices_healthy",
+            "Devices advertised healthy (0 when the node cannot create the resource's interfaces).",
+            |r| r.healthy as f64,
+        ),
+        (
+            "devices_allocated",
+            "Devices held by pods according to the kubelet.",
+            |r| r.allocated as f64,
+        ),
+        (
+            "pods_served",
+            "Pods whose interfaces the plugin created or adopted.",
+            |r| r.pods_served as f64,
+        ),
+        (
+            "registered",
+            "1 while the kubelet has accepted the plugin's registration of the resource.",
+            |r| f64::from(u8::from(r.registered)),
+        ),
+    ];
+    for (suffix, help, field) in per_resource {
+        if now.resources.is_empty() {
+            continue;
+        }
+        let g = GaugeVec::new(Opts::new(name(suffix), help), &["resource"]).expect("valid metric");
+        for r in &now.resources {
+            g.with_label_values(&[r.resource.as_str()]).set(field(r));
+        }
+        families.extend(g.collect());
+    }
     if !now.buses.is_empty() {
         let members = GaugeVec::new(
             Opts::new(
@@ -437,12 +448,18 @@ fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::Metr
         .expect("valid metric");
         for b in &now.buses {
             members.with_label_values(&[&b.bus]).set(b.members as f64);
-            forwarded.with_label_values(&[&b.bus]).inc_by(b.forwarded);
-            dropped.with_label_values(&[&b.bus]).inc_by(b.dropped);
+            if let Some(frames) = b.frames {
+                forwarded
+                    .with_label_values(&[&b.bus])
+                    .inc_by(frames.forwarded);
+                dropped.with_label_values(&[&b.bus]).inc_by(frames.dropped);
+            }
         }
         families.extend(members.collect());
-        families.extend(forwarded.collect());
-        families.extend(dropped.collect());
+        if now.buses.iter().any(|b| b.frames.is_some()) {
+            families.extend(forwarded.collect());
+            families.extend(dropped.collect());
+        }
     }
     families.extend(gauge(
         "vcan_supported",
@@ -452,103 +469,62 @@ fn state_families(resource: &str, now: &Snapshot) -> Vec<prometheus::proto::Metr
     families
 }
 
-/// Supplies the current state at scrape time and readiness.
-pub trait StateSource: Send + Sync + 'static {
-    /// The state now.
-    fn snapshot(&self) -> Snapshot;
-
-    /// Whether the plugin is registered and the node can create vcan interfaces. Probes call
-    /// this often, so implementations should answer without reading the traffic counters.
-    fn readiness(&self) -> (bool, bool) {
-        let s = self.snapshot();
-        (s.registered, s.vcan_supported)
-    }
-}
-
-#[derive(Clone)]
-struct AppState {
-    metrics: Arc<Metrics>,
-    source: Arc<dyn StateSource>,
-}
-
-async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
-    let app2 = app.clone();
-    // Reading BPF maps is blocking syscalls; keep it off the async workers.
-    let body = tokio::task::spawn_blocking(move || app2.metrics.render(&app2.source.snapshot()))
-        .await
-        .unwrap_or_default();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-}
-
-async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
-    let source = app.source.clone();
-    let now = tokio::task::spawn_blocking(move || source.readiness())
-        .await
-        .unwrap_or((false, false));
-    match now {
-        (true, true) => (StatusCode::OK, "ready\n".to_string()),
-        (registered, vcan) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: registered={registered} vcan_supported={vcan}\n"),
-        ),
-    }
-}
-
-/// The HTTP routes: `/metrics`, `/healthz` (process alive) and `/readyz` (registered and able to
-/// create vcan interfaces).
-pub fn router(metrics: Arc<Metrics>, source: Arc<dyn StateSource>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, source })
-}
-
-/// Serves [`router`] on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    source: Arc<dyn StateSource>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, router(metrics, source))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn requests_and_state_are_rendered_with_units_and_help() {
-        let m = Metrics::new("socketcan.io/vcan", "clsact");
-        m.allocate(Outcome::Success, Duration::from_micros(80));
+        let m = Metrics::new(
+            &[
+                "socketcan.io/vcan".into(),
+                "socketcan.io/bus-powertrain".into(),
+            ],
+            "clsact",
+        );
+        m.allocate(
+            "socketcan.io/vcan",
+            Outcome::Success,
+            Duration::from_micros(80),
+        );
+        m.allocate(
+            "socketcan.io/bus-powertrain",
+            Outcome::Success,
+            Duration::from_micros(80),
+        );
         m.prestart(
+            "socketcan.io/vcan",
             Outcome::Error,
             Duration::from_millis(3),
             Some(&PreStartTimings::default()),
         );
         let text = m.render(&Snapshot {
-            devices: 100,
-            healthy: 100,
-            allocated: 2,
-            pods_served: 1,
-            registered: true,
+            resources: vec![
+                ResourceSample {
+                    resource: "socketcan.io/vcan".into(),
+                    devices: 100,
+                    healthy: 100,
+                    allocated: 2,
+                    pods_served: 1,
+                    registered: true,
+                },
+                ResourceSample {
+                    resource: "socketcan.io/bus-powertrain".into(),
+                    devices: 32,
+                    healthy: 32,
+                    allocated: 3,
+                    pods_served: 3,
+                    registered: true,
+                },
+            ],
             vcan_supported: true,
             buses: vec![BusSample {
                 bus: "powertrain".into(),
                 members: 3,
-                forwarded: 12,
-                dropped: 1,
+                frames: Some(BusFrames {
+                    forwarded: 12,
+                    dropped: 1,
+                }),
             }],
             traffic: vec![
                 TrafficSample {
@@ -581,6 +557,10 @@ mod tests {
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/vcan\"} 2",
+            "vcan_plugin_devices_allocated{resource=\"socketcan.io/bus-powertrain\"} 3",
+            "vcan_plugin_pods_served{resource=\"socketcan.io/bus-powertrain\"} 3",
+            "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/bus-powertrain\"} 1",
+            "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/bus-powertrain\"} 0",
             "vcan_plugin_can_frames_total{direction=\"tx\",kind=\"classic\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 3",
             "vcan_plugin_can_bytes_total{direction=\"tx\",kind=\"classic\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 24",
             "vcan_plugin_can_id_format_frames_total{direction=\"rx\",id_format=\"extended\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 2",
@@ -599,8 +579,27 @@ mod tests {
     }
 
     #[test]
+    fn a_bus_whose_counters_could_not_be_read_has_no_frame_series() {
+        let m = Metrics::new(&["socketcan.io/bus-a".into()], "clsact");
+        let text = m.render(&Snapshot {
+            buses: vec![BusSample {
+                bus: "a".into(),
+                members: 2,
+                frames: None,
+            }],
+            ..Snapshot::default()
+        });
+        assert!(
+            text.contains("vcan_plugin_bus_members{bus=\"a\"} 2"),
+            "{text}"
+        );
+        assert!(!text.contains("bus_frames_forwarded_total{"), "{text}");
+        assert!(!text.contains("bus_frames_dropped_total{"), "{text}");
+    }
+
+    #[test]
     fn a_pods_series_vanish_with_it() {
-        let m = Metrics::new("socketcan.io/vcan", "clsact");
+        let m = Metrics::new(&["socketcan.io/vcan".into()], "clsact");
         let text = m.render(&Snapshot::default());
         assert!(!text.contains("can_frames_total"));
     }

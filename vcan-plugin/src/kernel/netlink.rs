@@ -2,7 +2,7 @@
 //!
 //! The plugin needs only a handful of rtnetlink requests (and can-gw's, which use the same framing),
 //! so it speaks netlink directly instead of pulling in an async netlink stack. A socket keeps the
-//! network namespace it was opened in, which is what lets [`crate::netns::run`] open it inside a pod's
+//! network namespace it was opened in, which is what lets [`crate::kernel::netns::run`] open it inside a pod's
 //! namespace and hand it back.
 
 use std::io;

@@ -4,8 +4,9 @@
 //! needs neither the API server nor containerd-specific APIs, and its verbose sandbox status carries
 //! the pod annotations the kubelet passed in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tonic::transport::Channel;
 
@@ -14,7 +15,7 @@ use crate::api::cri::v1::{
     ListPodSandboxRequest, NamespaceMode, PodSandboxFilter, PodSandboxState, PodSandboxStateValue,
     PodSandboxStatusRequest,
 };
-use crate::podresources::PodRef;
+use crate::pod::resources::PodRef;
 use crate::uds;
 
 /// Where a pod's sandbox lives.
@@ -47,6 +48,20 @@ pub enum RuntimeError {
     /// No ready sandbox for the pod.
     #[error("the container runtime has no ready sandbox for pod {0}")]
     NoSandbox(PodRef),
+    /// Ready sandboxes of different pods (UIDs) carry the pod's name: a pod deleted and created
+    /// again under the same name whose old sandbox is still running.
+    #[error(
+        "the container runtime has ready sandboxes of {count} different pods named {pod} (UIDs \
+         {uids:?}); waiting until the old pod's sandbox is stopped"
+    )]
+    Ambiguous {
+        /// The pod.
+        pod: PodRef,
+        /// How many distinct pods.
+        count: usize,
+        /// Their UIDs.
+        uids: Vec<String>,
+    },
     /// The sandbox status lacks the network namespace path.
     #[error("the runtime's status of sandbox {id} of pod {pod} has no network namespace: {why}")]
     NoNetns {
@@ -59,12 +74,30 @@ pub enum RuntimeError {
     },
 }
 
+/// Whether a sandbox still runs, as the runtime says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxState {
+    /// It runs: its namespace is in use.
+    Ready,
+    /// It was stopped: the pod is gone or about to get a new sandbox.
+    NotReady,
+    /// The runtime does not know it (removed).
+    Absent,
+}
+
 /// Looks up pod sandboxes. The plugin uses [`CriRuntime`]; tests substitute their own.
 #[async_trait::async_trait]
 pub trait SandboxLookup: Send + Sync + 'static {
     /// The ready sandbox of `pod`.
     async fn sandbox(&self, pod: &PodRef) -> Result<Sandbox, RuntimeError>;
+
+    /// The state of the sandbox `id`; an error when the runtime cannot tell (unreachable).
+    async fn sandbox_state(&self, id: &str) -> Result<SandboxState, RuntimeError>;
 }
+
+/// Longest any single call to the runtime may take: a runtime that accepts connections but
+/// never answers must not hold a PreStart (30 s kubelet deadline) or a reconcile pass.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Sandbox lookup over CRI (containerd's socket also serves `runtime.v1.RuntimeService`).
 #[derive(Debug, Clone)]
@@ -93,7 +126,7 @@ impl CriRuntime {
     /// A client for the CRI socket at `path`; connects on first use and after runtime restarts.
     pub fn new(path: &Path) -> Self {
         CriRuntime {
-            client: RuntimeServiceClient::new(uds::lazy_channel(path)),
+            client: RuntimeServiceClient::new(uds::lazy_channel(path, CALL_DEADLINE)),
             path: path.to_path_buf(),
         }
     }
@@ -157,7 +190,24 @@ impl SandboxLookup for CriRuntime {
             .map_err(|s| self.unavailable(s))?
             .into_inner()
             .items;
-        // A restarted pod can briefly have an old sandbox too; the newest is the live one.
+        // Several ready sandboxes of one pod (same UID) happen briefly when it gets a new one: the
+        // newest is the live one. Ready sandboxes of different pods under one name mean an old
+        // pod still runs; picking one could put interfaces into the wrong pod.
+        let uids: BTreeSet<&str> = items
+            .iter()
+            .map(|s| {
+                s.labels
+                    .get("io.kubernetes.pod.uid")
+                    .map_or("", String::as_str)
+            })
+            .collect();
+        if uids.len() > 1 {
+            return Err(RuntimeError::Ambiguous {
+                pod: pod.clone(),
+                count: uids.len(),
+                uids: uids.into_iter().map(str::to_string).collect(),
+            });
+        }
         let newest = items
             .into_iter()
             .max_by_key(|s| s.created_at)
@@ -214,6 +264,32 @@ impl SandboxLookup for CriRuntime {
                 status.annotations
             },
         })
+    }
+
+    async fn sandbox_state(&self, id: &str) -> Result<SandboxState, RuntimeError> {
+        self.state_of(id).await
+    }
+}
+
+impl CriRuntime {
+    async fn state_of(&self, id: &str) -> Result<SandboxState, RuntimeError> {
+        let response = self
+            .client
+            .clone()
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_string(),
+                verbose: false,
+            })
+            .await;
+        match response {
+            Ok(r) => Ok(match r.into_inner().status.map(|s| s.state) {
+                Some(state) if state == PodSandboxState::SandboxReady as i32 => SandboxState::Ready,
+                Some(_) => SandboxState::NotReady,
+                None => SandboxState::Absent,
+            }),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(SandboxState::Absent),
+            Err(status) => Err(self.unavailable(status)),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! A vxcan pair is two CAN interfaces joined back to back: a frame sent on one end is received on
 //! the other end (and, as on any CAN interface, once by listeners on the sending end as the local
 //! echo). For a CAN bus shared between pods, each member pod gets one end of a pair and the other
-//! end lives in a namespace the plugin owns per bus, where [`crate::cangw`] rules join the bus
+//! end lives in a namespace the plugin owns per bus, where [`crate::kernel::cangw`] rules join the bus
 //! ends.
 //!
 //! Both ends are created by a single `RTM_NEWLINK` sent in the first end's namespace whose
@@ -17,9 +17,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::link::{self, CanMtu, LinkError, Links, ifinfomsg, validate_name};
-use crate::netlink::{self, Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
-use crate::netns::{self, Netns, NetnsError};
+use crate::kernel::link::{self, CanMtu, LinkError, Links, ifinfomsg, validate_name};
+use crate::kernel::netlink::{self, Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
+use crate::kernel::netns::{self, Netns, NetnsError};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
@@ -113,7 +113,23 @@ pub enum VxcanError {
         /// The namespace.
         ns: String,
     },
-    /// An interface of that name exists but is not the requested pair.
+    /// The first end's name belongs to another interface in its namespace: a link of another kind
+    /// (such as a private vcan) or a vxcan pair leading elsewhere (such as another bus's). Unlike
+    /// [`VxcanError::Conflict`], nothing about the requested pair exists there.
+    #[error(
+        "interface name {name:?} in {ns} is taken by {holder}, not by the requested pair: choose \
+         another name"
+    )]
+    NameInUse {
+        /// The first end's name.
+        name: String,
+        /// The first end's namespace.
+        ns: String,
+        /// What holds the name, e.g. "a vcan interface".
+        holder: String,
+    },
+    /// The requested pair exists but differs (MTU, the peer's name): a vxcan of that name whose
+    /// peer is in the requested namespace.
     #[error(
         "vxcan {name:?} already exists in {ns} but {reason}: delete it (deleting one end deletes \
          both) or request the pair as it is"
@@ -268,7 +284,9 @@ pub fn find(ns: &Netns, name: &str) -> Result<Option<VxcanEnd>, VxcanError> {
 /// An existing pair is accepted only if its first end is a vxcan whose peer is `spec.peer_name` in
 /// `peer_ns` and both ends have the requested MTU; anything else is an error rather than a
 /// silent repair, because the kernel changes a vxcan's MTU only while the end is down, which would
-/// interrupt the pod using it.
+/// interrupt the pod using it. When `spec.name` in `ns` is some other interface altogether (not a
+/// vxcan, or one whose peer is not in `peer_ns`) the error is [`VxcanError::NameInUse`], so callers
+/// can tell the user to pick another name.
 pub fn ensure(ns: &Netns, peer_ns: &Netns, spec: &VxcanSpec) -> Result<VxcanPair, VxcanError> {
     validate_name(&spec.name)?;
     validate_name(&spec.peer_name)?;
@@ -363,6 +381,15 @@ fn not_vxcan(name: &str, kind: String, ns: &str) -> VxcanError {
     .into()
 }
 
+/// Describes an interface of link kind `kind` for [`VxcanError::NameInUse`].
+fn holder_of_kind(kind: &str) -> String {
+    match kind {
+        "" => "an interface of unknown kind".into(),
+        "vcan" => "a vcan interface".into(),
+        other => format!("a {other} interface"),
+    }
+}
+
 /// Whether this node can create vxcan pairs at all (module loaded or loadable, permissions):
 /// creates one with both ends in a new, empty namespace that is thrown away with it.
 pub fn probe() -> Result<(), VxcanError> {
@@ -424,8 +451,13 @@ fn adopt(
         ns: ns_name.to_string(),
         reason,
     };
+    let in_use = |holder: String| VxcanError::NameInUse {
+        name: spec.name.clone(),
+        ns: ns_name.to_string(),
+        holder,
+    };
     if end.kind != KIND {
-        return Err(not_vxcan(&spec.name, end.kind, ns_name));
+        return Err(in_use(holder_of_kind(&end.kind)));
     }
     // Interface indexes repeat across namespaces, so the peer's index alone does not identify it:
     // the end's IFLA_LINK_NETNSID must be the id this namespace gives the requested peer namespace.
@@ -433,8 +465,16 @@ fn adopt(
     let expected_nsid = nsid_of(sock, ns_name, peer_file)?;
     match (end.peer_netnsid, expected_nsid) {
         (Some(have), Some(want)) if have == want => {}
-        (None, _) => return Err(conflict("its peer is in the same namespace".into())),
-        _ => return Err(conflict(format!("its peer is not in {peer_ns}"))),
+        (None, _) => {
+            return Err(in_use(
+                "a vxcan pair whose other end is in the same namespace".into(),
+            ));
+        }
+        _ => {
+            return Err(in_use(format!(
+                "a vxcan pair whose other end is in another namespace, not {peer_ns}"
+            )));
+        }
     }
     let Some(peer_index) = end.peer_index else {
         return Err(conflict("it has no peer".into()));
@@ -611,6 +651,40 @@ mod tests {
                 peer_index: Some(9),
                 peer_netnsid: Some(3),
             }
+        );
+    }
+
+    #[test]
+    fn a_name_held_by_another_interface_says_by_what() {
+        assert_eq!(holder_of_kind("vcan"), "a vcan interface");
+        assert_eq!(holder_of_kind("dummy"), "a dummy interface");
+        assert_eq!(holder_of_kind(""), "an interface of unknown kind");
+        let err = VxcanError::NameInUse {
+            name: "can0".into(),
+            ns: "/proc/1/ns/net".into(),
+            holder: holder_of_kind("vcan"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "interface name \"can0\" in /proc/1/ns/net is taken by a vcan interface, not by the \
+             requested pair: choose another name"
+        );
+    }
+
+    #[test]
+    fn a_name_taken_by_another_kind_of_interface_is_in_use() {
+        // Found before any pair is made, so this needs no vxcan driver.
+        let a = ThreadNetns::new();
+        let b = ThreadNetns::new();
+        let lo = VxcanSpec {
+            name: "lo".into(),
+            ..spec()
+        };
+        let err = ensure(&a.ns, &b.ns, &lo).expect_err("lo is taken");
+        assert!(
+            matches!(&err, VxcanError::NameInUse { name, holder, .. }
+                if name == "lo" && holder == "an interface of unknown kind"),
+            "{err}"
         );
     }
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::cangw::Gateway;
-use crate::link::{CanMtu, LinkError, Links, VcanSpec};
-use crate::netns::{self, Netns};
-use crate::vxcan;
+use crate::kernel::cangw::Gateway;
+use crate::kernel::link::{CanMtu, LinkError, Links, VcanSpec};
+use crate::kernel::netns::{self, Netns};
+use crate::kernel::vxcan;
 
 /// The node's ability to serve vcan devices.
 #[derive(Debug, Clone, PartialEq, Eq)]

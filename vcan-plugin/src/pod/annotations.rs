@@ -4,15 +4,38 @@
 //! `socketcan.io/names` (comma-separated interface names, in device order) and `socketcan.io/fd`
 //! (`true` or `false`). Without them a pod with N devices gets `vcan0` … `vcan<N-1>`, CAN FD capable
 //! (MTU 72), which carries classic frames as well.
+//!
+//! Members of shared buses ([`crate::bus`]) also read `<domain>/filter` and
+//! `<domain>/interface.<bus>`, checked here as well so that a typo in any option under the domain
+//! is an error whichever resource the pod holds.
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::link::{self, CanMtu, VcanSpec};
+use crate::kernel::link::{self, CanMtu, VcanSpec};
 
-/// The annotation options the plugin understands, after the domain prefix.
+/// The annotation options the plugin understands, after the domain prefix, besides
+/// [`BUS_INTERFACE_OPTION`]`<bus>`.
 ///
 /// `filter` is read only for members of shared buses ([`crate::bus`]); private interfaces ignore it.
 pub const OPTIONS: &[&str] = &["names", "fd", "filter"];
+
+/// The option naming a bus member's interface for one bus, followed by the bus's name:
+/// `<domain>/interface.<bus>`. A pod on several buses needs one interface name per bus, which
+/// `names` (one list for every resource) cannot give.
+pub const BUS_INTERFACE_OPTION: &str = "interface.";
+
+/// The annotation key of the member interface's name for bus `bus` under `domain`.
+pub fn bus_interface_key(domain: &str, bus: &str) -> String {
+    format!("{domain}/{BUS_INTERFACE_OPTION}{bus}")
+}
+
+/// Whether `option` (the part after `<domain>/`) is one the plugin understands.
+fn known_option(option: &str) -> bool {
+    OPTIONS.contains(&option)
+        || option
+            .strip_prefix(BUS_INTERFACE_OPTION)
+            .is_some_and(crate::bus::is_bus_name)
+}
 
 /// The default name of the pod's `index`-th interface.
 pub fn default_name(index: usize) -> String {
@@ -85,17 +108,27 @@ pub fn interfaces(
     let fd_key = format!("{prefix}fd");
     if let Some(key) = annotations
         .keys()
-        .filter(|k| {
-            k.strip_prefix(&prefix)
-                .is_some_and(|o| !OPTIONS.contains(&o))
-        })
+        .filter(|k| k.strip_prefix(&prefix).is_some_and(|o| !known_option(o)))
         .min()
     {
         return Err(PodConfigError::UnknownOption {
             key: key.clone(),
             domain: domain.to_string(),
-            known: OPTIONS.join(", "),
+            known: format!("{}, {BUS_INTERFACE_OPTION}<bus>", OPTIONS.join(", ")),
         });
+    }
+    // Sorted, so that of several bad names the same one is reported every time.
+    let bus_interface_prefix = format!("{prefix}{BUS_INTERFACE_OPTION}");
+    let mut bus_names: Vec<(&String, &String)> = annotations
+        .iter()
+        .filter(|(k, _)| k.starts_with(&bus_interface_prefix))
+        .collect();
+    bus_names.sort();
+    for (key, name) in bus_names {
+        link::validate_name(name.trim()).map_err(|e| PodConfigError::InvalidName {
+            key: key.clone(),
+            message: e.to_string(),
+        })?;
     }
 
     let mtu = match annotations.get(&fd_key).map(|v| v.trim()) {
@@ -216,11 +249,39 @@ mod tests {
                 1,
                 "unknown annotation d.io/bitrate",
             ),
+            (
+                &[("d.io/interface.Body", "can1")],
+                1,
+                "unknown annotation d.io/interface.Body: the options under d.io/ are names, fd, \
+                 filter, interface.<bus>",
+            ),
+            (&[("d.io/interface.", "can1")], 1, "unknown annotation"),
+            (
+                &[("d.io/interface.body", "can 1")],
+                1,
+                "annotation d.io/interface.body: ",
+            ),
+            (
+                &[("d.io/interface.body", "")],
+                1,
+                "annotation d.io/interface.body: ",
+            ),
         ];
         for (pairs, devices, expected) in cases {
             let err = interfaces("d.io", &ann(pairs), *devices).expect_err(expected);
             assert!(err.to_string().contains(expected), "{err} !~ {expected}");
         }
+    }
+
+    #[test]
+    fn per_bus_interface_names_are_known_options_that_private_interfaces_ignore() {
+        let a = ann(&[
+            ("d.io/interface.body", "can1"),
+            ("d.io/interface.powertrain", " can0 "),
+        ]);
+        let specs = interfaces("d.io", &a, 1).expect("valid");
+        assert_eq!(names(&specs), ["vcan0"]);
+        assert_eq!(bus_interface_key("d.io", "body"), "d.io/interface.body");
     }
 
     proptest! {

@@ -1,13 +1,15 @@
 //! vcan interfaces inside a network namespace, managed over rtnetlink.
 //!
-//! [`Links`] holds a route socket opened inside the target namespace (see [`crate::netns`]); every
+//! [`Links`] holds a route socket opened inside the target namespace (see [`crate::kernel::netns`]); every
 //! request on it acts on that namespace only, whichever thread sends it.
 
 use std::fmt;
 use std::io;
 
-use crate::netlink::{self, Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, Socket};
-use crate::netns::{self, Netns, NetnsError};
+use crate::kernel::netlink::{
+    self, Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, Socket,
+};
+use crate::kernel::netns::{self, Netns, NetnsError};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
@@ -396,7 +398,7 @@ impl Links {
     }
 }
 
-/// Access for sibling modules ([`crate::vxcan`]) that send their own rtnetlink requests in the
+/// Access for sibling modules ([`crate::kernel::vxcan`]) that send their own rtnetlink requests in the
 /// namespace this handle was opened in.
 impl Links {
     /// The route socket and the namespace's name (for error messages).

@@ -1,0 +1,269 @@
+//! The daemon's wiring: one resource server per resource (private vcans, each shared bus), their
+//! registrations, the reconcile loop, the HTTP endpoint, and an orderly shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, Bus};
+use crate::config::Config;
+use crate::ebpf::{self, Counters};
+use crate::kubelet::registration::Registrar;
+use crate::node::{NodeState, ServedResource};
+use crate::pod::resources::PodResources;
+use crate::pod::runtime::{self, CriRuntime, SandboxLookup};
+use crate::resource::DeviceSet;
+use crate::serve::bus_member::BusMembership;
+use crate::serve::private::PrivateVcans;
+use crate::serve::{Provision, ResourceServer};
+use crate::telemetry::health::{self, Health};
+use crate::telemetry::{http, metrics::Metrics};
+
+/// How often released pods are looked for and unserved pods adopted.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The bus configuration is invalid.
+    #[error(transparent)]
+    BusConfig(#[from] bus::BusConfigError),
+    /// A bus's resource name is invalid or taken.
+    #[error("bus {bus}: {message}")]
+    Bus {
+        /// The bus.
+        bus: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The configuration needs more counter slots than the eBPF maps hold.
+    #[error("{0}")]
+    Capacity(String),
+    /// A registration loop failed.
+    #[error("device-plugin registration failed: {0}")]
+    Registration(#[from] crate::kubelet::registration::RegistrationError),
+    /// The metrics endpoint failed.
+    #[error("the metrics endpoint {address} failed: {source}")]
+    Http {
+        /// The address.
+        address: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// One resource to serve, before it is wired.
+struct Planned {
+    server: Arc<ResourceServer>,
+    health: watch::Receiver<Health>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or `shutdown` is cancelled).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let containerd_socket = config
+        .containerd_socket
+        .clone()
+        .unwrap_or_else(runtime::default_containerd_socket);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        resource = %config.resource_name,
+        devices = config.devices,
+        containerd = %containerd_socket.display(),
+        "starting vcan-plugin"
+    );
+    if !containerd_socket.exists() {
+        tracing::warn!(
+            socket = %containerd_socket.display(),
+            "container runtime socket not found yet; PreStart calls fail until it appears \
+             (set --containerd-socket and mount its directory)"
+        );
+    }
+    let specs = match &config.bus_config {
+        Some(path) => bus::load(path)?,
+        None => Vec::new(),
+    };
+    bus::check_capacity(config.devices, &specs, ebpf::layout::MAX_SLOTS)
+        .map_err(|e| DaemonError::Capacity(e.to_string()))?;
+
+    let counters = open_counters(config.bpffs_dir.clone()).await;
+    let attach_mode = counters
+        .as_ref()
+        .map_or("none", |c| c.attach_mode().as_str());
+    let runtime: Arc<dyn SandboxLookup> = Arc::new(CriRuntime::new(&containerd_socket));
+    let pod_resources = PodResources::new(&config.pod_resources_socket);
+    let interval = Duration::from_secs(config.health_interval.max(1));
+    let vcan_health = health::watch(interval);
+
+    let mut planned = vec![Planned {
+        server: Arc::new(ResourceServer::new(
+            config.resource_name.clone(),
+            DeviceSet::new(&config.resource_name, config.devices as usize),
+            pod_resources.clone(),
+            runtime.clone(),
+            counters.clone(),
+            Arc::new(PrivateVcans),
+        )),
+        health: vcan_health.clone(),
+    }];
+    let bus_health = (!specs.is_empty()).then(|| health::watch_probe(health::Probe::Bus, interval));
+    let mut buses = Vec::new();
+    for spec in specs {
+        let name = spec.name.clone();
+        let bus =
+            Bus::new(spec, config.resource_name.domain(), &config.state_dir).map_err(|e| {
+                DaemonError::Bus {
+                    bus: name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        if bus.resource() == &config.resource_name {
+            return Err(DaemonError::Bus {
+                bus: name,
+                message: format!(
+                    "its resource name {} is that of the private interfaces: rename the bus",
+                    bus.resource()
+                ),
+            });
+        }
+        tracing::info!(
+            bus = %bus.spec().name,
+            resource = %bus.resource(),
+            fd = bus.spec().fd,
+            members = bus.spec().members,
+            interface = %bus.spec().interface,
+            namespace = %bus.namespace().display(),
+            "serving shared CAN bus"
+        );
+        let bus = Arc::new(bus);
+        let provision: Arc<dyn Provision> = Arc::new(BusMembership::new(bus.clone()));
+        planned.push(Planned {
+            server: Arc::new(ResourceServer::new(
+                bus.resource().clone(),
+                DeviceSet::new(bus.resource(), bus.spec().members as usize),
+                pod_resources.clone(),
+                runtime.clone(),
+                counters.clone(),
+                provision,
+            )),
+            health: bus_health.clone().unwrap_or_else(|| vcan_health.clone()),
+        });
+        buses.push(bus);
+    }
+
+    let resource_names: Vec<String> = planned
+        .iter()
+        .map(|p| p.server.resource().to_string())
+        .collect();
+    let metrics = Arc::new(Metrics::new(&resource_names, attach_mode));
+    let registrars: Vec<Registrar> = planned
+        .iter()
+        .map(|p| {
+            Registrar::new(
+                &config.device_plugin_dir,
+                p.server.clone(),
+                metrics.clone(),
+                p.health.clone(),
+            )
+        })
+        .collect();
+    let servers: Vec<Arc<ResourceServer>> = planned.iter().map(|p| p.server.clone()).collect();
+    let state = Arc::new(NodeState::new(
+        planned
+            .into_iter()
+            .zip(&registrars)
+            .map(|(p, r)| ServedResource {
+                server: p.server,
+                registered: r.registered_flag(),
+                health: p.health,
+            })
+            .collect(),
+        buses,
+        vcan_health,
+    ));
+
+    // Registration does not wait for adoption: a runtime that hangs must not keep the node
+    // without devices, and a bus member joining before an older member is adopted is connected
+    // to it when the adoption adds that member's rules.
+    let reconciler = tokio::spawn(reconcile_loop(servers, shutdown.clone()));
+    let http = {
+        let address = config.metrics_address;
+        let server = http::serve(address, metrics, state, shutdown.clone().cancelled_owned());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let result = server.await;
+            if result.is_err() {
+                shutdown.cancel();
+            }
+            result.map_err(|source| DaemonError::Http {
+                address: address.to_string(),
+                source,
+            })
+        })
+    };
+    // Each resource has its own socket and registration loop; any of them failing stops the
+    // plugin.
+    let registrations =
+        futures::future::try_join_all(registrars.iter().map(|r| r.run(shutdown.clone()))).await;
+    shutdown.cancel();
+    let _ = reconciler.await;
+    let http = http.await;
+    registrations?;
+    match http {
+        Ok(result) => result,
+        Err(_) => Ok(()),
+    }
+}
+
+async fn open_counters(bpffs_dir: PathBuf) -> Option<Arc<Counters>> {
+    let opened = tokio::task::spawn_blocking(move || {
+        Counters::open(&ebpf::Config {
+            bpffs_dir,
+            mode: None,
+        })
+    })
+    .await;
+    match opened {
+        Ok(Ok(c)) => Some(Arc::new(c)),
+        Ok(Err(e)) => {
+            tracing::error!(
+                error = %e,
+                "CAN frame counting is unavailable; interfaces are still served without counters"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "opening the CAN frame counters failed");
+            None
+        }
+    }
+}
+
+/// Reconciles every resource now and then every [`RECONCILE_INTERVAL`] until shutdown. The
+/// first pass adopts the pods a previous run served.
+async fn reconcile_loop(servers: Vec<Arc<ResourceServer>>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
+    let mut first = true;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        for server in &servers {
+            let pass = server.reconcile().await;
+            for pod in &pass.released {
+                tracing::info!(resource = %server.resource(), pod = %pod.pod, "pod sandbox gone: released");
+            }
+            if first || !pass.adopted.is_empty() {
+                // The pod count first: logs and tests read "adopted running pods pods=N".
+                tracing::info!(pods = pass.adopted.len(), resource = %server.resource(), "adopted running pods");
+            }
+            if let Some(e) = pass.listing_error {
+                tracing::debug!(resource = %server.resource(), error = %e, "no PodResources listing this pass");
+            }
+        }
+        first = false;
+    }
+}

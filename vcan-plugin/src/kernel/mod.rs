@@ -1,0 +1,9 @@
+//! The kernel's CAN plumbing, over our own rtnetlink: namespaces ([`netns`]), netlink messages
+//! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]) and
+//! can-gw rules ([`cangw`]).
+
+pub mod cangw;
+pub mod link;
+pub mod netlink;
+pub mod netns;
+pub mod vxcan;

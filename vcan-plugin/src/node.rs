@@ -1,0 +1,138 @@
+//! The node's live state as the outside sees it: what `/metrics` renders at each scrape and what
+//! `/readyz` answers, read from the resource servers, the buses and the device health.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+
+use crate::bus::Bus;
+use crate::serve::ResourceServer;
+use crate::telemetry::health::Health;
+use crate::telemetry::http::StateSource;
+use crate::telemetry::metrics::{
+    self, BusFrames, BusSample, ResourceSample, Snapshot, TrafficSample,
+};
+
+/// One served resource with its registration flag and the health its devices are advertised with.
+#[derive(Debug, Clone)]
+pub struct ServedResource {
+    /// The resource's server.
+    pub server: Arc<ResourceServer>,
+    /// True while the kubelet has accepted the resource's registration.
+    pub registered: Arc<AtomicBool>,
+    /// The health of its devices.
+    pub health: watch::Receiver<Health>,
+}
+
+/// Everything a scrape or a readiness probe reads.
+#[derive(Debug)]
+pub struct NodeState {
+    resources: Vec<ServedResource>,
+    buses: Vec<Arc<Bus>>,
+    vcan_health: watch::Receiver<Health>,
+}
+
+impl NodeState {
+    /// The state of `resources` and `buses`; `vcan_health` says whether vcan can be created.
+    pub fn new(
+        resources: Vec<ServedResource>,
+        buses: Vec<Arc<Bus>>,
+        vcan_health: watch::Receiver<Health>,
+    ) -> Self {
+        NodeState {
+            resources,
+            buses,
+            vcan_health,
+        }
+    }
+
+    /// Every served pod's counters, read now; pods that went away have no series.
+    pub fn traffic(&self) -> Vec<TrafficSample> {
+        let mut samples = Vec::new();
+        for r in &self.resources {
+            let Some(counters) = r.server.counters() else {
+                continue;
+            };
+            for pod in r.server.served() {
+                for attachment in &pod.attachments {
+                    match counters.read(attachment) {
+                        Ok(snapshot) => samples.extend(metrics::traffic_samples(
+                            &pod.pod.namespace,
+                            &pod.pod.name,
+                            &attachment.info.ifname,
+                            &snapshot,
+                        )),
+                        Err(e) => {
+                            tracing::debug!(pod = %pod.pod, error = %e, "reading counters failed")
+                        }
+                    }
+                }
+            }
+        }
+        samples
+    }
+
+    /// Every bus's members and can-gw totals, read now; totals that could not be read are left
+    /// out.
+    pub fn buses(&self) -> Vec<BusSample> {
+        self.buses
+            .iter()
+            .map(|bus| {
+                let stats = bus.stats();
+                if let Err(e) = &stats.frames {
+                    tracing::debug!(bus = %bus.spec().name, error = %e, "reading bus counters failed");
+                }
+                BusSample {
+                    bus: bus.spec().name.clone(),
+                    members: stats.members,
+                    frames: stats.frames.ok().map(|s| BusFrames {
+                        forwarded: s.forwarded,
+                        dropped: s.dropped,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    fn resource_samples(&self) -> Vec<ResourceSample> {
+        self.resources
+            .iter()
+            .map(|r| {
+                let devices = r.server.devices().len();
+                ResourceSample {
+                    resource: r.server.resource().to_string(),
+                    devices,
+                    healthy: if r.health.borrow().is_healthy() {
+                        devices
+                    } else {
+                        0
+                    },
+                    allocated: r.server.allocated(),
+                    pods_served: r.server.served().len(),
+                    registered: r.registered.load(Ordering::SeqCst),
+                }
+            })
+            .collect()
+    }
+}
+
+impl StateSource for NodeState {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            resources: self.resource_samples(),
+            vcan_supported: self.vcan_health.borrow().is_healthy(),
+            traffic: self.traffic(),
+            buses: self.buses(),
+        }
+    }
+
+    fn readiness(&self) -> (bool, bool) {
+        (
+            self.resources
+                .iter()
+                .all(|r| r.registered.load(Ordering::SeqCst)),
+            self.vcan_health.borrow().is_healthy(),
+        )
+    }
+}

@@ -1,0 +1,8 @@
+//! Pods as the plugin sees them: who holds which devices (the kubelet's PodResources), where a
+//! pod's sandbox and network namespace are (the container runtime), and what its annotations ask.
+
+pub mod annotations;
+pub mod resources;
+pub mod runtime;
+
+pub use resources::PodRef;
