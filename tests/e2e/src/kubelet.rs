@@ -379,6 +379,11 @@ impl Kubelet {
             .into_inner())
     }
 
+    /// How many registrations the kubelet has accepted so far (from any plugin).
+    pub fn registrations(&self) -> u64 {
+        lock(&self.state).generation
+    }
+
     /// Whether `resource` is registered with a stream that delivered its devices.
     pub fn is_registered(&self, resource: &str) -> bool {
         lock(&self.state)
