@@ -31,17 +31,27 @@ pub enum DaemonError {
     /// The bus configuration is invalid.
     #[error(transparent)]
     BusConfig(#[from] bus::BusConfigError),
-    /// A bus's resource name is invalid or taken.
-    #[error("bus {bus}: {message}")]
-    Bus {
+    /// A bus's resource name is invalid.
+    #[error("bus {bus}: {source}")]
+    BusResource {
         /// The bus.
         bus: String,
         /// What is wrong.
-        message: String,
+        source: crate::resource::ResourceNameError,
+    },
+    /// A bus's resource name is that of the private interfaces.
+    #[error(
+        "bus {bus}: its resource name {resource} is that of the private interfaces: rename the bus"
+    )]
+    BusResourceTaken {
+        /// The bus.
+        bus: String,
+        /// The resource name.
+        resource: String,
     },
     /// The configuration needs more counter slots than the eBPF maps hold.
-    #[error("{0}")]
-    Capacity(String),
+    #[error(transparent)]
+    Capacity(#[from] bus::CapacityError),
     /// A registration loop failed.
     #[error("device-plugin registration failed: {0}")]
     Registration(#[from] crate::kubelet::registration::RegistrationError),
@@ -85,8 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Some(path) => bus::load(path)?,
         None => Vec::new(),
     };
-    bus::check_capacity(config.devices, &specs, ebpf::layout::MAX_SLOTS)
-        .map_err(|e| DaemonError::Capacity(e.to_string()))?;
+    bus::check_capacity(config.devices, &specs, ebpf::layout::MAX_SLOTS)?;
 
     let counters = open_counters(config.bpffs_dir.clone()).await;
     let attach_mode = counters
@@ -113,19 +122,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     for spec in specs {
         let name = spec.name.clone();
         let bus =
-            Bus::new(spec, config.resource_name.domain(), &config.state_dir).map_err(|e| {
-                DaemonError::Bus {
+            Bus::new(spec, config.resource_name.domain(), &config.state_dir).map_err(|source| {
+                DaemonError::BusResource {
                     bus: name.clone(),
-                    message: e.to_string(),
+                    source,
                 }
             })?;
         if bus.resource() == &config.resource_name {
-            return Err(DaemonError::Bus {
+            return Err(DaemonError::BusResourceTaken {
                 bus: name,
-                message: format!(
-                    "its resource name {} is that of the private interfaces: rename the bus",
-                    bus.resource()
-                ),
+                resource: bus.resource().to_string(),
             });
         }
         tracing::info!(

@@ -6,6 +6,11 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
+/// Longest any single call to the kubelet's PodResources or the runtime may take: a server that
+/// accepts connections but never answers must not hold a PreStart (the kubelet gives it 30 s)
+/// or a reconcile pass.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
+
 /// A channel to the gRPC server on the Unix socket `path`, connected on first use and reconnected
 /// after the server restarts; every call on it fails after `deadline`.
 pub fn lazy_channel(path: &Path, deadline: Duration) -> Channel {

@@ -90,6 +90,30 @@ impl TestNode {
     }
 }
 
+impl TestNode {
+    /// Runs `spec` the way the kubelet does and panics, with the plugin's log, unless every
+    /// container started.
+    pub async fn run_pod_ok(&self, spec: &crate::PodSpec) -> crate::node::StartedPod {
+        let started = self.node.run_pod(spec).await.unwrap_or_else(|e| {
+            panic!(
+                "{}/{}: {e:#}\nplugin log:\n{}",
+                spec.namespace,
+                spec.name,
+                self.plugin.log()
+            )
+        });
+        assert_eq!(
+            started.failure,
+            None,
+            "{}/{}\nplugin log:\n{}",
+            spec.namespace,
+            spec.name,
+            self.plugin.log()
+        );
+        started
+    }
+}
+
 impl Drop for TestNode {
     fn drop(&mut self) {
         // The guest's /run is lost with the VM: keep the plugin's log with the run's results.

@@ -68,22 +68,6 @@ fn listener(name: &str, resource: &str, frames: usize, ifname: &str) -> PodSpec 
     p
 }
 
-async fn start(t: &TestNode, spec: &PodSpec) -> StartedPod {
-    let started = t
-        .node
-        .run_pod(spec)
-        .await
-        .unwrap_or_else(|e| panic!("{}: {e:#}\nplugin log:\n{}", spec.name, t.plugin.log()));
-    assert_eq!(
-        started.failure,
-        None,
-        "{}\nplugin log:\n{}",
-        spec.name,
-        t.plugin.log()
-    );
-    started
-}
-
 async fn netns_name(t: &TestNode, pod: &StartedPod) -> String {
     t.node
         .cri
@@ -275,11 +259,14 @@ async fn three_on_a_one_on_b_and_a_private_pod(t: &TestNode) {
     const MARKER: &str = "7FF#A2";
     const MARKER_SEEN: &str = "can0 7FF#A2";
     let a: Vec<StartedPod> = futures::future::join_all(
-        ["a1", "a2", "a3"].map(|n| async move { start(t, &listener(n, BUS_A, 3, "can0")).await }),
+        ["a1", "a2", "a3"]
+            .map(|n| async move { t.run_pod_ok(&listener(n, BUS_A, 3, "can0")).await }),
     )
     .await;
-    let b1 = start(t, &listener("b1", BUS_B, 1, "can0")).await;
-    let p1 = start(t, &listener("p1", vcan_e2e::env::RESOURCE, 1, "vcan0")).await;
+    let b1 = t.run_pod_ok(&listener("b1", BUS_B, 1, "can0")).await;
+    let p1 = t
+        .run_pod_ok(&listener("p1", vcan_e2e::env::RESOURCE, 1, "vcan0"))
+        .await;
     for pod in &a {
         wait_bound(t, pod, "can0").await;
     }
@@ -383,8 +370,8 @@ async fn three_on_a_one_on_b_and_a_private_pod(t: &TestNode) {
 /// On a classic-only bus the interfaces have MTU 16: the kernel refuses FD frames from the pod
 /// (cansend reports it), while classic frames cross.
 async fn a_classic_bus_refuses_fd_frames(t: &TestNode) {
-    let c1 = start(t, &listener("c1", BUS_C, 1, "can0")).await;
-    let c2 = start(t, &listener("c2", BUS_C, 1, "can0")).await;
+    let c1 = t.run_pod_ok(&listener("c1", BUS_C, 1, "can0")).await;
+    let c2 = t.run_pod_ok(&listener("c2", BUS_C, 1, "can0")).await;
     wait_bound(t, &c1, "can0").await;
     wait_bound(t, &c2, "can0").await;
     let mtu = t
@@ -436,9 +423,9 @@ async fn a_member_with_filters_receives_only_matching_ids(t: &TestNode) {
     let mut f1 = listener("f1", BUS_A, 3, "can0");
     f1.annotations
         .insert("socketcan.io/filter".into(), "123:7FF, 200:700".into());
-    let f1 = start(t, &f1).await;
-    let f2 = start(t, &listener("f2", BUS_A, 6, "can0")).await;
-    let f3 = start(t, &listener("f3", BUS_A, 6, "can0")).await;
+    let f1 = t.run_pod_ok(&f1).await;
+    let f2 = t.run_pod_ok(&listener("f2", BUS_A, 6, "can0")).await;
+    let f3 = t.run_pod_ok(&listener("f3", BUS_A, 6, "can0")).await;
     for pod in [&f1, &f2, &f3] {
         wait_bound(t, pod, "can0").await;
     }
@@ -482,8 +469,8 @@ async fn a_plugin_restart_loses_no_frame_between_members(t: &mut TestNode) {
     sender.resources = vec![(BUS_B.to_string(), 1)];
     let mut r1 = PodSpec::new("default", "r1");
     r1.containers = vec![sender];
-    let r1 = start(t, &r1).await;
-    let r2 = start(t, &listener("r2", BUS_B, FRAMES, "can0")).await;
+    let r1 = t.run_pod_ok(&r1).await;
+    let r2 = t.run_pod_ok(&listener("r2", BUS_B, FRAMES, "can0")).await;
     wait_bound(t, &r2, "can0").await;
 
     let TestNode { node, plugin, .. } = t;
@@ -526,7 +513,7 @@ async fn a_plugin_restart_loses_no_frame_between_members(t: &mut TestNode) {
     );
     println!("{FRAMES} frames through bus b across a plugin restart, none lost");
 
-    let r3 = start(t, &listener("r3", BUS_B, 1, "can0")).await;
+    let r3 = t.run_pod_ok(&listener("r3", BUS_B, 1, "can0")).await;
     wait_bound(t, &r3, "can0").await;
     send_ok(t, &r1, "0B3#03").await;
     assert_eq!(dumped(t, &r3).await, ["can0 0B3#03"]);
@@ -547,7 +534,7 @@ async fn thirty_two_members_all_receive_one_frame(t: &TestNode) {
     // leave the last PreStarts close to the kubelet's 30 s timeout, whatever the plugin does.
     let mut pods: Vec<StartedPod> = Vec::new();
     for batch in specs.chunks(16) {
-        pods.extend(futures::future::join_all(batch.iter().map(|s| start(t, s))).await);
+        pods.extend(futures::future::join_all(batch.iter().map(|s| t.run_pod_ok(s))).await);
     }
     println!("32 members started in {:?}", started.elapsed());
     for pod in &pods {

@@ -22,7 +22,7 @@ use vcan_e2e::env::{RESOURCE, TestNode};
 use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::StartedPod;
 use vcan_e2e::{ContainerSpec, PodSpec};
-use vcan_test_support::{IP, require_testbed};
+use vcan_test_support::{IP, require_testbed, run_ok};
 
 const DEVICES: u32 = 100;
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,26 +55,6 @@ fn idle_pod(namespace: &str, name: &str, vcan: u32) -> PodSpec {
     let mut p = PodSpec::new(namespace, name);
     p.containers = vec![app(vcan, "exec sleep 3600")];
     p
-}
-
-async fn start(t: &TestNode, spec: &PodSpec) -> StartedPod {
-    let started = t.node.run_pod(spec).await.unwrap_or_else(|e| {
-        panic!(
-            "{}/{}: {e:#}\nplugin log:\n{}",
-            spec.namespace,
-            spec.name,
-            t.plugin.log()
-        )
-    });
-    assert_eq!(
-        started.failure,
-        None,
-        "{}/{}\nplugin log:\n{}",
-        spec.namespace,
-        spec.name,
-        t.plugin.log()
-    );
-    started
 }
 
 /// Runs `script` with dash in the pod's `app` container; panics unless it exits 0.
@@ -141,22 +121,6 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         Ok(v) => v,
         Err(_) => panic!("{what}: no result within {STEP_TIMEOUT:?}"),
     }
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed ({}): {}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn json(text: &str, what: &str) -> Value {
@@ -431,7 +395,7 @@ async fn wait_for_traffic(
 /// The kernel's own counters of `ifname` in `netns` (`ip -s -j link`, i.e. what vcan's xmit
 /// counts): (tx packets, tx bytes, rx packets, rx bytes).
 fn kernel_counters(netns: &str, ifname: &str) -> (u64, u64, u64, u64) {
-    let out = run(
+    let out = run_ok(
         IP,
         &["-n", netns, "-s", "-j", "link", "show", "dev", ifname],
     );
@@ -465,7 +429,7 @@ fn bpftool(args: &[&str]) -> Value {
     let mut all = vec!["-j"];
     all.extend_from_slice(args);
     json(
-        &run("bpftool", &all),
+        &run_ok("bpftool", &all),
         &format!("bpftool {}", args.join(" ")),
     )
 }
@@ -554,7 +518,7 @@ async fn metrics_count_every_frame_kind_exactly_and_agree_with_the_kernel() {
         .await
         .expect("node starts");
     let began = Instant::now();
-    let pod = start(&t, &idle_pod("default", "exact", 2)).await;
+    let pod = t.run_pod_ok(&idle_pod("default", "exact", 2)).await;
 
     const N: u64 = 10;
     let fd12 = "00112233445566778899AABB"; // 12 bytes, a valid CAN FD length above 8
@@ -639,8 +603,8 @@ async fn metrics_keep_pods_whose_interfaces_share_an_ifindex_apart() {
         .expect("node starts");
     let began = Instant::now();
     // Same pod name in two Kubernetes namespaces: only the namespace label tells them apart.
-    let a = start(&t, &idle_pod("team-a", "twin", 1)).await;
-    let b = start(&t, &idle_pod("team-b", "twin", 1)).await;
+    let a = t.run_pod_ok(&idle_pod("team-a", "twin", 1)).await;
+    let b = t.run_pod_ok(&idle_pod("team-b", "twin", 1)).await;
     let ifindex_a = sh(&t, &a, "cat /sys/class/net/vcan0/ifindex").await;
     let ifindex_b = sh(&t, &b, "cat /sys/class/net/vcan0/ifindex").await;
     assert_eq!(
@@ -902,7 +866,7 @@ async fn metrics_keep_counting_across_a_plugin_restart() {
         .await
         .expect("node starts");
     let began = Instant::now();
-    let pod = start(&t, &idle_pod("default", "survivor", 2)).await;
+    let pod = t.run_pod_ok(&idle_pod("default", "survivor", 2)).await;
     let netns = netns_name(&t, &pod).await;
 
     const N: u64 = 10;
@@ -1255,7 +1219,7 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
                      while :; do cansend vcan0 20000080#0000000000000000; sleep 0.2; done";
     let mut spec = PodSpec::new("default", "chatty");
     spec.containers = vec![app(1, generator)];
-    let pod = start(&t, &spec).await;
+    let pod = t.run_pod_ok(&spec).await;
 
     // The per-pod frame rate, as a user would ask for it.
     let per_pod =
@@ -1325,7 +1289,7 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
     // (`vcan_plugin_prestart_phase_duration_seconds{phase}`) at their first observation instead
     // of exporting them at zero from the start, so the first PreStart after a plugin start
     // never shows in "PreStart phases (p99)" (plugin issue reported with this test).
-    let late = start(&t, &idle_pod("default", "late", 1)).await;
+    let late = t.run_pod_ok(&idle_pod("default", "late", 1)).await;
 
     // Every dashboard query draws something over the time since Prometheus started scraping.
     // No panel is exempt: the pod sends error frames too, and the expressions only use

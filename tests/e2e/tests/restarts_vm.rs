@@ -20,17 +20,7 @@ fn sleeper(name: &str) -> PodSpec {
 
 /// Starts a pod and checks that it runs with both interfaces up.
 async fn start_and_check(t: &TestNode, name: &str) -> StartedPod {
-    let started = t
-        .node
-        .run_pod(&sleeper(name))
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e:#}\nplugin log:\n{}", t.plugin.log()));
-    assert_eq!(
-        started.failure,
-        None,
-        "{name}\nplugin log:\n{}",
-        t.plugin.log()
-    );
+    let started = t.run_pod_ok(&sleeper(name)).await;
     assert_interfaces_up(t, &started).await;
     started
 }

@@ -162,6 +162,13 @@ fn rcvlist_has_receiver(listing: &str, ifname: &str) -> bool {
         .any(|line| line.split_whitespace().next() == Some(ifname))
 }
 
+/// Runs `program args...` and panics unless it succeeds; returns its stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = command_output(Command::new(program).args(args));
+    assert_success(&out, &format!("{program} {}", args.join(" ")));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn command_output(cmd: &mut Command) -> Output {
     match cmd.output() {
         Ok(out) => out,

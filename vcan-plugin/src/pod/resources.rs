@@ -79,9 +79,6 @@ pub struct PodResources {
     path: PathBuf,
 }
 
-/// Longest a PodResources call may take.
-pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
-
 /// How often to retry when the kubelet rate-limits PodResources (100 qps, burst 10).
 const RATE_LIMIT_RETRIES: u32 = 8;
 
@@ -89,7 +86,7 @@ impl PodResources {
     /// A client for the socket at `path`; connects on first use.
     pub fn new(path: &Path) -> Self {
         PodResources {
-            client: PodResourcesListerClient::new(uds::lazy_channel(path, CALL_DEADLINE)),
+            client: PodResourcesListerClient::new(uds::lazy_channel(path, uds::CALL_DEADLINE)),
             path: path.to_path_buf(),
         }
     }

@@ -4,9 +4,8 @@
 //! needs neither the API server nor containerd-specific APIs, and its verbose sandbox status carries
 //! the pod annotations the kubelet passed in.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tonic::transport::Channel;
 
@@ -74,30 +73,16 @@ pub enum RuntimeError {
     },
 }
 
-/// Whether a sandbox still runs, as the runtime says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SandboxState {
-    /// It runs: its namespace is in use.
-    Ready,
-    /// It was stopped: the pod is gone or about to get a new sandbox.
-    NotReady,
-    /// The runtime does not know it (removed).
-    Absent,
-}
-
 /// Looks up pod sandboxes. The plugin uses [`CriRuntime`]; tests substitute their own.
 #[async_trait::async_trait]
 pub trait SandboxLookup: Send + Sync + 'static {
     /// The ready sandbox of `pod`.
     async fn sandbox(&self, pod: &PodRef) -> Result<Sandbox, RuntimeError>;
 
-    /// The state of the sandbox `id`; an error when the runtime cannot tell (unreachable).
-    async fn sandbox_state(&self, id: &str) -> Result<SandboxState, RuntimeError>;
+    /// The IDs of every ready sandbox (one listing for all pods); an error when the runtime
+    /// cannot tell (unreachable).
+    async fn ready_sandboxes(&self) -> Result<HashSet<String>, RuntimeError>;
 }
-
-/// Longest any single call to the runtime may take: a runtime that accepts connections but
-/// never answers must not hold a PreStart (30 s kubelet deadline) or a reconcile pass.
-pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Sandbox lookup over CRI (containerd's socket also serves `runtime.v1.RuntimeService`).
 #[derive(Debug, Clone)]
@@ -126,7 +111,7 @@ impl CriRuntime {
     /// A client for the CRI socket at `path`; connects on first use and after runtime restarts.
     pub fn new(path: &Path) -> Self {
         CriRuntime {
-            client: RuntimeServiceClient::new(uds::lazy_channel(path, CALL_DEADLINE)),
+            client: RuntimeServiceClient::new(uds::lazy_channel(path, uds::CALL_DEADLINE)),
             path: path.to_path_buf(),
         }
     }
@@ -266,30 +251,23 @@ impl SandboxLookup for CriRuntime {
         })
     }
 
-    async fn sandbox_state(&self, id: &str) -> Result<SandboxState, RuntimeError> {
-        self.state_of(id).await
-    }
-}
-
-impl CriRuntime {
-    async fn state_of(&self, id: &str) -> Result<SandboxState, RuntimeError> {
-        let response = self
+    async fn ready_sandboxes(&self) -> Result<HashSet<String>, RuntimeError> {
+        let items = self
             .client
             .clone()
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: id.to_string(),
-                verbose: false,
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    state: Some(PodSandboxStateValue {
+                        state: PodSandboxState::SandboxReady as i32,
+                    }),
+                    ..Default::default()
+                }),
             })
-            .await;
-        match response {
-            Ok(r) => Ok(match r.into_inner().status.map(|s| s.state) {
-                Some(state) if state == PodSandboxState::SandboxReady as i32 => SandboxState::Ready,
-                Some(_) => SandboxState::NotReady,
-                None => SandboxState::Absent,
-            }),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(SandboxState::Absent),
-            Err(status) => Err(self.unavailable(status)),
-        }
+            .await
+            .map_err(|s| self.unavailable(s))?
+            .into_inner()
+            .items;
+        Ok(items.into_iter().map(|s| s.id).collect())
     }
 }
 

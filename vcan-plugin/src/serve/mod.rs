@@ -24,7 +24,7 @@ use crate::kernel::link::{LinkError, LinkInfo};
 use crate::kernel::netns::{self, Netns};
 use crate::pod::annotations::PodConfigError;
 use crate::pod::resources::{self, PodDevices, PodRef, PodResources, PodResourcesError};
-use crate::pod::runtime::{RuntimeError, Sandbox, SandboxLookup, SandboxState};
+use crate::pod::runtime::{RuntimeError, Sandbox, SandboxLookup};
 use crate::resource::{DeviceSet, ResourceName};
 
 /// The environment variable that lists a container's interface names.
@@ -173,7 +173,7 @@ pub trait Provision: Send + Sync + 'static {
     ) -> Result<HashMap<String, String>, ServeError>;
 
     /// Makes `owner`'s interfaces in its sandbox's namespace `netns` (idempotent: a second call
-    /// for the same pod finds them in place). Returns them with the time spent.
+    /// for the same pod finds them in place). Returns them as made.
     async fn provision(
         &self,
         resource: &ResourceName,
@@ -410,19 +410,10 @@ impl ResourceServer {
     }
 
     /// Whether the sandbox of a served pod is gone: its namespace file no longer exists, or the
-    /// runtime reports it absent or not ready. A runtime that cannot answer proves nothing.
-    async fn is_gone(&self, pod: &ServedPod) -> bool {
-        if !pod.netns.exists() {
-            return true;
-        }
-        match self.runtime.sandbox_state(&pod.sandbox).await {
-            Ok(SandboxState::Ready) => false,
-            Ok(SandboxState::NotReady | SandboxState::Absent) => true,
-            Err(e) => {
-                tracing::debug!(pod = %pod.pod, error = %e, "sandbox state unknown; keeping the pod");
-                false
-            }
-        }
+    /// runtime's `ready` sandboxes (`None`: the runtime cannot answer, which proves nothing) do
+    /// not include it.
+    fn is_gone(pod: &ServedPod, ready: Option<&HashSet<String>>) -> bool {
+        !pod.netns.exists() || ready.is_some_and(|ready| !ready.contains(&pod.sandbox))
     }
 
     /// One pass: releases pods whose sandbox is gone, then serves pods that hold devices but are
@@ -433,12 +424,19 @@ impl ResourceServer {
     pub async fn reconcile(&self) -> Reconciled {
         let mut report = Reconciled::default();
         let snapshot: Vec<Entry> = self.lock_served().values().cloned().collect();
-        let mut gone = Vec::new();
-        for entry in snapshot {
-            if self.is_gone(&entry.pod).await {
-                gone.push(entry);
-            }
-        }
+        let ready = if snapshot.is_empty() {
+            None
+        } else {
+            self.runtime
+                .ready_sandboxes()
+                .await
+                .inspect_err(|e| tracing::debug!(resource = %self.resource, error = %e, "sandbox states unknown; keeping every pod"))
+                .ok()
+        };
+        let gone: Vec<Entry> = snapshot
+            .into_iter()
+            .filter(|e| Self::is_gone(&e.pod, ready.as_ref()))
+            .collect();
         let released: Vec<ServedPod> = {
             let mut served = self.lock_served();
             let mut released = Vec::new();

@@ -33,7 +33,7 @@ use vcan_plugin::api::podresources::v1::{
 };
 use vcan_plugin::kubelet::registration::Registrar;
 use vcan_plugin::pod::resources::{self, PodRef};
-use vcan_plugin::pod::runtime::{RuntimeError, Sandbox, SandboxLookup, SandboxState};
+use vcan_plugin::pod::runtime::{RuntimeError, Sandbox, SandboxLookup};
 use vcan_plugin::resource::{DeviceSet, ResourceName};
 use vcan_plugin::serve::ResourceServer;
 use vcan_plugin::serve::private::PrivateVcans;
@@ -264,18 +264,14 @@ impl SandboxLookup for FakeRuntime {
             .ok_or_else(|| RuntimeError::NoSandbox(pod.clone()))
     }
 
-    async fn sandbox_state(&self, id: &str) -> Result<SandboxState, RuntimeError> {
-        let known = self
+    async fn ready_sandboxes(&self) -> Result<std::collections::HashSet<String>, RuntimeError> {
+        Ok(self
             .sandboxes
             .lock()
             .expect("lock")
             .values()
-            .any(|s| s.id == id);
-        Ok(if known {
-            SandboxState::Ready
-        } else {
-            SandboxState::Absent
-        })
+            .map(|s| s.id.clone())
+            .collect())
     }
 }
 

@@ -243,6 +243,10 @@ fn count_ignored(exe: &Path, dir: &Path, filters: &[String], extra: &[String]) -
 /// its output and status going to the results share.
 fn guest_script(binaries: &[TestBinary], args: &VmTestArgs) -> String {
     let mut script = String::from("export RUST_BACKTRACE=1\n");
+    // Test knobs set on the host (e.g. VCAN_TEST_FAULT_CYCLES) reach the guest's tests.
+    for (key, value) in std::env::vars().filter(|(k, _)| k.starts_with("VCAN_TEST_")) {
+        script.push_str(&format!("export {key}={}\n", sh_quote(&value)));
+    }
     let n = binaries.len();
     for (i, b) in binaries.iter().enumerate() {
         let i = i + 1;

@@ -64,6 +64,57 @@ fn report(label: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
     (p50, p99)
 }
 
+/// The phases the plugin logs for each PreStart, as `name=<Debug duration>`.
+const PHASES: [&str; 5] = [
+    "pod_lookup",
+    "namespace_lookup",
+    "link_creation",
+    "bpf_attach",
+    "elapsed",
+];
+
+/// Parses a `Duration`'s Debug form (`59.87669ms`, `850µs`, `1.2s`, `120ns`).
+fn parse_debug_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (value, unit) = text.split_at(split);
+    let value: f64 = value.parse().ok()?;
+    let secs = match unit {
+        "s" => value,
+        "ms" => value / 1e3,
+        "µs" | "us" => value / 1e6,
+        "ns" => value / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+/// Per phase, p50 and p90 in ms over the plugin's PreStart log lines for pods named
+/// `bench/<prefix>…`.
+fn phase_report(log: &str, prefix: &str) {
+    let pod = format!("pod=bench/{prefix}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("PreStartContainer: interfaces up") && l.contains(&pod))
+        .collect();
+    for phase in PHASES {
+        let key = format!("{phase}=");
+        let mut values: Vec<Duration> = lines
+            .iter()
+            .filter_map(|l| {
+                let value = l.split_whitespace().find_map(|w| w.strip_prefix(&key))?;
+                parse_debug_duration(value)
+            })
+            .collect();
+        values.sort();
+        println!(
+            "  phase {phase:<16} n={} p50={:.1} ms p90={:.1} ms",
+            values.len(),
+            percentile(&values, 50.0).as_secs_f64() * 1e3,
+            percentile(&values, 90.0).as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// How long the idle daemon is watched.
 const IDLE_WINDOW: Duration = Duration::from_secs(30);
 
@@ -136,6 +187,7 @@ async fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     let (solo_p50, solo_p99) = report("PreStart solo      ", solo);
+    phase_report(&t.plugin.log(), "seq-");
 
     let started = Instant::now();
     let specs: Vec<PodSpec> = (0..args.concurrent)
@@ -156,6 +208,7 @@ async fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     let (_, conc_p99) = report("PreStart concurrent", concurrent);
+    phase_report(&t.plugin.log(), "par-");
 
     // The daemon at rest with those pods: reconcile every 10 s, health probe, no scrapes.
     let pid = t.plugin.pid();
