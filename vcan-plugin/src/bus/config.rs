@@ -1,0 +1,373 @@
+//! The bus configuration: which buses a node serves, parsed and checked field by field, and
+//! whether the node's counter slots cover them.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::kernel::link::{self, CanMtu};
+use crate::pod::annotations;
+use crate::resource::{ResourceName, ResourceNameError};
+
+/// Members per node when the configuration does not say.
+pub const DEFAULT_MEMBERS: u32 = 32;
+/// The pod's interface name when neither the configuration nor the pod says.
+pub const DEFAULT_INTERFACE: &str = "can0";
+/// The resource name of bus `name` is `<domain>/bus-<name>`.
+pub const RESOURCE_PREFIX: &str = "bus-";
+/// Longest bus name. Kubernetes allows 63 characters after the domain: the device IDs
+/// `bus-<name>-NNNN` would allow 54, and the annotation `interface.<name>` 53.
+const MAX_NAME_LEN: usize = 63 - annotations::BUS_INTERFACE_OPTION.len();
+
+/// One bus as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusSpec {
+    /// The bus's name, a DNS label; the resource is `<domain>/bus-<name>`.
+    pub name: String,
+    /// Whether the bus carries CAN FD frames (MTU 72) or classic frames only (MTU 16).
+    pub fd: bool,
+    /// How many pods of the node can be members at once (the devices advertised).
+    pub members: u32,
+    /// The interface name inside member pods, unless a pod's annotations say otherwise (see
+    /// [`member_config`]).
+    pub interface: String,
+}
+
+impl BusSpec {
+    /// The MTU of every interface of the bus.
+    pub fn mtu(&self) -> CanMtu {
+        if self.fd { CanMtu::Fd } else { CanMtu::Classic }
+    }
+
+    /// The extended resource of the bus under `domain`.
+    pub fn resource(&self, domain: &str) -> Result<ResourceName, ResourceNameError> {
+        format!("{domain}/{RESOURCE_PREFIX}{}", self.name).parse()
+    }
+}
+
+/// What is wrong with the bus configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BusConfigError {
+    /// The file could not be read.
+    #[error("cannot read the bus configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON of the expected shape.
+    #[error(
+        "the bus configuration {path} is not valid: {detail} (expected e.g. \
+         {{\"buses\":[{{\"name\":\"powertrain\",\"fd\":true,\"members\":32,\"interface\":\"can0\"}}]}})"
+    )]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message, with line and column.
+        detail: String,
+    },
+    /// One field of one bus is invalid.
+    #[error("the bus configuration {path}: buses[{index}].{field}: {message}")]
+    Field {
+        /// The file.
+        path: String,
+        /// Position of the bus in the list.
+        index: usize,
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    buses: Vec<RawBus>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    name: String,
+    #[serde(default)]
+    fd: Option<bool>,
+    #[serde(default)]
+    members: Option<i64>,
+    #[serde(default)]
+    interface: Option<String>,
+}
+
+/// Whether `s` can name a bus: a DNS label of at most 53 characters.
+pub(crate) fn is_bus_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Parses a bus configuration, JSON (`path` only names it in errors). `fd` defaults to true,
+/// `members` to 32, `interface` to `can0`.
+pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
+    let raw: RawFile = serde_json::from_str(text).map_err(|e| BusConfigError::Syntax {
+        path: path.to_string(),
+        detail: e.to_string(),
+    })?;
+    let mut buses: Vec<BusSpec> = Vec::new();
+    for (index, bus) in raw.buses.into_iter().enumerate() {
+        let field = |field, message: String| BusConfigError::Field {
+            path: path.to_string(),
+            index,
+            field,
+            message,
+        };
+        if !is_bus_name(&bus.name) {
+            return Err(field(
+                "name",
+                format!(
+                    "{:?} is not a valid bus name: lowercase letters, digits and '-', not at \
+                     either end, 1 to {MAX_NAME_LEN} characters",
+                    bus.name
+                ),
+            ));
+        }
+        if buses.iter().any(|b| b.name == bus.name) {
+            return Err(field("name", format!("bus {:?} is listed twice", bus.name)));
+        }
+        let members = bus.members.unwrap_or(i64::from(DEFAULT_MEMBERS));
+        let members = u32::try_from(members)
+            .ok()
+            .filter(|m| (1..=9999).contains(m))
+            .ok_or_else(|| field("members", format!("{members} is not in 1..=9999")))?;
+        let interface = bus
+            .interface
+            .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
+        link::validate_name(&interface).map_err(|e| field("interface", e.to_string()))?;
+        buses.push(BusSpec {
+            name: bus.name,
+            fd: bus.fd.unwrap_or(true),
+            members,
+            interface,
+        });
+    }
+    Ok(buses)
+}
+
+/// Reads and parses the bus configuration file at `path`.
+pub fn load(path: &Path) -> Result<Vec<BusSpec>, BusConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| BusConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+/// Counter slots the node needs at most: one per private device and one per possible member of
+/// each bus, as every interface the plugin serves gets its own eBPF counters.
+pub fn slots_needed(private_devices: u32, buses: &[BusSpec]) -> u64 {
+    u64::from(private_devices) + buses.iter().map(|b| u64::from(b.members)).sum::<u64>()
+}
+
+/// The configuration needs more counter slots than the node's eBPF maps hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "--devices {devices}{} need {needed} counter slots, the node has {capacity}: lower \
+     --devices{}",
+    describe_members(.members),
+    if .members.is_empty() { "" } else { " or buses[].members in the bus configuration" }
+)]
+pub struct CapacityError {
+    /// Private devices (`--devices`).
+    pub devices: u32,
+    /// Members of each bus, in configuration order.
+    pub members: Vec<u32>,
+    /// Slots needed.
+    pub needed: u64,
+    /// Slots the node has.
+    pub capacity: u32,
+}
+
+fn describe_members(members: &[u32]) -> String {
+    if members.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = members.iter().map(u32::to_string).collect();
+    format!(" plus bus members {}", list.join("+"))
+}
+
+/// Fails when the private devices and the buses' members together need more counter slots than
+/// `capacity` (the eBPF maps' `MAX_SLOTS`): the interfaces beyond it would otherwise be refused
+/// one by one at PreStart, long after the plugin started and advertised them.
+pub fn check_capacity(
+    private_devices: u32,
+    buses: &[BusSpec],
+    capacity: u32,
+) -> Result<(), CapacityError> {
+    let needed = slots_needed(private_devices, buses);
+    if needed <= u64::from(capacity) {
+        return Ok(());
+    }
+    Err(CapacityError {
+        devices: private_devices,
+        members: buses.iter().map(|b| b.members).collect(),
+        needed,
+        capacity,
+    })
+}
+
+/// A bus spec for tests elsewhere in the module.
+#[cfg(test)]
+pub(super) fn example(fd: bool) -> BusSpec {
+    BusSpec {
+        name: "powertrain".into(),
+        fd,
+        members: 32,
+        interface: "can0".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus(fd: bool) -> BusSpec {
+        example(fd)
+    }
+
+    #[test]
+    fn configs_parse_with_defaults() {
+        let json = r#"{"buses":[{"name":"powertrain","fd":true,"members":8,"interface":"pt0"},
+                       {"name":"body"}]}"#;
+        let buses = parse(json, "buses.json").expect("valid");
+        assert_eq!(
+            buses,
+            [
+                BusSpec {
+                    name: "powertrain".into(),
+                    fd: true,
+                    members: 8,
+                    interface: "pt0".into()
+                },
+                BusSpec {
+                    name: "body".into(),
+                    fd: true,
+                    members: DEFAULT_MEMBERS,
+                    interface: DEFAULT_INTERFACE.into()
+                }
+            ]
+        );
+        let buses = parse(r#"{"buses":[{"name":"chassis","fd":false}]}"#, "b.json").expect("valid");
+        assert_eq!(buses[0].name, "chassis");
+        assert_eq!(buses[0].mtu(), CanMtu::Classic);
+        assert_eq!(
+            buses[0]
+                .resource("socketcan.io")
+                .expect("valid")
+                .to_string(),
+            "socketcan.io/bus-chassis"
+        );
+        assert!(
+            parse(r#"{"buses":[]}"#, "x")
+                .expect("empty is fine")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (r#"{"buses":[{"name":"Power"}]}"#, "buses[0].name"),
+            (r#"{"buses":[{"name":"a"},{"name":"-b"}]}"#, "buses[1].name"),
+            (r#"{"buses":[{"name":"a"},{"name":"a"}]}"#, "listed twice"),
+            (
+                r#"{"buses":[{"name":"a","members":0}]}"#,
+                "buses[0].members",
+            ),
+            (
+                r#"{"buses":[{"name":"a","members":10000}]}"#,
+                "10000 is not in 1..=9999",
+            ),
+            (
+                r#"{"buses":[{"name":"a","interface":"this-is-too-long"}]}"#,
+                "buses[0].interface",
+            ),
+            (r#"{"buses":[{"name":"a","bitrate":5}]}"#, "bitrate"),
+            (r#"{"buses":[{"name":"a","fd":"yes"}]}"#, "not valid"),
+            (r#"{"busses":[]}"#, "busses"),
+            (
+                &format!(r#"{{"buses":[{{"name":"{}"}}]}}"#, "a".repeat(54)),
+                "1 to 53 characters",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text, "cfg").expect_err(text);
+            assert!(err.to_string().contains(expected), "{err} !~ {expected}");
+        }
+    }
+    #[test]
+    fn the_longest_bus_name_still_makes_valid_annotation_keys_and_device_ids() {
+        let name = "a".repeat(MAX_NAME_LEN);
+        let buses = parse(&format!(r#"{{"buses":[{{"name":"{name}"}}]}}"#), "cfg").expect("valid");
+        let key = annotations::bus_interface_key("socketcan.io", &buses[0].name);
+        let (_, option) = key.split_once('/').expect("domain/name");
+        assert!(
+            option.len() <= 63,
+            "{option} is {} characters",
+            option.len()
+        );
+        assert!(format!("{RESOURCE_PREFIX}{name}-0001").len() <= 63);
+    }
+    #[test]
+    fn capacity_counts_private_devices_and_every_possible_member() {
+        let buses = [
+            bus(true),
+            BusSpec {
+                name: "body".into(),
+                members: 9999,
+                ..bus(false)
+            },
+        ];
+        assert_eq!(slots_needed(100, &buses), 10_131);
+        assert_eq!(slots_needed(0, &[]), 0);
+        assert_eq!(slots_needed(u32::MAX, &buses), u64::from(u32::MAX) + 10_031);
+        check_capacity(4096 - 32, &buses[..1], 4096).expect("exactly full");
+        let err = check_capacity(100, &buses, 4096).expect_err("too many");
+        assert_eq!(
+            err.to_string(),
+            "--devices 100 plus bus members 32+9999 need 10131 counter slots, the node has 4096: \
+             lower --devices or buses[].members in the bus configuration"
+        );
+        let err = check_capacity(5000, &[], 4096).expect_err("too many devices");
+        assert_eq!(
+            err.to_string(),
+            "--devices 5000 need 5000 counter slots, the node has 4096: lower --devices"
+        );
+    }
+
+    /// The JSON of the first ```json block after `heading` in `markdown`.
+    fn json_after(markdown: &str, heading: &str) -> String {
+        let (_, rest) = markdown.split_once(heading).expect("heading");
+        let (_, block) = rest.split_once("```json\n").expect("json block");
+        block.split_once("```").expect("closed").0.to_string()
+    }
+
+    #[test]
+    fn the_shipped_examples_give_each_bus_its_own_interface_name() {
+        let yaml = include_str!("../../../deploy/components/shared-buses/configmap.yaml");
+        let (_, json) = yaml.split_once("buses.json: |\n").expect("buses.json");
+        let readme = include_str!("../../../README.md");
+        for (what, json) in [
+            ("configmap", json.to_string()),
+            ("README", json_after(readme, "## Shared buses")),
+        ] {
+            let buses = parse(&json, what).expect(what);
+            assert!(buses.len() >= 2, "{what}");
+            let mut names: Vec<&str> = buses.iter().map(|b| b.interface.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), buses.len(), "{what}: {json}");
+        }
+    }
+}

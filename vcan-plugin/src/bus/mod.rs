@@ -1,0 +1,577 @@
+//! Shared CAN buses between the pods of a node.
+//!
+//! Each bus named in the plugin's bus configuration is its own extended resource
+//! (`<domain>/bus-<name>`). A pod holding it gets one interface in its namespace: the pod end of a
+//! [`crate::kernel::vxcan`] pair whose other end (the *bus end*) lives in a network namespace the plugin
+//! owns for that bus, bind-mounted under the state directory so it outlives plugin restarts. In
+//! that namespace [`crate::kernel::cangw`] rules forward every frame arriving on one bus end out of every
+//! other bus end.
+//!
+//! Topology: a full mesh of rules, one per ordered pair of members (and per frame kind on an FD
+//! bus). can-gw routes a frame at most `max_hops` times, 1 by default; that is a parameter of the
+//! can-gw module, shared by every user of the node, which a device plugin has no business changing.
+//! A hub (every member forwarding to one end that forwards to everyone) needs two hops; the mesh
+//! needs one, never returns a frame to its sender and touches only the joining or leaving member's
+//! 2·(n−1) rules. n·(n−1) rules are few for the tens of members a node hosts (992 for 32).
+//!
+//! [`config`] reads the configuration, [`member`] a member's annotations, [`topology`] says
+//! which rules connect two members and [`stats`] keeps the frame totals; this module runs the
+//! lifecycle: joining, leaving and the bus namespace.
+//!
+//! Every lock here belongs to one [`Bus`]: a join or leave on one bus never waits for another bus,
+//! nor for the pods with private interfaces.
+
+pub mod config;
+pub mod member;
+pub mod stats;
+pub mod topology;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::kernel::cangw::{Filter, Gateway, GatewayError};
+use crate::kernel::link::{LinkError, Links};
+use crate::kernel::netns::{self, Netns, NetnsError};
+use crate::kernel::vxcan::{self, VxcanError, VxcanPair, VxcanSpec};
+use crate::pod::annotations;
+use crate::pod::resources::PodRef;
+use crate::resource::{ResourceName, ResourceNameError};
+
+pub(crate) use config::is_bus_name;
+pub use config::{
+    BusConfigError, BusSpec, CapacityError, DEFAULT_INTERFACE, DEFAULT_MEMBERS, RESOURCE_PREFIX,
+    check_capacity, load, parse, slots_needed,
+};
+pub use member::{
+    FILTER_OPTION, MAX_FILTERS, MemberConfig, MemberConfigError, bus_end_name, member_config,
+    parse_filter,
+};
+use stats::Counted;
+pub use stats::{BusStats, FrameTotals};
+use topology::rules_between;
+
+/// What went wrong joining, leaving or inspecting a bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The bus namespace could not be made or entered.
+    #[error("bus {bus}: its namespace {ns}: {source}")]
+    Namespace {
+        /// The bus.
+        bus: String,
+        /// The namespace file.
+        ns: String,
+        /// What failed.
+        source: NetnsError,
+    },
+    /// The member's interface name is already taken in its pod: by the interface of another bus,
+    /// a private vcan or anything else that is not this bus's pair.
+    #[error(
+        "interface {interface} is already used in the pod by another bus or a private interface \
+         ({holder}): set annotation {annotation} to a different name"
+    )]
+    InterfaceInUse {
+        /// The bus.
+        bus: String,
+        /// The interface name.
+        interface: String,
+        /// What has the name, e.g. "a vcan interface".
+        holder: String,
+        /// The annotation choosing the member's interface name on this bus.
+        annotation: String,
+    },
+    /// The vxcan pair could not be made, found or deleted.
+    #[error("bus {bus}: {source}")]
+    Vxcan {
+        /// The bus.
+        bus: String,
+        /// What failed.
+        source: VxcanError,
+    },
+    /// Listing the bus ends failed.
+    #[error("bus {bus}: {source}")]
+    Link {
+        /// The bus.
+        bus: String,
+        /// What failed.
+        source: LinkError,
+    },
+    /// A can-gw request failed.
+    #[error("bus {bus}: {source}")]
+    Gateway {
+        /// The bus.
+        bus: String,
+        /// What failed.
+        source: GatewayError,
+    },
+}
+
+/// One member as the plugin knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The pod.
+    pub pod: PodRef,
+    /// The pod's sandbox ID.
+    pub sandbox: String,
+    /// The bus end's name in the bus namespace.
+    pub bus_end: String,
+    /// The bus end's interface index in the bus namespace.
+    pub bus_index: u32,
+    /// The member's receive filters.
+    pub filters: Vec<Filter>,
+}
+/// A configured bus and its members on this node.
+#[derive(Debug)]
+pub struct Bus {
+    spec: BusSpec,
+    resource: ResourceName,
+    ns_path: PathBuf,
+    /// Members by sandbox ID. Held only for map updates.
+    members: Mutex<HashMap<String, Member>>,
+    /// Held shared by joins while they use the namespace, exclusively to remove it.
+    namespace: tokio::sync::RwLock<()>,
+    /// Serialises the rule changes of joins and leaves: a member's rules are computed from the
+    /// others', so two joins must not interleave there, and [`crate::kernel::cangw`] leaves serialising
+    /// its list-then-change sequences to its callers (can-gw would take a rule added twice).
+    /// Pair creation and counter attachment, the slow parts of a join, run outside it; other
+    /// buses and private pods never wait on it.
+    rules: tokio::sync::Mutex<()>,
+    /// Serialises creating the namespace (two joins must not mount two namespaces on one file).
+    creating: Mutex<()>,
+    /// Counters of the rules as last read, and the sums of rules since deleted, so the bus
+    /// totals do not go down when members leave. Held from listing the rules until their counts
+    /// are recorded: a listing recorded after a newer one would look like a wrap-around.
+    counted: Mutex<Counted>,
+}
+impl Bus {
+    /// Bus `spec` under `domain`, with its namespace file in `<state_dir>/buses/`.
+    pub fn new(spec: BusSpec, domain: &str, state_dir: &Path) -> Result<Self, ResourceNameError> {
+        Ok(Bus {
+            resource: spec.resource(domain)?,
+            ns_path: state_dir.join("buses").join(&spec.name),
+            spec,
+            members: Mutex::new(HashMap::new()),
+            namespace: tokio::sync::RwLock::new(()),
+            rules: tokio::sync::Mutex::new(()),
+            creating: Mutex::new(()),
+            counted: Mutex::new(Counted::default()),
+        })
+    }
+
+    /// The configuration.
+    pub fn spec(&self) -> &BusSpec {
+        &self.spec
+    }
+
+    /// The bus's extended resource.
+    pub fn resource(&self) -> &ResourceName {
+        &self.resource
+    }
+
+    /// The bus namespace's file.
+    pub fn namespace(&self) -> &Path {
+        &self.ns_path
+    }
+
+    fn ns(&self) -> Netns {
+        Netns::Path(self.ns_path.clone())
+    }
+
+    fn lock_members(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_counted(&self) -> std::sync::MutexGuard<'_, Counted> {
+        // Counted's updates cannot panic halfway, so a poisoned lock is still usable.
+        self.counted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The members, sorted by pod.
+    pub fn members(&self) -> Vec<Member> {
+        let mut members: Vec<Member> = self.lock_members().values().cloned().collect();
+        members.sort_by(|a, b| a.pod.cmp(&b.pod));
+        members
+    }
+
+    fn gateway_error(&self, source: GatewayError) -> BusError {
+        BusError::Gateway {
+            bus: self.spec.name.clone(),
+            source,
+        }
+    }
+
+    /// The bus ends present in the namespace, by name → index.
+    fn bus_ends(&self) -> Result<HashMap<String, u32>, BusError> {
+        let mut links = Links::open(&self.ns()).map_err(|source| BusError::Link {
+            bus: self.spec.name.clone(),
+            source,
+        })?;
+        Ok(links
+            .list()
+            .map_err(|source| BusError::Link {
+                bus: self.spec.name.clone(),
+                source,
+            })?
+            .into_iter()
+            .filter(|l| l.kind == "vxcan")
+            .map(|l| (l.name, l.index))
+            .collect())
+    }
+
+    /// Makes the pod in `pod_ns` a member: ensures the bus namespace, the vxcan pair (pod end
+    /// `config.interface`, bus end `bus_end`) and the rules between it and every other member, all
+    /// in place on return. Repeating it changes nothing, so a restarted plugin adopts members with
+    /// it without interrupting traffic.
+    pub async fn join(
+        self: &Arc<Self>,
+        pod: &PodRef,
+        sandbox: &str,
+        pod_ns: &Netns,
+        bus_end: &str,
+        config: &MemberConfig,
+    ) -> Result<VxcanPair, BusError> {
+        let _namespace = self.namespace.read().await;
+        let pair = {
+            let (bus, pod_ns, bus_end, interface) = (
+                self.clone(),
+                pod_ns.clone(),
+                bus_end.to_string(),
+                config.interface.clone(),
+            );
+            self.blocking(move || bus.make_pair(&pod_ns, &bus_end, &interface))
+                .await??
+        };
+        let me = Member {
+            pod: pod.clone(),
+            sandbox: sandbox.to_string(),
+            bus_end: pair.peer_name.clone(),
+            bus_index: pair.peer_index,
+            filters: config.filters.clone(),
+        };
+        let _rules = self.rules.lock().await;
+        let bus = self.clone();
+        self.blocking(move || bus.connect(me)).await??;
+        Ok(pair)
+    }
+
+    /// Runs blocking namespace work off the async runtime.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, BusError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| BusError::Namespace {
+                bus: self.spec.name.clone(),
+                ns: self.ns_path.display().to_string(),
+                source: NetnsError::Thread(e.to_string()),
+            })
+    }
+
+    /// The namespace (made if missing) and the member's pair in it.
+    fn make_pair(
+        &self,
+        pod_ns: &Netns,
+        bus_end: &str,
+        interface: &str,
+    ) -> Result<VxcanPair, BusError> {
+        let ns = self.ns();
+        {
+            let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            netns::create_persistent(&self.ns_path).map_err(|source| BusError::Namespace {
+                bus: self.spec.name.clone(),
+                ns: ns.to_string(),
+                source,
+            })?;
+        }
+        let spec = VxcanSpec {
+            name: interface.to_string(),
+            peer_name: bus_end.to_string(),
+            mtu: self.spec.mtu(),
+        };
+        match vxcan::ensure(pod_ns, &ns, &spec) {
+            // The bus end is named after the device, which the kubelet gives one pod at a time:
+            // a bus end of that name is what is left of the device's previous holder, whose
+            // namespace the kernel has not finished tearing down (or a member deleted while the
+            // plugin was down). Deleting it takes its pair and its rules with it.
+            Err(VxcanError::Link(crate::kernel::link::LinkError::NameTaken { name, .. }))
+                if name == bus_end =>
+            {
+                tracing::info!(bus = %self.spec.name, bus_end, "removing the bus end left by the device's previous holder");
+                vxcan::delete(&ns, bus_end).map_err(|source| self.vxcan_error(source))?;
+                vxcan::ensure(pod_ns, &ns, &spec)
+            }
+            other => other,
+        }
+        .map_err(|source| self.vxcan_error(source))
+    }
+
+    /// A taken interface name in the pod becomes an error naming the annotation to set; the
+    /// annotation cannot help with `ensure`'s other errors, which concern the bus end or the
+    /// node.
+    fn vxcan_error(&self, source: VxcanError) -> BusError {
+        match source {
+            VxcanError::NameInUse { name, holder, .. } => BusError::InterfaceInUse {
+                bus: self.spec.name.clone(),
+                interface: name,
+                holder,
+                annotation: annotations::bus_interface_key(self.resource.domain(), &self.spec.name),
+            },
+            source => BusError::Vxcan {
+                bus: self.spec.name.clone(),
+                source,
+            },
+        }
+    }
+
+    /// Adds the rules between `me` and every other member and records `me` (with the rules lock).
+    fn connect(&self, me: Member) -> Result<(), BusError> {
+        // Members whose bus end is gone (their pod went away, not yet reconciled) get no rules.
+        let present = self.bus_ends()?;
+        let others: Vec<Member> = self
+            .lock_members()
+            .values()
+            .filter(|m| m.sandbox != me.sandbox && present.get(&m.bus_end) == Some(&m.bus_index))
+            .cloned()
+            .collect();
+        let mut rules = Vec::new();
+        for other in &others {
+            rules.extend(rules_between(&me, other, self.spec.mtu()));
+            rules.extend(rules_between(other, &me, self.spec.mtu()));
+        }
+        let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
+        let added = gw.add_missing(&rules).map_err(|e| self.gateway_error(e))?;
+        tracing::debug!(bus = %self.spec.name, pod = %me.pod, bus_end = %me.bus_end, added, "member joined");
+        self.lock_members().insert(me.sandbox.clone(), me);
+        Ok(())
+    }
+
+    /// Removes the members of `sandboxes` — their rules and pairs, if still there — and then the
+    /// bus namespace if no member is left. Returns the members that were removed.
+    pub async fn leave(self: &Arc<Self>, sandboxes: Vec<String>) -> Result<Vec<Member>, BusError> {
+        let left = {
+            let _rules = self.rules.lock().await;
+            let bus = self.clone();
+            self.blocking(move || {
+                let mut left = Vec::new();
+                for sandbox in &sandboxes {
+                    if let Some(m) = bus.leave_one(sandbox)? {
+                        left.push(m);
+                    }
+                }
+                Ok::<_, BusError>(left)
+            })
+            .await??
+        };
+        let _namespace = self.namespace.write().await;
+        let bus = self.clone();
+        self.blocking(move || bus.remove_if_unused()).await??;
+        Ok(left)
+    }
+
+    fn leave_one(&self, sandbox: &str) -> Result<Option<Member>, BusError> {
+        let Some(member) = self.lock_members().remove(sandbox) else {
+            return Ok(None);
+        };
+        if self.ns_path.exists() {
+            // The pod's namespace going away already took the pair and the kernel its rules. Only
+            // if the same bus end is still there are they deleted here (a reused index could
+            // belong to a newer member).
+            let ends = self.bus_ends()?;
+            if ends.get(&member.bus_end) == Some(&member.bus_index) {
+                let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
+                // The final counts of the rules about to go, for the bus totals, recorded before
+                // a scrape can record an older listing of them.
+                let mut counted = self.lock_counted();
+                let listed = gw.list().map_err(|e| self.gateway_error(e))?;
+                counted.note(&listed, false);
+                gw.delete_interface(member.bus_index)
+                    .map_err(|e| self.gateway_error(e))?;
+                drop(counted);
+                vxcan::delete(&self.ns(), &member.bus_end).map_err(|source| BusError::Vxcan {
+                    bus: self.spec.name.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(Some(member))
+    }
+
+    /// Destroys the bus namespace if no member is known and no bus end is left in it (blocking;
+    /// joins must not be using the namespace). Returns whether it did.
+    fn remove_if_unused(&self) -> Result<bool, BusError> {
+        if !self.lock_members().is_empty() || !self.ns_path.exists() {
+            return Ok(false);
+        }
+        match self.bus_ends() {
+            Ok(ends) if !ends.is_empty() => return Ok(false),
+            // A placeholder file that is no namespace (a failed earlier creation) goes as well.
+            Ok(_) | Err(BusError::Link { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let removed =
+            netns::remove_persistent(&self.ns_path).map_err(|source| BusError::Namespace {
+                bus: self.spec.name.clone(),
+                ns: self.ns_path.display().to_string(),
+                source,
+            })?;
+        if removed {
+            tracing::info!(bus = %self.spec.name, "last member left: bus namespace removed");
+        }
+        Ok(removed)
+    }
+
+    /// Members and can-gw's counters, read now (blocking).
+    ///
+    /// can-gw keeps counters per rule, and a rule's counters go with it when a member leaves. The
+    /// totals therefore add the last counts read of every rule since deleted (read at each call and
+    /// just before the plugin deletes a member's rules), so they only go down when the plugin
+    /// restarts or a member's pod goes away between a scrape and its last frames (Prometheus
+    /// takes a decrease for a counter reset). The kernel's counters are 32 bits wide.
+    ///
+    /// When the rules cannot be listed, [`BusStats::frames`] is the error and nothing is recorded:
+    /// the rules seen before are neither forgotten nor counted as deleted.
+    pub fn stats(&self) -> BusStats {
+        let members = self.lock_members().len();
+        BusStats {
+            members,
+            frames: self.frame_totals(),
+        }
+    }
+
+    fn frame_totals(&self) -> Result<FrameTotals, BusError> {
+        let mut counted = self.lock_counted();
+        let listed = if self.ns_path.exists() {
+            let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
+            gw.list().map_err(|e| self.gateway_error(e))?
+        } else {
+            Vec::new()
+        };
+        counted.note(&listed, true);
+        Ok(counted.totals())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::config::example as bus;
+    use crate::bus::stats::listed;
+    use crate::kernel::cangw::Rule;
+
+    #[test]
+    fn a_name_taken_in_the_pod_names_the_annotation_to_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = Bus::new(
+            BusSpec {
+                name: "body".into(),
+                ..bus(false)
+            },
+            "socketcan.io",
+            dir.path(),
+        )
+        .expect("valid");
+        let err = body.vxcan_error(VxcanError::NameInUse {
+            name: "can0".into(),
+            ns: "/proc/7/ns/net".into(),
+            holder: "a vxcan pair whose other end is in another namespace, not /run/x".into(),
+        });
+        assert!(matches!(err, BusError::InterfaceInUse { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "interface can0 is already used in the pod by another bus or a private interface (a \
+             vxcan pair whose other end is in another namespace, not /run/x): set annotation \
+             socketcan.io/interface.body to a different name"
+        );
+        // Errors about the bus end or the node are not the pod's to fix by annotation.
+        let err = body.vxcan_error(VxcanError::VxcanUnsupported);
+        assert!(matches!(err, BusError::Vxcan { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn joining_with_a_name_the_pod_already_uses_names_the_annotation() {
+        // Every namespace has a `lo`, and finding it needs neither vxcan nor can-gw.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pod_ns = dir.path().join("pod");
+        netns::create_persistent(&pod_ns).expect("pod namespace (needs root)");
+        let bus = Arc::new(Bus::new(bus(true), "socketcan.io", dir.path()).expect("valid"));
+        let pod = PodRef {
+            namespace: "default".into(),
+            name: "x".into(),
+        };
+        let config = MemberConfig {
+            interface: "lo".into(),
+            filters: vec![],
+        };
+        let joined = bus
+            .join(
+                &pod,
+                "sandbox",
+                &Netns::Path(pod_ns.clone()),
+                "m0000",
+                &config,
+            )
+            .await;
+        let left = bus.leave(vec![]).await;
+        netns::remove_persistent(&pod_ns).expect("remove the pod namespace");
+        let err = joined.expect_err("lo is taken");
+        assert_eq!(
+            err.to_string(),
+            "interface lo is already used in the pod by another bus or a private interface (an \
+             interface of unknown kind): set annotation socketcan.io/interface.powertrain to a \
+             different name"
+        );
+        assert!(left.expect("leave").is_empty());
+        assert!(
+            !bus.namespace().exists(),
+            "the bus namespace went with the last member"
+        );
+    }
+    #[test]
+    fn a_failed_read_gives_an_error_not_zeros_and_forgets_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bus = Bus::new(bus(true), "socketcan.io", dir.path()).expect("valid");
+        {
+            let mut counted = bus.lock_counted();
+            counted.retired = (100, 2);
+            counted.note(&[listed(Rule::classic(2, 3), 7, 1)], false);
+        }
+        // A namespace file that is no namespace: the rules cannot be listed.
+        std::fs::create_dir_all(dir.path().join("buses")).expect("mkdir");
+        std::fs::write(bus.namespace(), b"").expect("placeholder");
+        let stats = bus.stats();
+        assert_eq!(stats.members, 0);
+        let err = stats.frames.expect_err("unreadable");
+        assert!(matches!(err, BusError::Gateway { .. }), "{err}");
+        assert_eq!(bus.lock_counted().last_seen.len(), 1, "nothing retired");
+
+        // Without a namespace there are no rules: the last one retires and the totals stay.
+        std::fs::remove_file(bus.namespace()).expect("rm");
+        let frames = bus.stats().frames.expect("no namespace, no rules");
+        assert_eq!(
+            frames,
+            FrameTotals {
+                rules: 0,
+                forwarded: 107,
+                dropped: 3
+            }
+        );
+    }
+    #[test]
+    fn no_lock_is_shared_by_every_bus() {
+        // A static lock would make each bus wait for the others' joins and leaves.
+        for (file, source) in [
+            ("bus/mod.rs", include_str!("mod.rs")),
+            ("bus/stats.rs", include_str!("stats.rs")),
+            ("kernel/cangw.rs", include_str!("../kernel/cangw.rs")),
+        ] {
+            for line in source.lines().map(str::trim_start) {
+                let item = line
+                    .strip_prefix("pub ")
+                    .or_else(|| line.strip_prefix("pub(crate) "))
+                    .unwrap_or(line);
+                assert!(!item.starts_with("static "), "{file}: {line}");
+            }
+        }
+    }
+}
