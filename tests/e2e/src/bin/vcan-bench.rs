@@ -89,8 +89,10 @@ fn parse_debug_duration(text: &str) -> Option<Duration> {
 }
 
 /// Per phase, p50 and p90 in ms over the plugin's PreStart log lines for pods named
-/// `bench/<prefix>…`.
-fn phase_report(log: &str, prefix: &str) {
+/// `bench/<prefix>…`, in the part of the log written since `since` (its length earlier: the log
+/// is appended to by every run).
+fn phase_report(log: &str, since: usize, prefix: &str) {
+    let log = log.get(since..).unwrap_or_default();
     let pod = format!("pod=bench/{prefix}");
     let lines: Vec<&str> = log
         .lines()
@@ -173,6 +175,7 @@ async fn main() -> Result<()> {
     let t = TestNode::start(200, "127.0.0.1:9720").await?;
 
     // One after another: each pod is deleted before the next starts, so the node stays small.
+    let log_mark = t.plugin.log().len();
     let started = Instant::now();
     let mut solo = Vec::with_capacity(args.sequential);
     for i in 0..args.sequential {
@@ -187,8 +190,9 @@ async fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     let (solo_p50, solo_p99) = report("PreStart solo      ", solo);
-    phase_report(&t.plugin.log(), "seq-");
+    phase_report(&t.plugin.log(), log_mark, "seq-");
 
+    let log_mark = t.plugin.log().len();
     let started = Instant::now();
     let specs: Vec<PodSpec> = (0..args.concurrent)
         .map(|i| spec(format!("par-{i}")))
@@ -208,7 +212,7 @@ async fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     let (_, conc_p99) = report("PreStart concurrent", concurrent);
-    phase_report(&t.plugin.log(), "par-");
+    phase_report(&t.plugin.log(), log_mark, "par-");
 
     // The daemon at rest with those pods: reconcile every 10 s, health probe, no scrapes.
     let pid = t.plugin.pid();
