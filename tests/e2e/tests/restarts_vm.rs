@@ -77,11 +77,16 @@ async fn kubelet_plugin_and_containerd_restarts_lose_nothing() {
         .wait_for_resource(RESOURCE, 100, Duration::from_secs(30))
         .await
         .expect("restarted plugin registers");
-    assert!(
-        t.plugin.log().contains("adopted running pods pods=2"),
-        "plugin log:\n{}",
-        t.plugin.log()
-    );
+    // Registration does not wait for adoption: the first reconcile pass adopts both pods.
+    let adopting = Instant::now();
+    while !t.plugin.log().contains("adopted running pods pods=2") {
+        assert!(
+            adopting.elapsed() < Duration::from_secs(30),
+            "plugin log:\n{}",
+            t.plugin.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_interfaces_up(&t, &first).await;
     assert_interfaces_up(&t, &after_kubelet).await;
     let after_plugin = start_and_check(&t, "after-plugin-restart").await;
