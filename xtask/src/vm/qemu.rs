@@ -48,6 +48,25 @@ pub enum Exit {
     TimedOut,
 }
 
+/// Emulated physical CAN controllers (Kvaser PCIcan, SJA1000): two emulated buses with two
+/// controllers each, at fixed PCI addresses so tests can name them as a hardware configuration
+/// would (`0000:00:10.0` … `0000:00:13.0`). Each bus pairs a controller under test with one that
+/// plays the ECU. They stay without a netdev until a test loads `kvaser_pci`.
+const CAN_CONTROLLERS: &[&str] = &[
+    "-object",
+    "can-bus,id=canbus0",
+    "-device",
+    "kvaser_pci,canbus=canbus0,addr=0x10",
+    "-device",
+    "kvaser_pci,canbus=canbus0,addr=0x11",
+    "-object",
+    "can-bus,id=canbus1",
+    "-device",
+    "kvaser_pci,canbus=canbus1,addr=0x12",
+    "-device",
+    "kvaser_pci,canbus=canbus1,addr=0x13",
+];
+
 impl Qemu<'_> {
     fn command(&self) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -61,6 +80,7 @@ impl Qemu<'_> {
             .arg(self.cpus.to_string())
             .args(["-nographic", "-no-reboot", "-nic", "none"])
             .args(["-device", "virtio-rng-pci"])
+            .args(CAN_CONTROLLERS)
             .arg("-kernel")
             .arg(self.vmlinux)
             .arg("-initrd")
