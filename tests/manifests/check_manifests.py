@@ -70,6 +70,13 @@ COMBINATIONS = {
     ),
     "microk8s+podmonitor+prometheus-rule": ("microk8s", ["podmonitor", "prometheus-rule"]),
     "containerd+shared-buses+node-selector": ("containerd", ["shared-buses", "node-selector"]),
+    "containerd+physical-can": ("containerd", ["physical-can"]),
+    # Both components declare the state volume and its mount: they must compose, in either order.
+    "containerd+physical-can+shared-buses": ("containerd", ["physical-can", "shared-buses"]),
+    "k3s+shared-buses+physical-can+k8s-socketcan-compat": (
+        "k3s",
+        ["shared-buses", "physical-can", "k8s-socketcan-compat"],
+    ),
 }
 FLAVOUR_OF_OVERLAY = {"containerd": "containerd", "k3s": "k3s", "microk8s": "microk8s", "aks": "containerd"}
 
@@ -517,9 +524,31 @@ def check_daemonset(objects: list[dict[str, Any]], flavour: str, base_source: st
     spec = ds["spec"]["template"]["spec"]
     labels = ds["spec"]["template"]["metadata"]["labels"]
 
-    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    # Shared buses (components/shared-buses) are one exception to least privilege: their
+    # namespaces must be bind-mounted onto the host, which needs Bidirectional propagation, which
+    # Kubernetes allows only in privileged containers. Physical CAN (components/physical-can) is
+    # the other: the controllers are netdevs of the node's network namespace, so the plugin needs
+    # hostNetwork.
+    plugin_env = next((env_of(c) for c in spec.get("containers") or [] if c["name"] == "vcan-plugin"), {})
+    buses = "VCAN_BUS_CONFIG" in plugin_env
+    hardware = "VCAN_HARDWARE_CONFIG" in plugin_env
+
+    for flag in ("hostPID", "hostIPC"):
         if spec.get(flag):
             p.append(f"{flag}: true is not allowed")
+    if spec.get("hostNetwork") and not hardware:
+        p.append(
+            "hostNetwork: true is not allowed without a hardware configuration (VCAN_HARDWARE_CONFIG): "
+            "vcan interfaces and shared buses never need the node's network namespace"
+        )
+    if hardware and not spec.get("hostNetwork"):
+        p.append(
+            "a hardware configuration (VCAN_HARDWARE_CONFIG) needs hostNetwork: true: physical CAN "
+            "controllers are netdevs of the node's network namespace"
+        )
+    if spec.get("hostNetwork") and spec.get("dnsPolicy") != "ClusterFirstWithHostNet":
+        p.append(f"hostNetwork needs dnsPolicy: ClusterFirstWithHostNet, not {spec.get('dnsPolicy')!r}")
     if spec.get("priorityClassName") != "system-node-critical":
         p.append("priorityClassName must be system-node-critical")
     if not any(t == {"operator": "Exists"} for t in spec.get("tolerations") or []):
@@ -530,16 +559,10 @@ def check_daemonset(objects: list[dict[str, Any]], flavour: str, base_source: st
         p.append("automountServiceAccountToken must be false (the plugin never calls the API)")
     pod_seccomp = ((spec.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
 
-    volumes = {v["name"]: v for v in spec.get("volumes") or []}
-    # Shared buses (components/shared-buses) are the one exception to least privilege: their
-    # namespaces must be bind-mounted onto the host, which needs Bidirectional propagation, which
-    # Kubernetes allows only in privileged containers.
-    plugin_env = next((env_of(c) for c in spec.get("containers") or [] if c["name"] == "vcan-plugin"), {})
-    buses = "VCAN_BUS_CONFIG" in plugin_env
     for v in volumes.values():
         host = v.get("hostPath")
         if host is None:
-            allowed = {"name", "emptyDir"} | ({"configMap"} if buses else set())
+            allowed = {"name", "emptyDir"} | ({"configMap"} if buses or hardware else set())
             if set(v) - allowed:
                 p.append(f"volume {v['name']}: only hostPath directories and emptyDir are expected")
             continue
@@ -673,6 +696,9 @@ def check_plugin_container(c: dict[str, Any], volumes: dict[str, Any], labels: d
         p.append("/var/run/netns must be mounted with mountPropagation: HostToContainer")
     if "VCAN_BUS_CONFIG" in env:
         p += check_buses(c, env, volumes, mounts)
+    if "VCAN_HARDWARE_CONFIG" in env:
+        # With shared buses too, the state directory's problems are already reported.
+        p += [problem for problem in check_hardware(env, volumes, mounts) if problem not in p]
 
     port = env["VCAN_METRICS_ADDRESS"].rpartition(":")[2]
     ports = {pt.get("name"): pt for pt in c.get("ports") or []}
@@ -689,21 +715,11 @@ def check_buses(c: dict[str, Any], env: dict[str, str], volumes: dict[str, Any],
     """Shared buses: the configuration comes from a ConfigMap, and the state directory that holds
     the buses' namespaces is the host's, with Bidirectional propagation (so a plugin restart
     keeps the buses)."""
-    p: list[str] = []
-    config = env["VCAN_BUS_CONFIG"]
-    directory, _, key = config.rpartition("/")
-    m = mounts.get(directory)
-    cm_volume = (volumes.get(m["name"]) or {}).get("configMap") if m else None
-    if not cm_volume:
-        p.append(f"VCAN_BUS_CONFIG {config}: {directory} must be a ConfigMap volume mount")
-    elif m.get("readOnly") is not True:
-        p.append(f"the bus configuration mount {directory} must be read-only")
+    p = config_mount_problems("VCAN_BUS_CONFIG", "bus configuration", env, volumes, mounts)
     state = env.get("VCAN_STATE_DIR", "/run/vcan-plugin")
-    sm = mounts.get(state)
-    host = ((volumes.get(sm["name"]) or {}).get("hostPath") or {}) if sm else {}
-    if not sm or host.get("path") != state:
-        p.append(f"VCAN_STATE_DIR {state} must be the host's {state}, mounted at the same path")
-    elif sm.get("mountPropagation") != "Bidirectional":
+    state_problems = state_dir_problems(env, volumes, mounts)
+    p += state_problems
+    if not state_problems and mounts[state].get("mountPropagation") != "Bidirectional":
         p.append(
             f"VCAN_STATE_DIR {state} needs mountPropagation: Bidirectional, or a plugin restart "
             "destroys every bus"
@@ -711,6 +727,42 @@ def check_buses(c: dict[str, Any], env: dict[str, str], volumes: dict[str, Any],
     if not (c.get("securityContext") or {}).get("privileged"):
         p.append("shared buses need a privileged plugin container (Bidirectional propagation)")
     return p
+
+
+def check_hardware(env: dict[str, str], volumes: dict[str, Any], mounts: dict[str, Any]) -> list[str]:
+    """Physical CAN: the configuration comes from a ConfigMap, and the state directory that records
+    the lent interfaces' node-side names is the host's (so a restarted plugin returns them under
+    their original names). hostNetwork is checked with the pod's other host namespaces."""
+    return config_mount_problems("VCAN_HARDWARE_CONFIG", "hardware configuration", env, volumes, mounts) + state_dir_problems(
+        env, volumes, mounts
+    )
+
+
+def config_mount_problems(
+    variable: str, what: str, env: dict[str, str], volumes: dict[str, Any], mounts: dict[str, Any]
+) -> list[str]:
+    """The file `variable` names must be in a read-only ConfigMap volume mounted at its directory."""
+    p: list[str] = []
+    config = env[variable]
+    directory = config.rpartition("/")[0]
+    m = mounts.get(directory)
+    cm_volume = (volumes.get(m["name"]) or {}).get("configMap") if m else None
+    if not cm_volume:
+        p.append(f"{variable} {config}: {directory} must be a ConfigMap volume mount")
+    elif m.get("readOnly") is not True:
+        p.append(f"the {what} mount {directory} must be read-only")
+    return p
+
+
+def state_dir_problems(env: dict[str, str], volumes: dict[str, Any], mounts: dict[str, Any]) -> list[str]:
+    state = env.get("VCAN_STATE_DIR", "/run/vcan-plugin")
+    sm = mounts.get(state)
+    host = ((volumes.get(sm["name"]) or {}).get("hostPath") or {}) if sm else {}
+    if not sm or host.get("path") != state:
+        return [f"VCAN_STATE_DIR {state} must be the host's {state}, mounted at the same path"]
+    if sm.get("readOnly"):
+        return [f"VCAN_STATE_DIR {state} must be mounted writable"]
+    return []
 
 
 def check_objects(objects: list[dict[str, Any]]) -> list[str]:
@@ -1297,7 +1349,13 @@ def check_readme(root: Path) -> list[str]:
     for metric in sorted(COUNTERS | GAUGES | HISTOGRAMS):
         if f"`{metric}`" in text and metric not in documented:
             p.append(f"metric {metric} has no row in the metric table")
-    for needed in ("candump vcan0", "cansend vcan0 5A1#11.2233.44556677.88", "k8s.collabora.com/vcan", "linux-modules-extra"):
+    for needed in (
+        "candump vcan0",
+        "cansend vcan0 5A1#11.2233.44556677.88",
+        "k8s.collabora.com/vcan",
+        "k8s.collabora.com/socketcan-",
+        "linux-modules-extra",
+    ):
         if needed not in text:
             p.append(f"does not mention {needed!r}")
     return p

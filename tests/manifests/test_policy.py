@@ -52,13 +52,17 @@ class DaemonSetPolicy(unittest.TestCase):
         self.assertEqual(cm.check_objects(objects), [])
 
     def with_buses(self) -> list[dict]:
+        return self.with_components("shared-buses")
+
+    def with_components(self, *components: str) -> list[dict]:
+        (ROOT / "target").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(dir=ROOT / "target") as d:
             k = Path(d) / "kustomization.yaml"
             k.write_text(json.dumps({
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
                 "resources": [str(Path("..") / ".." / "deploy/overlays/containerd")],
-                "components": [str(Path("..") / ".." / "deploy/components/shared-buses")],
+                "components": [str(Path("..") / ".." / "deploy/components" / c) for c in components],
             }))
             return kl.build(Path(d))
 
@@ -88,6 +92,95 @@ class DaemonSetPolicy(unittest.TestCase):
         for flag in ("hostNetwork", "hostPID", "hostIPC"):
             with self.subTest(flag=flag):
                 self.assertIn(f"{flag}: true", self.problems(lambda spec: spec.__setitem__(flag, True)))
+
+    # Physical CAN (components/physical-can): hostNetwork, only with a hardware configuration.
+
+    def hardware_problems(self, change, *components: str) -> str:
+        objects = self.with_components(*(components or ("physical-can",)))
+        return "\n".join(cm.check_daemonset(self.mutated(change, objects), "containerd", BASE_SOURCE))
+
+    def test_physical_can_component_passes(self) -> None:
+        for components in (("physical-can",), ("physical-can", "shared-buses"), ("shared-buses", "physical-can")):
+            with self.subTest(components=components):
+                objects = self.with_components(*components)
+                spec = cm.one(objects, "DaemonSet")["spec"]["template"]["spec"]
+                self.assertIs(spec["hostNetwork"], True)
+                self.assertEqual(cm.check_daemonset(objects, "containerd", BASE_SOURCE), [])
+                self.assertEqual(cm.check_objects(objects), [])
+
+    def test_components_share_the_state_volume(self) -> None:
+        for components in (("physical-can", "shared-buses"), ("shared-buses", "physical-can")):
+            with self.subTest(components=components):
+                spec = cm.one(self.with_components(*components), "DaemonSet")["spec"]["template"]["spec"]
+                self.assertEqual([v["name"] for v in spec["volumes"]].count("state"), 1)
+                state = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "state"]
+                self.assertEqual(state, [{"name": "state", "mountPath": "/run/vcan-plugin", "mountPropagation": "Bidirectional"}])
+
+    def test_host_network_without_a_hardware_config_is_refused(self) -> None:
+        def change(spec):
+            env = spec["containers"][0]["env"]
+            env[:] = [e for e in env if e["name"] != "VCAN_HARDWARE_CONFIG"]
+        for components in (("physical-can",), ("physical-can", "shared-buses")):
+            with self.subTest(components=components):
+                self.assertIn(
+                    "hostNetwork: true is not allowed without a hardware configuration",
+                    self.hardware_problems(change, *components),
+                )
+
+    def test_host_network_with_only_buses_is_refused(self) -> None:
+        def change(spec):
+            spec["hostNetwork"] = True
+            spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+        problems = "\n".join(cm.check_daemonset(self.mutated(change, self.with_buses()), "containerd", BASE_SOURCE))
+        self.assertIn("hostNetwork: true is not allowed without a hardware configuration", problems)
+
+    def test_hardware_config_needs_host_network(self) -> None:
+        self.assertIn(
+            "needs hostNetwork: true",
+            self.hardware_problems(lambda spec: spec.__setitem__("hostNetwork", False)),
+        )
+
+    def test_host_network_needs_cluster_first_with_host_net(self) -> None:
+        self.assertIn(
+            "hostNetwork needs dnsPolicy: ClusterFirstWithHostNet",
+            self.hardware_problems(lambda spec: spec.pop("dnsPolicy")),
+        )
+
+    def test_other_host_namespaces_stay_refused_with_hardware(self) -> None:
+        for flag in ("hostPID", "hostIPC"):
+            with self.subTest(flag=flag):
+                self.assertIn(f"{flag}: true is not allowed", self.hardware_problems(lambda spec: spec.__setitem__(flag, True)))
+
+    def test_physical_can_alone_is_not_privileged(self) -> None:
+        def change(spec):
+            spec["containers"][0]["securityContext"]["privileged"] = True
+            for m in spec["containers"][0]["volumeMounts"]:
+                if m["name"] == "state":
+                    m["mountPropagation"] = "Bidirectional"
+        problems = self.hardware_problems(change)
+        self.assertIn("vcan-plugin: privileged: true is not allowed", problems)
+        self.assertIn("Bidirectional propagation needs a privileged container", problems)
+
+    def test_hardware_config_outside_a_configmap(self) -> None:
+        def change(spec):
+            for e in spec["containers"][0]["env"]:
+                if e["name"] == "VCAN_HARDWARE_CONFIG":
+                    e["value"] = "/tmp/hardware.json"
+        self.assertIn("VCAN_HARDWARE_CONFIG /tmp/hardware.json: /tmp must be a ConfigMap volume mount", self.hardware_problems(change))
+
+    def test_hardware_config_mount_writable(self) -> None:
+        def change(spec):
+            for m in spec["containers"][0]["volumeMounts"]:
+                if m["name"] == "hardware":
+                    del m["readOnly"]
+        self.assertIn("the hardware configuration mount /etc/vcan-plugin-hardware must be read-only", self.hardware_problems(change))
+
+    def test_hardware_state_dir_must_be_the_hosts(self) -> None:
+        def change(spec):
+            spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "state"] + [
+                {"name": "state", "emptyDir": {}}
+            ]
+        self.assertIn("VCAN_STATE_DIR /run/vcan-plugin must be the host's /run/vcan-plugin", self.hardware_problems(change))
 
     def test_unlisted_capability(self) -> None:
         def change(spec):
