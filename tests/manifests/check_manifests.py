@@ -15,6 +15,9 @@ Checks, each reported as PASS, FAIL or SKIP, then a summary line:
     the oldest and newest supported Kubernetes, and the monitoring.coreos.com ones against
     schemas/monitoring.coreos.com_v1.json
   * least privilege and coherence of the DaemonSet, per runtime flavour
+  * buses across nodes: the peer Service is headless and selects the plugin pods, every tunnel port
+    is a UDP containerPort, a Service port and admitted by a NetworkPolicy only from plugin pods
+    and ipBlocks (and let out again), and the bus configuration's tunnel ports and peers match
   * promtool check rules / test rules, every alert unit-tested, the PrometheusRule matches the
     plain rules file, runbook links point at real README sections
   * the Grafana dashboard's structure, every expression parses (promtool), the bus-load formula
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -77,6 +81,13 @@ COMBINATIONS = {
         "k3s",
         ["shared-buses", "physical-can", "k8s-socketcan-compat"],
     ),
+    # Buses across nodes: the peer Service must not be scraped as the metrics Service.
+    "containerd+shared-buses+cross-node-buses+servicemonitor": (
+        "containerd",
+        ["shared-buses", "cross-node-buses", "servicemonitor"],
+    ),
+    # With hostNetwork (physical CAN), the tunnel ports are on the node's addresses.
+    "k3s+physical-can+shared-buses+cross-node-buses": ("k3s", ["physical-can", "shared-buses", "cross-node-buses"]),
 }
 FLAVOUR_OF_OVERLAY = {"containerd": "containerd", "k3s": "k3s", "microk8s": "microk8s", "aks": "containerd"}
 
@@ -798,12 +809,15 @@ def check_objects(objects: list[dict[str, Any]]) -> list[str]:
         for sp in svc["spec"]["ports"]:
             if sp.get("targetPort") not in port_names and sp.get("targetPort") != container["ports"][0]["containerPort"]:
                 p.append(f"{describe(svc)} targets unknown port {sp.get('targetPort')}")
-    for np in objects_of(objects, "NetworkPolicy"):
+    policies = objects_of(objects, "NetworkPolicy")
+    for np in policies:
         if not set(np["spec"]["podSelector"]["matchLabels"].items()) <= set(pod_labels.items()):
             p.append(f"{describe(np)} does not select the plugin pods")
-        open_ports = {pt.get("port") for rule in np["spec"].get("ingress") or [] for pt in rule.get("ports") or []}
-        if not open_ports & (port_names | {9720}):
-            p.append(f"{describe(np)} blocks the metrics port")
+    # Policies add up (components/cross-node-buses adds one for the tunnels): one must open the
+    # metrics port.
+    open_ports = {pt.get("port") for np in policies for rule in np["spec"].get("ingress") or [] for pt in rule.get("ports") or []}
+    if policies and not open_ports & (port_names | {9720}):
+        p.append(f"{', '.join(describe(np) for np in policies)}: no NetworkPolicy opens the metrics port")
     monitors = objects_of(objects, "ServiceMonitor") + objects_of(objects, "PodMonitor")
     if len(monitors) > 1:
         p.append("both a ServiceMonitor and a PodMonitor: every series would be scraped twice")
@@ -829,6 +843,254 @@ def check_objects(objects: list[dict[str, Any]]) -> list[str]:
         if pod_labels.get(pm["spec"].get("jobLabel", "")) != "vcan-plugin":
             p.append(f"{describe(pm)}: jobLabel must yield job=vcan-plugin (the alerts' and dashboard's)")
         p += check_endpoints(describe(pm), pm["spec"]["podMetricsEndpoints"])
+    p += check_cross_node(objects)
+    return p
+
+
+# ── Buses across nodes ─────────────────────────────────────────────────────────────────────────
+
+# The plugin's default tunnel port of a bus (vcan-plugin/src/bus/config.rs, cannelloni's default).
+TUNNEL_DEFAULT_PORT = 20000
+# The widest ipBlock that may reach a tunnel port: a lab's network, not the internet.
+TUNNEL_WIDEST_PREFIX = {4: 16, 6: 48}
+
+
+def policy_entry_covers(entry: dict[str, Any], number: int, protocol: str, named: dict[str, int]) -> bool:
+    """Whether a NetworkPolicy port entry covers `number`/`protocol` (named ports: the plugin's)."""
+    if (entry.get("protocol") or "TCP") != protocol:
+        return False
+    port = entry.get("port")
+    if port is None:
+        return True
+    if isinstance(port, str):
+        return named.get(port) == number
+    return port <= number <= entry.get("endPort", port)
+
+
+def rule_covers(rule: dict[str, Any], number: int, protocol: str, named: dict[str, int]) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(policy_entry_covers(e, number, protocol, named) for e in ports)
+
+
+def peer_is_plugin(peer: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    """A NetworkPolicy peer that selects the plugin's pods and nothing else."""
+    selector = peer.get("podSelector")
+    if set(peer) - {"podSelector", "namespaceSelector"} or not selector:
+        return False
+    labels = selector.get("matchLabels") or {}
+    if not labels or selector.get("matchExpressions") or not set(labels.items()) <= set(pod_labels.items()):
+        return False
+    namespace = peer.get("namespaceSelector")
+    return namespace is None or namespace == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+
+
+def ip_block_problem(peer: dict[str, Any]) -> str | None:
+    """Why an ipBlock peer is too wide for a tunnel port; None if it is a narrow one."""
+    try:
+        net = ipaddress.ip_network(peer["ipBlock"]["cidr"], strict=False)
+    except (KeyError, TypeError, ValueError) as err:
+        return f"ipBlock without a valid cidr ({err})"
+    widest = TUNNEL_WIDEST_PREFIX[net.version]
+    if net.prefixlen < widest:
+        return f"ipBlock {net} is wider than /{widest}: list the bench rigs, not whole networks"
+    return None
+
+
+def ip_blocks_cover(rules: list[dict[str, Any]], direction: str, address: str, number: int, named: dict[str, int]) -> bool:
+    ip = ipaddress.ip_address(address)
+    for rule in rules:
+        if not rule_covers(rule, number, "UDP", named):
+            continue
+        peers = rule.get(direction)
+        if not peers:
+            return True  # every source / destination
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if not block:
+                continue
+            try:
+                net = ipaddress.ip_network(block["cidr"], strict=False)
+            except (KeyError, ValueError):
+                continue
+            excepted = any(ip in ipaddress.ip_network(e, strict=False) for e in block.get("except") or [])
+            if ip.version == net.version and ip in net and not excepted:
+                return True
+    return False
+
+
+def tunnel_buses(objects: list[dict[str, Any]], env: dict[str, str], volumes: dict[str, Any], mounts: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The buses of the rendered bus configuration that have a tunnel (span cluster or peers)."""
+    config = env.get("VCAN_BUS_CONFIG")
+    if not config:
+        return [], []
+    directory, _, key = config.rpartition("/")
+    m = mounts.get(directory)
+    cm_name = ((volumes.get(m["name"]) or {}).get("configMap") or {}).get("name") if m else None
+    cms = [o for o in objects_of(objects, "ConfigMap") if o["metadata"]["name"] == cm_name]
+    if not cms or key not in (cms[0].get("data") or {}):
+        return [], []  # a ConfigMap of the user's own; check_buses reports a missing mount
+    try:
+        buses = json.loads(cms[0]["data"][key]).get("buses") or []
+    except (json.JSONDecodeError, AttributeError) as err:
+        return [], [f"ConfigMap {cm_name}: {key} is not a bus configuration: {err}"]
+    return [b for b in buses if isinstance(b, dict) and (b.get("span") == "cluster" or b.get("peers"))], []
+
+
+def check_cross_node(objects: list[dict[str, Any]]) -> list[str]:
+    """Buses across nodes (components/cross-node-buses).
+
+    VCAN_PEER_SERVICE must name a Service of the rendering, in its namespace, that is headless (a
+    ClusterIP would resolve to one virtual address, not to every instance), publishes not-ready
+    addresses (a starting instance must be found) and selects the plugin pods. Every port of that
+    Service and every UDP port of the plugin container is a tunnel port: a UDP containerPort of
+    the same number, which the NetworkPolicies admit only from the plugin's pods and narrow
+    ipBlocks, from the plugin's pods at least, and let out to them again (with DNS) when the pods
+    are isolated for egress. The bus configuration's tunnels must have those ports, and their
+    external peers must be admitted.
+    """
+    p: list[str] = []
+    ds = one(objects, "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    plugin = next((c for c in spec.get("containers") or [] if c["name"] == "vcan-plugin"), None)
+    if plugin is None:
+        return p
+    env = env_of(plugin)
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    mounts = {m["mountPath"]: m for m in plugin.get("volumeMounts") or []}
+    container_ports = plugin.get("ports") or []
+    named = {pt["name"]: pt["containerPort"] for pt in container_ports if pt.get("name")}
+    udp_ports = {pt["containerPort"]: pt for pt in container_ports if pt.get("protocol") == "UDP"}
+    tunnels = dict(udp_ports)
+    buses, bus_problems = tunnel_buses(objects, env, volumes, mounts)
+    p += bus_problems
+    service_name = env.get("VCAN_PEER_SERVICE")
+
+    if service_name is not None and "VCAN_BUS_CONFIG" not in env:
+        p.append("VCAN_PEER_SERVICE without a bus configuration (VCAN_BUS_CONFIG): add components/shared-buses")
+    service = None
+    if service_name is not None:
+        parts = service_name.rstrip(".").split(".")
+        if len(parts) < 3 or parts[2] != "svc":
+            p.append(
+                f"VCAN_PEER_SERVICE {service_name!r} must be a Service's DNS name, "
+                f"<service>.{NAMESPACE}.svc[.<cluster domain>]"
+            )
+        else:
+            name, namespace = parts[0], parts[1]
+            found = [
+                s for s in objects_of(objects, "Service")
+                if s["metadata"]["name"] == name and s["metadata"].get("namespace") == namespace
+            ]
+            if not found:
+                p.append(f"VCAN_PEER_SERVICE {service_name}: no Service {namespace}/{name} in the rendering")
+            else:
+                service = found[0]
+    if service is not None:
+        what = f"{describe(service)} (VCAN_PEER_SERVICE)"
+        sspec = service["spec"]
+        if sspec.get("clusterIP") != "None":
+            p.append(
+                f"{what} is not headless (clusterIP: None): its name would resolve to one virtual "
+                "address instead of every plugin pod"
+            )
+        if sspec.get("publishNotReadyAddresses") is not True:
+            p.append(
+                f"{what} needs publishNotReadyAddresses: true: a starting or unregistered instance "
+                "must still be found by the others"
+            )
+        selector = sspec.get("selector") or {}
+        if not selector or not set(selector.items()) <= set(pod_labels.items()):
+            p.append(f"{what} must select the DaemonSet's pods (selector {selector})")
+        if not sspec.get("ports"):
+            p.append(f"{what} has no port: list each bus's tunnel port")
+        for sp in sspec.get("ports") or []:
+            target = sp.get("targetPort", sp.get("port"))
+            number = named.get(target) if isinstance(target, str) else target
+            if sp.get("protocol") != "UDP":
+                p.append(f"{what}: port {sp.get('name') or sp.get('port')} must be UDP (the tunnels are)")
+            if number not in udp_ports:
+                p.append(f"{what}: port {sp.get('name') or sp.get('port')} targets {target!r}, which is no UDP port of the plugin container")
+            elif number != sp.get("port"):
+                p.append(
+                    f"{what}: port {sp.get('port')} targets container port {number}: the plugin sends to "
+                    "each pod's address on the bus's own port, so keep both the same"
+                )
+            if isinstance(sp.get("port"), int):
+                tunnels.setdefault(sp["port"], sp)
+
+    ports_of_buses: dict[int, str] = {}
+    for bus in buses:
+        name = bus.get("name", "?")
+        port = bus.get("port", TUNNEL_DEFAULT_PORT)
+        if port in ports_of_buses:
+            p.append(f"buses {ports_of_buses[port]} and {name} share the tunnel port {port}: each bus needs its own")
+        ports_of_buses[port] = name
+        if bus.get("span") == "cluster" and service_name is None:
+            p.append(f"bus {name} spans the cluster but VCAN_PEER_SERVICE is not set: add components/cross-node-buses")
+        if port not in udp_ports:
+            p.append(f"bus {name}: its tunnel port {port} is no UDP containerPort of the plugin (name it tunnel-{port})")
+        if bus.get("span") == "cluster" and service is not None and not any(
+            sp.get("port") == port for sp in service["spec"].get("ports") or []
+        ):
+            p.append(f"bus {name}: {describe(service)} has no port {port}")
+        tunnels.setdefault(port, bus)
+
+    if not tunnels:
+        return p
+    policies = [
+        np for np in objects_of(objects, "NetworkPolicy")
+        if set((np["spec"]["podSelector"].get("matchLabels") or {}).items()) <= set(pod_labels.items())
+    ]
+    ingress = [(np, i, rule) for np in policies for i, rule in enumerate(np["spec"].get("ingress") or [])]
+    egress_isolated = any("Egress" in (np["spec"].get("policyTypes") or []) for np in policies)
+    egress = [rule for np in policies for rule in np["spec"].get("egress") or []]
+    for port in sorted(tunnels):
+        from_plugin = False
+        for np, i, rule in ingress:
+            if not rule_covers(rule, port, "UDP", named):
+                continue
+            at = f"{describe(np)} ingress[{i}] (tunnel port {port}/UDP)"
+            peers = rule.get("from")
+            if not peers:
+                p.append(f"{at} has no or an empty `from`: it admits every source")
+                continue
+            for j, peer in enumerate(peers):
+                if peer_is_plugin(peer, pod_labels):
+                    from_plugin = True
+                elif set(peer) == {"ipBlock"}:
+                    problem = ip_block_problem(peer)
+                    if problem:
+                        p.append(f"{at}.from[{j}]: {problem}")
+                else:
+                    p.append(
+                        f"{at}.from[{j}] admits more than the plugin's pods: use a podSelector with the "
+                        f"plugin's labels (in namespace {NAMESPACE}) or an ipBlock of the external peers"
+                    )
+        if policies and not from_plugin:
+            p.append(f"no NetworkPolicy admits the tunnel port {port}/UDP from the plugin's pods: instances on other nodes cannot reach it")
+        if egress_isolated and not any(
+            rule_covers(rule, port, "UDP", named)
+            and (not rule.get("to") or any(peer_is_plugin(peer, pod_labels) for peer in rule["to"]))
+            for rule in egress
+        ):
+            p.append(f"the plugin pods are isolated for egress and no rule lets the tunnel port {port}/UDP out to the plugin's pods")
+    if egress_isolated and service_name is not None and not any(rule_covers(rule, 53, "UDP", named) for rule in egress):
+        p.append("the plugin pods are isolated for egress and no rule lets DNS (53/UDP) out: VCAN_PEER_SERVICE cannot be resolved")
+    for bus in buses:
+        port = bus.get("port", TUNNEL_DEFAULT_PORT)
+        for address in bus.get("peers") or []:
+            host, _, peer_port = str(address).rpartition(":")
+            host = host.strip("[]")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                p.append(f"bus {bus.get('name', '?')}: peer {address!r} is not an address with a port")
+                continue
+            if policies and not ip_blocks_cover([r for _, _, r in ingress], "from", host, port, named):
+                p.append(f"bus {bus.get('name', '?')}: no NetworkPolicy ipBlock admits its peer {host} on port {port}/UDP")
+            if egress_isolated and peer_port.isdigit() and not ip_blocks_cover(egress, "to", host, int(peer_port), named):
+                p.append(f"bus {bus.get('name', '?')}: no NetworkPolicy ipBlock lets its frames out to the peer {address}")
     return p
 
 

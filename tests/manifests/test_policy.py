@@ -277,6 +277,196 @@ class DaemonSetPolicy(unittest.TestCase):
         self.assertIn("is not in namespace vcan-plugin", "\n".join(cm.check_objects(objects)))
 
 
+def build_with(*components: str, overlay: str = "containerd") -> list[dict]:
+    """The overlay with components, as a kustomization of one's own would render it."""
+    (ROOT / "target").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "target") as d:
+        (Path(d) / "kustomization.yaml").write_text(json.dumps({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [str(Path("..") / ".." / "deploy/overlays" / overlay)],
+            "components": [str(Path("..") / ".." / "deploy/components" / c) for c in components],
+        }))
+        return kl.build(Path(d))
+
+
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+class CrossNodeBuses(unittest.TestCase):
+    """components/cross-node-buses: the peer Service, the tunnel ports and their NetworkPolicy."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.cross = build_with("shared-buses", "cross-node-buses")
+
+    def problems(self, change, objects=None) -> str:
+        objects = copy.deepcopy(objects or self.cross)
+        change(objects)
+        return "\n".join(cm.check_objects(objects))
+
+    @staticmethod
+    def plugin(objects: list[dict]) -> dict:
+        return cm.one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+
+    @classmethod
+    def set_env(cls, objects: list[dict], name: str, value: str) -> None:
+        env = cls.plugin(objects)["env"]
+        env[:] = [e for e in env if e["name"] != name] + [{"name": name, "value": value}]
+
+    @staticmethod
+    def set_buses(objects: list[dict], buses: list[dict]) -> None:
+        named(objects, "ConfigMap", "vcan-plugin-buses")["data"]["buses.json"] = json.dumps({"buses": buses})
+
+    @staticmethod
+    def service(objects: list[dict]) -> dict:
+        return named(objects, "Service", "vcan-plugin-peers")
+
+    @staticmethod
+    def tunnel_policy(objects: list[dict]) -> dict:
+        return named(objects, "NetworkPolicy", "vcan-plugin-tunnel")
+
+    def test_component_passes(self) -> None:
+        for components, overlay in (
+            (("shared-buses", "cross-node-buses"), "containerd"),
+            (("cross-node-buses", "shared-buses", "servicemonitor"), "k3s"),
+            (("physical-can", "shared-buses", "cross-node-buses"), "microk8s"),
+        ):
+            with self.subTest(components=components):
+                objects = build_with(*components, overlay=overlay)
+                self.assertEqual(cm.check_objects(objects), [])
+                self.assertEqual(cm.check_daemonset(objects, overlay, BASE_SOURCE), [])
+                plugin = self.plugin(objects)
+                self.assertIn({"name": "tunnel-20000", "containerPort": 20000, "protocol": "UDP"}, plugin["ports"])
+                self.assertEqual(cm.env_of(plugin)["VCAN_PEER_SERVICE"], "vcan-plugin-peers.vcan-plugin.svc.cluster.local")
+
+    def test_a_cluster_bus_on_the_shipped_port_passes(self) -> None:
+        def change(objects):
+            self.set_buses(objects, [{"name": "powertrain", "span": "cluster", "peers": ["192.0.2.10:20000"]}])
+        self.assertEqual(self.problems(change), "")
+
+    def test_a_service_that_is_not_headless_is_refused(self) -> None:
+        def change(objects):
+            self.service(objects)["spec"].pop("clusterIP")
+        self.assertIn("is not headless (clusterIP: None)", self.problems(change))
+
+    def test_not_ready_addresses_must_be_published(self) -> None:
+        def change(objects):
+            self.service(objects)["spec"]["publishNotReadyAddresses"] = False
+        self.assertIn("needs publishNotReadyAddresses: true", self.problems(change))
+
+    def test_the_peer_service_must_be_in_the_rendering(self) -> None:
+        for value, expected in (
+            ("vcan-plugin-buddies.vcan-plugin.svc.cluster.local", "no Service vcan-plugin/vcan-plugin-buddies"),
+            ("vcan-plugin-peers.default.svc.cluster.local", "no Service default/vcan-plugin-peers"),
+            ("vcan-plugin-peers", "must be a Service's DNS name"),
+            ("peers.example.com", "must be a Service's DNS name"),
+        ):
+            with self.subTest(value=value):
+                self.assertIn(expected, self.problems(lambda objects: self.set_env(objects, "VCAN_PEER_SERVICE", value)))
+        # Ending at .svc leaves the cluster domain to the pod's DNS search path.
+        self.assertEqual(self.problems(lambda objects: self.set_env(objects, "VCAN_PEER_SERVICE", "vcan-plugin-peers.vcan-plugin.svc")), "")
+
+    def test_the_service_must_select_the_plugin_pods(self) -> None:
+        for selector in ({}, {"app.kubernetes.io/name": "other"}):
+            with self.subTest(selector=selector):
+                def change(objects, selector=selector):
+                    self.service(objects)["spec"]["selector"] = selector
+                self.assertIn("must select the DaemonSet's pods", self.problems(change))
+
+    def test_service_ports_must_be_udp_container_ports(self) -> None:
+        def no_container_port(objects):
+            self.plugin(objects)["ports"] = [pt for pt in self.plugin(objects)["ports"] if pt["protocol"] != "UDP"]
+        self.assertIn("targets 'tunnel-20000', which is no UDP port of the plugin container", self.problems(no_container_port))
+
+        def tcp(objects):
+            self.service(objects)["spec"]["ports"][0]["protocol"] = "TCP"
+        self.assertIn("port tunnel-20000 must be UDP", self.problems(tcp))
+
+        def other_number(objects):
+            self.service(objects)["spec"]["ports"][0]["port"] = 30000
+        self.assertIn("port 30000 targets container port 20000", self.problems(other_number))
+
+        def none(objects):
+            self.service(objects)["spec"]["ports"] = []
+        self.assertIn("has no port", self.problems(none))
+
+    def test_the_tunnel_port_is_not_open_to_everyone(self) -> None:
+        cases = (
+            ("no from", {"ports": [{"port": 20000, "protocol": "UDP"}]}, "admits every source"),
+            ("every port", {"from": [{"namespaceSelector": {}}]}, "admits more than the plugin's pods"),
+            (
+                "a namespace",
+                {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                 "ports": [{"port": "tunnel-20000", "protocol": "UDP"}]},
+                "admits more than the plugin's pods",
+            ),
+            (
+                "every pod",
+                {"from": [{"podSelector": {}}], "ports": [{"port": 19000, "endPort": 21000, "protocol": "UDP"}]},
+                "admits more than the plugin's pods",
+            ),
+            ("the internet", {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 20000, "protocol": "UDP"}]}, "wider than /16"),
+            ("a /8", {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 20000, "protocol": "UDP"}]}, "wider than /16"),
+        )
+        for what, rule, expected in cases:
+            with self.subTest(what=what):
+                def change(objects, rule=rule):
+                    self.tunnel_policy(objects)["spec"]["ingress"].append(rule)
+                self.assertIn(expected, self.problems(change))
+
+    def test_a_tcp_rule_does_not_open_the_tunnel(self) -> None:
+        def change(objects):
+            self.tunnel_policy(objects)["spec"]["ingress"].append({"ports": [{"port": 20000}]})
+        self.assertEqual(self.problems(change), "")
+
+    def test_instances_must_be_admitted(self) -> None:
+        def change(objects):
+            self.tunnel_policy(objects)["spec"]["ingress"].pop(0)
+        self.assertIn("no NetworkPolicy admits the tunnel port 20000/UDP from the plugin's pods", self.problems(change))
+
+    def test_the_tunnel_and_dns_must_get_out(self) -> None:
+        def change(objects):
+            self.tunnel_policy(objects)["spec"]["egress"] = []
+        problems = self.problems(change)
+        self.assertIn("no rule lets the tunnel port 20000/UDP out to the plugin's pods", problems)
+        self.assertIn("no rule lets DNS (53/UDP) out", problems)
+
+    def test_the_metrics_port_stays_open(self) -> None:
+        def change(objects):
+            named(objects, "NetworkPolicy", "vcan-plugin")["spec"]["ingress"] = []
+        self.assertIn("no NetworkPolicy opens the metrics port", self.problems(change))
+
+    def test_the_peer_service_needs_buses(self) -> None:
+        objects = build_with("cross-node-buses")
+        self.assertIn("VCAN_PEER_SERVICE without a bus configuration", "\n".join(cm.check_objects(objects)))
+
+    def test_a_cluster_bus_needs_the_peer_service(self) -> None:
+        objects = build_with("shared-buses")
+        self.set_buses(objects, [{"name": "powertrain", "span": "cluster"}])
+        self.assertIn("bus powertrain spans the cluster but VCAN_PEER_SERVICE is not set", "\n".join(cm.check_objects(objects)))
+
+    def test_each_bus_needs_its_port_everywhere(self) -> None:
+        def change(objects):
+            self.set_buses(objects, [
+                {"name": "powertrain", "span": "cluster"},
+                {"name": "body", "span": "cluster", "port": 20001, "peers": ["198.51.100.7:20001"]},
+            ])
+        problems = self.problems(change)
+        self.assertIn("bus body: its tunnel port 20001 is no UDP containerPort of the plugin (name it tunnel-20001)", problems)
+        self.assertIn("bus body: Service/vcan-plugin-peers has no port 20001", problems)
+        self.assertIn("no NetworkPolicy admits the tunnel port 20001/UDP from the plugin's pods", problems)
+        self.assertIn("bus body: no NetworkPolicy ipBlock admits its peer 198.51.100.7 on port 20001/UDP", problems)
+        self.assertIn("bus body: no NetworkPolicy ipBlock lets its frames out to the peer 198.51.100.7:20001", problems)
+        self.assertNotIn("powertrain", problems)
+
+    def test_buses_cannot_share_a_port(self) -> None:
+        def change(objects):
+            self.set_buses(objects, [{"name": "a", "span": "cluster"}, {"name": "b", "peers": ["192.0.2.10:20000"]}])
+        self.assertIn("buses a and b share the tunnel port 20000", self.problems(change))
+
+
 class DashboardChecks(unittest.TestCase):
     def check(self, change) -> str:
         dashboard = json.loads((ROOT / "dashboards/vcan-plugin.json").read_text())
