@@ -135,6 +135,7 @@ COUNTERS = {
     "vcan_plugin_prestart_requests_total",
     "vcan_plugin_bus_frames_forwarded_total",
     "vcan_plugin_bus_frames_dropped_total",
+    "vcan_plugin_can_controller_events_total",
 }
 GAUGES = {
     "vcan_plugin_devices",
@@ -145,6 +146,9 @@ GAUGES = {
     "vcan_plugin_registered",
     "vcan_plugin_vcan_supported",
     "vcan_plugin_bus_members",
+    "vcan_plugin_can_controller_info",
+    "vcan_plugin_can_controller_state",
+    "vcan_plugin_can_controller_error_counter",
 }
 HISTOGRAMS = {
     "vcan_plugin_allocate_duration_seconds",
@@ -186,7 +190,14 @@ METRIC_LABELS: dict[str, set[str]] = {
     "vcan_plugin_bus_frames_forwarded_total": {"bus"},
     "vcan_plugin_bus_frames_dropped_total": {"bus"},
     "vcan_plugin_bus_members": {"bus"},
+    # Physical CAN controllers: `controller` is the name in the hardware configuration.
+    "vcan_plugin_can_controller_info": {"controller", "interface", "namespace", "pod", "bus"},
+    "vcan_plugin_can_controller_state": {"controller", "state"},
+    "vcan_plugin_can_controller_error_counter": {"controller", "direction"},
+    "vcan_plugin_can_controller_events_total": {"controller", "event"},
 }
+# The per-pod traffic counters, which dashboard queries must filter by $namespace/$pod/$interface.
+TRAFFIC_COUNTERS = {m for m in COUNTERS if TRAFFIC_LABELS <= METRIC_LABELS[m]}
 # What the scrape adds (job and instance; node from the monitors' relabeling).
 TARGET_LABELS = {"job", "instance", "node"}
 
@@ -1128,6 +1139,10 @@ def rules_files(root: Path) -> tuple[Path, Path, Path]:
     )
 
 
+# Runbook links point at this repository's documents on GitHub; the path after it is checked
+# against the workspace, the anchor against that document's headings.
+RUNBOOK_BASE = "https://github.com/vcan-plugin/vcan-plugin/blob/main/"
+
 PROMETHEUS_RULE_HEADER = """\
 # GENERATED from dashboards/vcan-plugin.rules.yml by
 # `cargo xtask check-manifests -- --sync-rules`; edit that file, not this one.
@@ -1181,7 +1196,6 @@ def check_rule_contents(root: Path) -> list[str]:
     rules = load_yaml_file(plain)
     p = []
     alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
-    anchors = readme_anchors(root / "deploy/README.md")
     for a in alerts:
         name = a["alert"]
         if a.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
@@ -1190,9 +1204,15 @@ def check_rule_contents(root: Path) -> list[str]:
             if not a.get("annotations", {}).get(key):
                 p.append(f"{name}: annotation {key} missing")
         url = a.get("annotations", {}).get("runbook_url", "")
-        anchor = url.partition("#")[2]
-        if anchor and anchor not in anchors:
-            p.append(f"{name}: runbook_url anchor #{anchor} is not a heading of deploy/README.md")
+        document, _, anchor = url.partition("#")
+        if url and not document.startswith(RUNBOOK_BASE):
+            p.append(f"{name}: runbook_url must point into {RUNBOOK_BASE}")
+        elif url:
+            relative = document.removeprefix(RUNBOOK_BASE)
+            if not (root / relative).is_file():
+                p.append(f"{name}: runbook_url names {relative}, which does not exist")
+            elif anchor and anchor not in readme_anchors(root / relative):
+                p.append(f"{name}: runbook_url anchor #{anchor} is not a heading of {relative}")
         for metric in metric_names(a["expr"]):
             if metric not in KNOWN_SERIES:
                 p.append(f"{name}: unknown metric {metric}")
@@ -1338,7 +1358,7 @@ def check_dashboard_structure(path: Path) -> tuple[list[str], str]:
                     p.append(f"{where}: {fn}(…[{rng}]) must use [$__rate_interval]")
             if re.search(r"\b(rate|irate|increase)\(", expr) and "$__rate_interval" not in expr:
                 p.append(f"{where}: rate() without $__rate_interval")
-            if re.search(r"\bvcan_plugin_can_\w*_total\b", expr) and not all(
+            if metric_names(expr) & TRAFFIC_COUNTERS and not all(
                 f"${v}" in expr for v in ("namespace", "pod", "interface")
             ):
                 p.append(f"{where}: traffic queries must honour $namespace/$pod/$interface")

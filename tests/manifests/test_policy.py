@@ -512,6 +512,17 @@ class DashboardChecks(unittest.TestCase):
             panel["targets"][0]["expr"] = panel["targets"][0]["expr"].replace(', pod=~"$pod"', "")
         self.assertIn("must honour $namespace/$pod/$interface", self.check(change))
 
+    def test_controller_queries_need_no_pod_filter(self) -> None:
+        # Controller series have no namespace/pod/interface to filter traffic by; the traffic
+        # counters keep needing the filters.
+        self.assertEqual(cm.TRAFFIC_COUNTERS, {"vcan_plugin_can_frames_total", "vcan_plugin_can_bytes_total", "vcan_plugin_can_id_format_frames_total"})
+
+        def change(d):
+            panel = next(p for p in cm.all_panels(d) if p.get("title") == "Controller events/s by controller and event")
+            panel["targets"][0]["expr"] += ' or sum(rate(vcan_plugin_can_frames_total{job=~"$job"}[$__rate_interval]))'
+        self.assertEqual(self.check(lambda d: None), "")
+        self.assertIn("must honour $namespace/$pod/$interface", self.check(change))
+
     def test_split_frames_panels_required(self) -> None:
         def change(d):
             d["panels"] = [p for p in d["panels"] if p.get("title") != "Frames/s by ID format"]
@@ -552,6 +563,12 @@ class LabelChecks(unittest.TestCase):
         ):
             with self.subTest(expr=expr):
                 self.assertEqual(cm.label_problems(expr), [])
+
+    def test_controller_labels(self) -> None:
+        problems = cm.label_problems('sum by (node, controller, pod) (rate(vcan_plugin_can_controller_events_total{event="restarts"}[5m]))')
+        self.assertEqual(problems, ["by (node, controller, pod): no metric there has label 'pod'"])
+        problems = cm.label_problems('vcan_plugin_can_controller_state{kind="bus_off"} == 1')
+        self.assertEqual(problems, ["vcan_plugin_can_controller_state has no label 'kind'"])
 
     def test_shipped_dashboard_and_rules(self) -> None:
         dashboard = json.loads((ROOT / "dashboards/vcan-plugin.json").read_text())

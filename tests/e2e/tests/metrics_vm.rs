@@ -1,7 +1,9 @@
 //! The plugin's CAN traffic metrics end to end, in the CAN test-bed VM: exact per-kind counts
 //! checked against the kernel's own interface counters, pods whose interfaces share an ifindex,
 //! pod churn that must leave no BPF or metrics state behind, counting across a plugin restart,
-//! and a real Prometheus scraping the plugin and answering every query of the Grafana dashboard.
+//! and a real Prometheus scraping the plugin and answering every query of the Grafana dashboard
+//! (including the physical CAN controller panels, for one of the test-bed VM's emulated Kvaser
+//! PCIcan controllers that stays on the node).
 //!
 //! Every test starts a node of its own with its own metrics port; containerd is one per guest,
 //! so they run one after another.
@@ -36,6 +38,14 @@ const COUNTERS_MAP: &str = "vcan_cnt_v1";
 const SLOTS_MAP: &str = "vcan_slots_v1";
 /// The counter program's two programs, as `bpftool prog show` names them.
 const PROGRAMS: [&str; 2] = ["vcan_ingress", "vcan_egress"];
+
+/// The physical controller the dashboard test gives the plugin (the first of the test-bed VM's
+/// four emulated Kvaser PCIcan cards), its name in the hardware configuration and its resource.
+const BENCH_PCI: &str = "0000:00:10.0";
+const BENCH: &str = "bench";
+const HW_BENCH: &str = "socketcan.io/hw-bench";
+/// The last of the four cards: `kvaser_pci` probes them in order, so once it has a netdev, all do.
+const LAST_PCI: &str = "0000:00:13.0";
 
 const FRAMES: &str = "vcan_plugin_can_frames_total";
 const BYTES: &str = "vcan_plugin_can_bytes_total";
@@ -1180,14 +1190,54 @@ fn dashboard_queries() -> Vec<(String, String)> {
     out
 }
 
+/// Loads the SJA1000 driver for the VM's emulated Kvaser PCIcan cards (a no-op when loaded
+/// already, e.g. by an earlier test in the same guest) and waits for their netdevs.
+fn load_can_controllers() {
+    run_ok("modprobe", &["kvaser_pci"]);
+    let started = Instant::now();
+    while ![BENCH_PCI, LAST_PCI]
+        .iter()
+        .all(|pci| Path::new(&format!("/sys/bus/pci/devices/{pci}/net")).exists())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "kvaser_pci made no netdevs for {BENCH_PCI}..{LAST_PCI} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A hardware configuration with one passthrough controller, [`BENCH`] at [`BENCH_PCI`]. No pod
+/// requests it, so it stays on the node, down: state `stopped`, error counters and events at 0.
+fn hardware_config() -> PathBuf {
+    std::fs::create_dir_all("/run/vcan-node").expect("node dir");
+    let path = PathBuf::from("/run/vcan-node/metrics-hardware.json");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"interfaces":[{{"name":"{BENCH}","device":{{"parent":"{BENCH_PCI}"}},"bitrate":500000}}]}}"#
+        ),
+    )
+    .expect("write hardware config");
+    path
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the CAN test-bed VM"]
 async fn metrics_feed_prometheus_and_every_dashboard_panel() {
     require_testbed();
     const METRICS: &str = "127.0.0.1:9734";
-    let t = TestNode::start(DEVICES, METRICS)
-        .await
-        .expect("node starts");
+    // A physical controller, so that the dashboard's "Physical CAN controllers" row has data.
+    load_can_controllers();
+    let hardware = hardware_config();
+    let t = TestNode::start_with(
+        DEVICES,
+        METRICS,
+        vec!["--hardware-config".into(), hardware.display().to_string()],
+        &[(HW_BENCH, 1)],
+    )
+    .await
+    .expect("node starts");
     let queries = dashboard_queries();
 
     let started = Instant::now();
@@ -1209,6 +1259,24 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
         "prometheus: ready after {ready_in:?}, scraping after {:?}",
         started.elapsed()
     );
+
+    // The controller is exported on the node (no pod, no bus), with exactly one current state.
+    let info_query = format!(
+        "vcan_plugin_can_controller_info{{job=\"{JOB}\", node=\"{NODE_LABEL}\", controller=\"{BENCH}\", namespace=\"\", pod=\"\", bus=\"\"}}"
+    );
+    let state_query = format!(
+        "vcan_plugin_can_controller_state{{job=\"{JOB}\", node=\"{NODE_LABEL}\", controller=\"{BENCH}\"}} == 1"
+    );
+    let state = eventually("the bench controller and its state", SETTLE, || {
+        let info = prometheus.query(&info_query)?;
+        let states = prometheus.query(&state_query)?;
+        match (info.len(), states.as_slice()) {
+            (1, [one]) => Ok(one["metric"]["state"].as_str().unwrap_or("?").to_string()),
+            _ => Err(format!("info: {info:?}\nstates at 1: {states:?}")),
+        }
+    })
+    .await;
+    println!("prometheus: controller {BENCH} ({BENCH_PCI}) on the node, state {state}");
 
     // A pod that sends every kind of frame, continuously.
     let generator = "cangen vcan0 -g 20 -I 123 -L 8 & \
@@ -1293,7 +1361,9 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
 
     // Every dashboard query draws something over the time since Prometheus started scraping.
     // No panel is exempt: the pod sends error frames too, and the expressions only use
-    // metrics the plugin exports (CAN XL only appears in an `or` branch of the bus load).
+    // metrics the plugin exports (CAN XL only appears in an `or` branch of the bus load). The
+    // controller panels draw the idle controller: its state, error counters at 0 and event
+    // rates of 0.
     let mut report = Vec::new();
     for (title, expr) in &queries {
         let values = eventually(&format!("panel {title:?}: {expr}"), SETTLE, || {
