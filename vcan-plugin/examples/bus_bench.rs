@@ -232,6 +232,8 @@ async fn main() -> anyhow::Result<()> {
             fd: true,
             members: args.members as u32,
             interface: "can0".into(),
+            uplink: None,
+            tunnel: None,
         },
         "bench.io",
         &args.state_dir,

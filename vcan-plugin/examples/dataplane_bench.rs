@@ -621,6 +621,8 @@ fn scrape(
         vcan_supported: true,
         traffic,
         buses: Vec::new(),
+        controllers: Vec::new(),
+        tunnels: Vec::new(),
     };
     let t2 = Instant::now();
     let text = metrics.render(&snapshot);

@@ -64,6 +64,20 @@ pub struct Config {
     #[arg(long, env = "VCAN_BUS_CONFIG")]
     pub bus_config: Option<PathBuf>,
 
+    /// Physical CAN interfaces (a JSON file), e.g.
+    /// {"interfaces":[{"name":"bench","device":{"parent":"0000:03:00.0"},"bitrate":500000}]}.
+    /// Each is passed to one pod at a time as its own resource, <domain>/hw-<name>, unless a bus
+    /// of the bus configuration names it as its uplink. Needs the node's network namespace
+    /// (hostNetwork), where the interfaces are.
+    #[arg(long, env = "VCAN_HARDWARE_CONFIG")]
+    pub hardware_config: Option<PathBuf>,
+
+    /// DNS name that resolves to every plugin instance (a headless Service), for buses that
+    /// span nodes ("span": "cluster" in the bus configuration), e.g.
+    /// vcan-plugin-peers.vcan-plugin.svc.cluster.local. Re-resolved every 10 s.
+    #[arg(long, env = "VCAN_PEER_SERVICE")]
+    pub peer_service: Option<String>,
+
     /// Directory for state that must outlive the plugin: the buses' network namespaces are
     /// bind-mounted under <state-dir>/buses/. Must be a host directory with Bidirectional mount
     /// propagation when the plugin runs in a container.

@@ -11,16 +11,19 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{self, Bus};
 use crate::config::Config;
 use crate::ebpf::{self, Counters};
+use crate::hardware::{self, Controller};
 use crate::kubelet::registration::Registrar;
 use crate::node::{NodeState, ServedResource};
 use crate::pod::resources::PodResources;
 use crate::pod::runtime::{self, CriRuntime, SandboxLookup};
 use crate::resource::DeviceSet;
 use crate::serve::bus_member::BusMembership;
+use crate::serve::passthrough::Passthrough;
 use crate::serve::private::PrivateVcans;
 use crate::serve::{Provision, ResourceServer};
 use crate::telemetry::health::{self, Health};
 use crate::telemetry::{http, metrics::Metrics};
+use crate::tunnel::endpoint::Tunnel;
 
 /// How often released pods are looked for and unserved pods adopted.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
@@ -49,6 +52,44 @@ pub enum DaemonError {
         /// The resource name.
         resource: String,
     },
+    /// The hardware configuration is invalid.
+    #[error(transparent)]
+    HardwareConfig(#[from] hardware::HardwareConfigError),
+    /// A hardware interface's resource name is invalid or taken.
+    #[error("hardware interface {name}: {message}")]
+    HardwareResource {
+        /// The interface's name in the configuration.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A bus names an uplink the hardware configuration does not have.
+    #[error(
+        "bus {bus}: its uplink {uplink:?} is not an interface of the hardware configuration \
+         (--hardware-config){}",
+        if *.configured { "" } else { ", which is not set" }
+    )]
+    UnknownUplink {
+        /// The bus.
+        bus: String,
+        /// The uplink named.
+        uplink: String,
+        /// Whether a hardware configuration was given.
+        configured: bool,
+    },
+    /// A bus spans the cluster but no peer service is set.
+    #[error(
+        "bus {bus} spans the cluster (\"span\": \"cluster\") but --peer-service \
+         (VCAN_PEER_SERVICE) is not set: name the headless Service whose DNS name resolves to \
+         every plugin pod"
+    )]
+    NoPeerService {
+        /// The bus.
+        bus: String,
+    },
+    /// A bus tunnel failed.
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::endpoint::TunnelError),
     /// The configuration needs more counter slots than the eBPF maps hold.
     #[error(transparent)]
     Capacity(#[from] bus::CapacityError),
@@ -95,7 +136,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Some(path) => bus::load(path)?,
         None => Vec::new(),
     };
+    let hardware_specs = match &config.hardware_config {
+        Some(path) => hardware::load(path)?,
+        None => Vec::new(),
+    };
     bus::check_capacity(config.devices, &specs, ebpf::layout::MAX_SLOTS)?;
+    let mut controllers: Vec<Arc<Controller>> = hardware_specs
+        .into_iter()
+        .map(|spec| Arc::new(Controller::new(spec, &config.state_dir)))
+        .collect();
+    let mut uplinks = std::collections::HashMap::new();
+    for spec in &specs {
+        if let Some(uplink) = &spec.uplink {
+            let Some(at) = controllers.iter().position(|c| &c.spec().name == uplink) else {
+                return Err(DaemonError::UnknownUplink {
+                    bus: spec.name.clone(),
+                    uplink: uplink.clone(),
+                    configured: config.hardware_config.is_some(),
+                });
+            };
+            uplinks.insert(spec.name.clone(), controllers.remove(at));
+        }
+    }
 
     let counters = open_counters(config.bpffs_dir.clone()).await;
     let attach_mode = counters
@@ -119,15 +181,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }];
     let bus_health = (!specs.is_empty()).then(|| health::watch_probe(health::Probe::Bus, interval));
     let mut buses = Vec::new();
+    let mut hardware = Vec::new();
+    let mut tunnels = Vec::new();
     for spec in specs {
         let name = spec.name.clone();
-        let bus =
-            Bus::new(spec, config.resource_name.domain(), &config.state_dir).map_err(|source| {
-                DaemonError::BusResource {
-                    bus: name.clone(),
-                    source,
-                }
-            })?;
+        let uplink = uplinks.remove(&name);
+        let bus = Bus::new(spec, config.resource_name.domain(), &config.state_dir)
+            .map_err(|source| DaemonError::BusResource {
+                bus: name.clone(),
+                source,
+            })?
+            .with_uplink(uplink);
         if bus.resource() == &config.resource_name {
             return Err(DaemonError::BusResourceTaken {
                 bus: name,
@@ -144,6 +208,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             "serving shared CAN bus"
         );
         let bus = Arc::new(bus);
+        if let Some(spec) = &bus.spec().tunnel {
+            if spec.span == bus::config::Span::Cluster && config.peer_service.is_none() {
+                return Err(DaemonError::NoPeerService { bus: name });
+            }
+            tunnels.push(Arc::new(Tunnel::new(
+                &bus.spec().name,
+                spec.clone(),
+                crate::kernel::netns::Netns::Path(bus.namespace().to_path_buf()),
+                config.peer_service.clone(),
+            )));
+        }
+        if let Some(uplink) = bus.uplink() {
+            tracing::info!(bus = %bus.spec().name, uplink = %uplink.spec().name, device = %uplink.spec().device, "bus connected to a physical CAN interface");
+            hardware.push(uplink.clone());
+        }
         let provision: Arc<dyn Provision> = Arc::new(BusMembership::new(bus.clone()));
         planned.push(Planned {
             server: Arc::new(ResourceServer::new(
@@ -157,6 +236,46 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             health: bus_health.clone().unwrap_or_else(|| vcan_health.clone()),
         });
         buses.push(bus);
+    }
+    for controller in controllers {
+        let spec = controller.spec();
+        let resource = spec
+            .resource(config.resource_name.domain())
+            .map_err(|e| DaemonError::HardwareResource {
+                name: spec.name.clone(),
+                message: e.to_string(),
+            })?;
+        if planned.iter().any(|p| p.server.resource() == &resource) {
+            return Err(DaemonError::HardwareResource {
+                name: spec.name.clone(),
+                message: format!("its resource name {resource} is already served: rename it"),
+            });
+        }
+        tracing::info!(
+            interface = %spec.name,
+            resource = %resource,
+            device = %spec.device,
+            bitrate = spec.settings.bitrate,
+            "serving physical CAN interface"
+        );
+        let probe = controller.clone();
+        let health = health::watch_with(
+            format!("hardware interface {:?}", spec.name),
+            move || probe.health(),
+            interval,
+        );
+        planned.push(Planned {
+            server: Arc::new(ResourceServer::new(
+                resource.clone(),
+                DeviceSet::new(&resource, 1),
+                pod_resources.clone(),
+                runtime.clone(),
+                counters.clone(),
+                Arc::new(Passthrough::new(controller.clone())),
+            )),
+            health,
+        });
+        hardware.push(controller);
     }
 
     let resource_names: Vec<String> = planned
@@ -187,6 +306,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             })
             .collect(),
         buses,
+        hardware,
+        tunnels.clone(),
         vcan_health,
     ));
 
@@ -194,6 +315,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // without devices, and a bus member joining before an older member is adopted is connected
     // to it when the adoption adds that member's rules.
     let reconciler = tokio::spawn(reconcile_loop(servers, shutdown.clone()));
+    // A tunnel that cannot bind its port stops the plugin, like a failed registration: the
+    // bus would silently not span the nodes otherwise.
+    let tunnel_tasks: Vec<_> = tunnels
+        .into_iter()
+        .map(|t| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let result = t.run(shutdown.clone()).await;
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result
+            })
+        })
+        .collect();
     let http = {
         let address = config.metrics_address;
         let server = http::serve(address, metrics, state, shutdown.clone().cancelled_owned());
@@ -215,6 +351,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         futures::future::try_join_all(registrars.iter().map(|r| r.run(shutdown.clone()))).await;
     shutdown.cancel();
     let _ = reconciler.await;
+    for task in tunnel_tasks {
+        if let Ok(Err(e)) = task.await {
+            return Err(e.into());
+        }
+    }
     let http = http.await;
     registrations?;
     match http {

@@ -7,11 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 
 use crate::bus::Bus;
+use crate::hardware::Controller;
+use crate::tunnel::endpoint::Tunnel;
 use crate::serve::ResourceServer;
 use crate::telemetry::health::Health;
 use crate::telemetry::http::StateSource;
 use crate::telemetry::metrics::{
-    self, BusFrames, BusSample, ResourceSample, Snapshot, TrafficSample,
+    self, BusFrames, BusSample, ResourceSample, Snapshot, TrafficSample, TunnelPeerSample,
+    TunnelSample,
 };
 
 /// One served resource with its registration flag and the health its devices are advertised with.
@@ -30,19 +33,26 @@ pub struct ServedResource {
 pub struct NodeState {
     resources: Vec<ServedResource>,
     buses: Vec<Arc<Bus>>,
+    controllers: Vec<Arc<Controller>>,
+    tunnels: Vec<Arc<Tunnel>>,
     vcan_health: watch::Receiver<Health>,
 }
 
 impl NodeState {
-    /// The state of `resources` and `buses`; `vcan_health` says whether vcan can be created.
+    /// The state of `resources`, `buses`, physical `controllers` (those passed through and the
+    /// buses' uplinks) and bus `tunnels`; `vcan_health` says whether vcan can be created.
     pub fn new(
         resources: Vec<ServedResource>,
         buses: Vec<Arc<Bus>>,
+        controllers: Vec<Arc<Controller>>,
+        tunnels: Vec<Arc<Tunnel>>,
         vcan_health: watch::Receiver<Health>,
     ) -> Self {
         NodeState {
             resources,
             buses,
+            controllers,
+            tunnels,
             vcan_health,
         }
     }
@@ -95,6 +105,40 @@ impl NodeState {
             .collect()
     }
 
+    /// Every bus tunnel's counts, per peer.
+    pub fn tunnels(&self) -> Vec<TunnelSample> {
+        self.tunnels
+            .iter()
+            .map(|t| {
+                let stats = t.stats();
+                TunnelSample {
+                    bus: t.bus().to_string(),
+                    peers: stats
+                        .peers
+                        .iter()
+                        .map(|(addr, p)| {
+                            let seq = p.sequence.stats();
+                            TunnelPeerSample {
+                                peer: addr.to_string(),
+                                kind: p.kind.label(),
+                                tx: (p.tx_frames, p.tx_bytes, p.tx_packets),
+                                rx: (p.rx_frames, p.rx_bytes, seq.received),
+                                lost: seq.lost,
+                                reordered: seq.reordered,
+                                last_seen: p.last_seen.and_then(|t| {
+                                    t.duration_since(std::time::UNIX_EPOCH)
+                                        .ok()
+                                        .map(|d| d.as_secs_f64())
+                                }),
+                            }
+                        })
+                        .collect(),
+                    dropped: stats.dropped.into_iter().collect(),
+                }
+            })
+            .collect()
+    }
+
     fn resource_samples(&self) -> Vec<ResourceSample> {
         self.resources
             .iter()
@@ -124,6 +168,8 @@ impl StateSource for NodeState {
             vcan_supported: self.vcan_health.borrow().is_healthy(),
             traffic: self.traffic(),
             buses: self.buses(),
+            controllers: self.controllers.iter().filter_map(|c| c.sample()).collect(),
+            tunnels: self.tunnels(),
         }
     }
 

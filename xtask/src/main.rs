@@ -4,6 +4,7 @@
 //! CAN interfaces runs in a qemu VM booting Debian's stock kernel; see [`vm`].
 
 mod bench_dataplane;
+mod cannelloni;
 mod ci;
 mod demo;
 mod images;

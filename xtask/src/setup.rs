@@ -33,6 +33,11 @@ pub const PACKAGES: &[&str] = &[
     "python3-venv",
     // The kubelet API's protobuf definitions.
     "protobuf-compiler",
+    // Buses across nodes: a DNS server answering the peer service's name in the test-bed, and
+    // the tools that build cannelloni, the third-party peer the tunnel is tested against.
+    "dnsmasq-base",
+    "cmake",
+    "g++",
 ];
 
 /// Installs whatever of [`PACKAGES`] is missing; does nothing (and needs no root) otherwise.

@@ -31,6 +31,38 @@ pub struct BusSpec {
     /// The interface name inside member pods, unless a pod's annotations say otherwise (see
     /// [`member_config`]).
     pub interface: String,
+    /// The physical interface (an entry of the hardware configuration) that connects the bus to
+    /// a real CAN wire, if any.
+    pub uplink: Option<String>,
+    /// The tunnel joining the bus to other nodes and external peers, if it spans beyond the node.
+    pub tunnel: Option<TunnelSpec>,
+}
+
+/// How far a bus reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// The pods of one node.
+    Node,
+    /// The pods of every node where the plugin runs.
+    Cluster,
+}
+
+/// Default UDP port of a bus's tunnel (cannelloni's default).
+pub const DEFAULT_TUNNEL_PORT: u16 = 20000;
+/// Default longest wait before a tunnel sends a partly filled packet.
+pub const DEFAULT_BATCH: std::time::Duration = std::time::Duration::from_micros(1000);
+
+/// A bus's tunnel to other nodes (cannelloni's UDP format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSpec {
+    /// Whether the plugin's instances on other nodes are peers.
+    pub span: Span,
+    /// The UDP port of the bus's tunnel, the same on every node.
+    pub port: u16,
+    /// External peers by address (e.g. a bench rig running cannelloni).
+    pub peers: Vec<std::net::SocketAddr>,
+    /// The longest a frame waits for others to share its packet.
+    pub batch: std::time::Duration,
 }
 
 impl BusSpec {
@@ -97,6 +129,16 @@ struct RawBus {
     members: Option<i64>,
     #[serde(default)]
     interface: Option<String>,
+    #[serde(default)]
+    uplink: Option<String>,
+    #[serde(default)]
+    span: Option<String>,
+    #[serde(default)]
+    port: Option<i64>,
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default)]
+    batch_us: Option<i64>,
 }
 
 /// Whether `s` can name a bus: a DNS label of at most 53 characters.
@@ -146,11 +188,93 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
             .interface
             .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
         link::validate_name(&interface).map_err(|e| field("interface", e.to_string()))?;
+        if let Some(uplink) = &bus.uplink
+            && let Some(other) = buses.iter().find(|b| b.uplink.as_ref() == Some(uplink))
+        {
+            return Err(field(
+                "uplink",
+                format!(
+                    "{uplink:?} is already the uplink of bus {:?}: a physical interface connects \
+                     one bus",
+                    other.name
+                ),
+            ));
+        }
+        let span = match bus.span.as_deref() {
+            None | Some("node") => Span::Node,
+            Some("cluster") => Span::Cluster,
+            Some(other) => {
+                return Err(field(
+                    "span",
+                    format!("{other:?} is neither \"node\" nor \"cluster\""),
+                ));
+            }
+        };
+        let peers = bus
+            .peers
+            .iter()
+            .map(|p| {
+                p.parse::<std::net::SocketAddr>().map_err(|_| {
+                    field(
+                        "peers",
+                        format!("{p:?} is not an address with a port, e.g. \"192.0.2.10:20000\""),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let tunnel = if span == Span::Cluster || !peers.is_empty() {
+            let port = match bus.port {
+                None => DEFAULT_TUNNEL_PORT,
+                Some(p) => u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p >= 1)
+                    .ok_or_else(|| field("port", format!("{p} is not a UDP port")))?,
+            };
+            if let Some(other) = buses
+                .iter()
+                .find(|b| b.tunnel.as_ref().is_some_and(|t| t.port == port))
+            {
+                return Err(field(
+                    "port",
+                    format!(
+                        "{port} is already the tunnel port of bus {:?}: each bus needs its own \
+                         (cannelloni's packets do not say which bus they belong to)",
+                        other.name
+                    ),
+                ));
+            }
+            let batch = match bus.batch_us {
+                None => DEFAULT_BATCH,
+                Some(us) => u64::try_from(us)
+                    .ok()
+                    .filter(|us| *us <= 100_000)
+                    .map(std::time::Duration::from_micros)
+                    .ok_or_else(|| field("batch_us", format!("{us} is not in 0..=100000")))?,
+            };
+            Some(TunnelSpec {
+                span,
+                port,
+                peers,
+                batch,
+            })
+        } else {
+            if bus.port.is_some() || bus.batch_us.is_some() {
+                return Err(field(
+                    "port",
+                    "port and batch_us belong to buses that span nodes (\"span\": \"cluster\") \
+                     or have peers"
+                        .into(),
+                ));
+            }
+            None
+        };
         buses.push(BusSpec {
             name: bus.name,
             fd: bus.fd.unwrap_or(true),
             members,
             interface,
+            uplink: bus.uplink,
+            tunnel,
         });
     }
     Ok(buses)
@@ -225,6 +349,8 @@ pub(super) fn example(fd: bool) -> BusSpec {
         fd,
         members: 32,
         interface: "can0".into(),
+        uplink: None,
+        tunnel: None,
     }
 }
 
@@ -248,13 +374,17 @@ mod tests {
                     name: "powertrain".into(),
                     fd: true,
                     members: 8,
-                    interface: "pt0".into()
+                    interface: "pt0".into(),
+                    uplink: None,
+                    tunnel: None
                 },
                 BusSpec {
                     name: "body".into(),
                     fd: true,
                     members: DEFAULT_MEMBERS,
-                    interface: DEFAULT_INTERFACE.into()
+                    interface: DEFAULT_INTERFACE.into(),
+                    uplink: None,
+                    tunnel: None
                 }
             ]
         );
@@ -305,6 +435,80 @@ mod tests {
             let err = parse(text, "cfg").expect_err(text);
             assert!(err.to_string().contains(expected), "{err} !~ {expected}");
         }
+    }
+    #[test]
+    fn buses_that_span_nodes_get_a_tunnel_each() {
+        let buses = parse(
+            r#"{"buses":[{"name":"a","span":"cluster"},
+                         {"name":"b","peers":["192.0.2.10:20001"],"port":20001,"batch_us":0},
+                         {"name":"c","span":"node"}]}"#,
+            "cfg",
+        )
+        .expect("valid");
+        assert_eq!(
+            buses[0].tunnel,
+            Some(TunnelSpec {
+                span: Span::Cluster,
+                port: DEFAULT_TUNNEL_PORT,
+                peers: vec![],
+                batch: DEFAULT_BATCH
+            })
+        );
+        let b = buses[1].tunnel.as_ref().expect("peers make a tunnel");
+        assert_eq!(
+            (b.span, b.port, b.peers.len(), b.batch),
+            (Span::Node, 20001, 1, std::time::Duration::ZERO)
+        );
+        assert_eq!(buses[2].tunnel, None);
+        for (text, expected) in [
+            (
+                r#"{"buses":[{"name":"a","span":"world"}]}"#,
+                "buses[0].span: \"world\" is neither",
+            ),
+            (
+                r#"{"buses":[{"name":"a","peers":["rig:20000"]}]}"#,
+                "buses[0].peers: \"rig:20000\" is not an address with a port",
+            ),
+            (
+                r#"{"buses":[{"name":"a","span":"cluster"},{"name":"b","span":"cluster"}]}"#,
+                "buses[1].port: 20000 is already the tunnel port of bus \"a\"",
+            ),
+            (
+                r#"{"buses":[{"name":"a","span":"cluster","port":0}]}"#,
+                "buses[0].port: 0 is not a UDP port",
+            ),
+            (
+                r#"{"buses":[{"name":"a","span":"cluster","batch_us":200000}]}"#,
+                "buses[0].batch_us: 200000 is not in 0..=100000",
+            ),
+            (
+                r#"{"buses":[{"name":"a","port":20000}]}"#,
+                "buses[0].port: port and batch_us belong to buses that span nodes",
+            ),
+        ] {
+            let err = parse(text, "cfg").expect_err(text).to_string();
+            assert!(err.contains(expected), "{err} !~ {expected}");
+        }
+    }
+    #[test]
+    fn a_physical_interface_uplinks_one_bus_only() {
+        let buses = parse(
+            r#"{"buses":[{"name":"plant","fd":false,"uplink":"wire"},{"name":"other"}]}"#,
+            "cfg",
+        )
+        .expect("valid");
+        assert_eq!(buses[0].uplink.as_deref(), Some("wire"));
+        assert_eq!(buses[1].uplink, None);
+        let err = parse(
+            r#"{"buses":[{"name":"a","uplink":"wire"},{"name":"b","uplink":"wire"}]}"#,
+            "cfg",
+        )
+        .expect_err("one uplink, two buses");
+        assert_eq!(
+            err.to_string(),
+            "the bus configuration cfg: buses[1].uplink: \"wire\" is already the uplink of bus \
+             \"a\": a physical interface connects one bus"
+        );
     }
     #[test]
     fn the_longest_bus_name_still_makes_valid_annotation_keys_and_device_ids() {

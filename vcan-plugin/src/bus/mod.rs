@@ -30,8 +30,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::hardware::{Controller, HardwareError, Holder};
 use crate::kernel::cangw::{Filter, Gateway, GatewayError};
-use crate::kernel::link::{LinkError, Links};
+use crate::kernel::link::{CanMtu, LinkError, Links};
 use crate::kernel::netns::{self, Netns, NetnsError};
 use crate::kernel::vxcan::{self, VxcanError, VxcanPair, VxcanSpec};
 use crate::pod::annotations;
@@ -50,6 +51,14 @@ pub use member::{
 use stats::Counted;
 pub use stats::{BusStats, FrameTotals};
 use topology::rules_between;
+
+/// The uplink's name in the bus namespace.
+pub const UPLINK_NAME: &str = "uplink";
+/// The tunnel's end of the bus in the bus namespace: a vxcan end joined by can-gw like a member's.
+pub const TUNNEL_END: &str = "tunnel";
+/// The other end of the tunnel's pair, also in the bus namespace, where the tunnel reads and
+/// writes frames.
+pub const TUNNEL_IO: &str = "tunnel-io";
 
 /// What went wrong joining, leaving or inspecting a bus.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +105,14 @@ pub enum BusError {
         /// What failed.
         source: LinkError,
     },
+    /// The uplink could not be lent to the bus.
+    #[error("bus {bus}: its uplink: {source}")]
+    Uplink {
+        /// The bus.
+        bus: String,
+        /// What failed.
+        source: HardwareError,
+    },
     /// A can-gw request failed.
     #[error("bus {bus}: {source}")]
     Gateway {
@@ -104,6 +121,21 @@ pub enum BusError {
         /// What failed.
         source: GatewayError,
     },
+}
+
+/// A fixed end of the bus (uplink, tunnel) as the rules see it: a member that is never released
+/// and filters nothing.
+fn fixed_member(name: &str, index: u32) -> Member {
+    Member {
+        pod: PodRef {
+            namespace: String::new(),
+            name: name.into(),
+        },
+        sandbox: String::new(),
+        bus_end: name.into(),
+        bus_index: index,
+        filters: Vec::new(),
+    }
 }
 
 /// One member as the plugin knows it.
@@ -142,6 +174,8 @@ pub struct Bus {
     /// totals do not go down when members leave. Held from listing the rules until their counts
     /// are recorded: a listing recorded after a newer one would look like a wrap-around.
     counted: Mutex<Counted>,
+    /// The physical interface connecting the bus to a wire, kept in the bus namespace.
+    uplink: Option<Arc<Controller>>,
 }
 impl Bus {
     /// Bus `spec` under `domain`, with its namespace file in `<state_dir>/buses/`.
@@ -155,7 +189,19 @@ impl Bus {
             rules: tokio::sync::Mutex::new(()),
             creating: Mutex::new(()),
             counted: Mutex::new(Counted::default()),
+            uplink: None,
         })
+    }
+
+    /// The bus with `uplink` connecting it to a physical CAN wire.
+    pub fn with_uplink(mut self, uplink: Option<Arc<Controller>>) -> Self {
+        self.uplink = uplink;
+        self
+    }
+
+    /// The uplink's controller, if the bus has one.
+    pub fn uplink(&self) -> Option<&Arc<Controller>> {
+        self.uplink.as_ref()
     }
 
     /// The configuration.
@@ -200,22 +246,146 @@ impl Bus {
         }
     }
 
-    /// The bus ends present in the namespace, by name → index.
+    /// The members' bus ends present in the namespace, by name → index.
     fn bus_ends(&self) -> Result<HashMap<String, u32>, BusError> {
+        Ok(self.links()?.0)
+    }
+
+    /// The members' bus ends present in the namespace, by name → index, and the fixed ends
+    /// (uplink, tunnel) that are there, as members with the MTU of their rules.
+    fn links(&self) -> Result<(HashMap<String, u32>, Vec<(Member, CanMtu)>), BusError> {
         let mut links = Links::open(&self.ns()).map_err(|source| BusError::Link {
             bus: self.spec.name.clone(),
             source,
         })?;
-        Ok(links
-            .list()
-            .map_err(|source| BusError::Link {
-                bus: self.spec.name.clone(),
-                source,
-            })?
-            .into_iter()
-            .filter(|l| l.kind == "vxcan")
-            .map(|l| (l.name, l.index))
-            .collect())
+        let all = links.list().map_err(|source| BusError::Link {
+            bus: self.spec.name.clone(),
+            source,
+        })?;
+        let mut fixed = Vec::new();
+        if self.uplink.is_some()
+            && let Some(l) = all.iter().find(|l| l.name == UPLINK_NAME && l.kind == "can")
+        {
+            fixed.push((fixed_member(UPLINK_NAME, l.index), self.uplink_mtu()));
+        }
+        if self.spec.tunnel.is_some()
+            && let Some(l) = all.iter().find(|l| l.name == TUNNEL_END && l.kind == "vxcan")
+        {
+            fixed.push((fixed_member(TUNNEL_END, l.index), self.spec.mtu()));
+        }
+        Ok((
+            all.into_iter()
+                .filter(|l| l.kind == "vxcan" && l.name != TUNNEL_END && l.name != TUNNEL_IO)
+                .map(|l| (l.name, l.index))
+                .collect(),
+            fixed,
+        ))
+    }
+
+    /// Whether the bus namespace stays without members: a bus with an uplink or a tunnel keeps
+    /// the wire and the other nodes connected between members.
+    fn keeps_namespace(&self) -> bool {
+        self.uplink.is_some() || self.spec.tunnel.is_some()
+    }
+
+    /// The MTU of the rules between the uplink and a member: FD frames cross only if the
+    /// controller is set up for CAN FD.
+    fn uplink_mtu(&self) -> CanMtu {
+        match &self.uplink {
+            Some(c) if c.spec().settings.data_bitrate.is_some() => self.spec.mtu(),
+            _ => CanMtu::Classic,
+        }
+    }
+
+    /// Makes sure the bus's fixed ends are in the bus namespace — the uplink set up and up, the
+    /// tunnel's vxcan pair — and connected to every member and to each other (idempotent; a
+    /// no-op for a bus with neither). Runs on every reconcile pass, the first at start, so an
+    /// uplink plugged in late, or returned by the kernel, is connected again.
+    pub async fn ensure_fixed_ends(self: &Arc<Self>) -> Result<(), BusError> {
+        if !self.keeps_namespace() {
+            return Ok(());
+        }
+        let _namespace = self.namespace.read().await;
+        let bus = self.clone();
+        self.blocking(move || bus.place_fixed_ends()).await??;
+        let _rules = self.rules.lock().await;
+        let bus = self.clone();
+        self.blocking(move || {
+            let (present, fixed) = bus.links()?;
+            let members: Vec<Member> = bus
+                .lock_members()
+                .values()
+                .filter(|m| present.get(&m.bus_end) == Some(&m.bus_index))
+                .cloned()
+                .collect();
+            let mut rules = Vec::new();
+            for (i, (end, mtu)) in fixed.iter().enumerate() {
+                for m in &members {
+                    rules.extend(rules_between(end, m, *mtu));
+                    rules.extend(rules_between(m, end, *mtu));
+                }
+                // The wire and the other nodes reach each other too, at the smaller MTU.
+                for (other, other_mtu) in &fixed[i + 1..] {
+                    let mtu = if *mtu == CanMtu::Fd && *other_mtu == CanMtu::Fd {
+                        CanMtu::Fd
+                    } else {
+                        CanMtu::Classic
+                    };
+                    rules.extend(rules_between(end, other, mtu));
+                    rules.extend(rules_between(other, end, mtu));
+                }
+            }
+            let mut gw = Gateway::open(&bus.ns()).map_err(|e| bus.gateway_error(e))?;
+            let added = gw.add_missing(&rules).map_err(|e| bus.gateway_error(e))?;
+            if added > 0 {
+                tracing::info!(bus = %bus.spec.name, added, "uplink or tunnel connected");
+            }
+            Ok::<_, BusError>(())
+        })
+        .await??;
+        Ok(())
+    }
+
+    /// The bus namespace (made if missing) with the uplink and the tunnel's pair in it.
+    fn place_fixed_ends(&self) -> Result<(), BusError> {
+        self.ensure_namespace()?;
+        if let Some(controller) = &self.uplink {
+            controller
+                .lend(
+                    Holder::Bus(self.spec.name.clone()),
+                    &self.ns(),
+                    UPLINK_NAME,
+                    &controller.spec().settings,
+                )
+                .map_err(|source| BusError::Uplink {
+                    bus: self.spec.name.clone(),
+                    source,
+                })?;
+        }
+        if self.spec.tunnel.is_some() {
+            let ns = self.ns();
+            vxcan::ensure(
+                &ns,
+                &ns,
+                &VxcanSpec {
+                    name: TUNNEL_IO.into(),
+                    peer_name: TUNNEL_END.into(),
+                    mtu: self.spec.mtu(),
+                },
+            )
+            .map_err(|source| self.vxcan_error(source))?;
+        }
+        Ok(())
+    }
+
+    fn ensure_namespace(&self) -> Result<(), BusError> {
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        netns::create_persistent(&self.ns_path).map_err(|source| BusError::Namespace {
+            bus: self.spec.name.clone(),
+            ns: self.ns_path.display().to_string(),
+            source,
+        })?;
+        Ok(())
     }
 
     /// Makes the pod in `pod_ns` a member: ensures the bus namespace, the vxcan pair (pod end
@@ -276,14 +446,7 @@ impl Bus {
         interface: &str,
     ) -> Result<VxcanPair, BusError> {
         let ns = self.ns();
-        {
-            let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-            netns::create_persistent(&self.ns_path).map_err(|source| BusError::Namespace {
-                bus: self.spec.name.clone(),
-                ns: ns.to_string(),
-                source,
-            })?;
-        }
+        self.ensure_namespace()?;
         let spec = VxcanSpec {
             name: interface.to_string(),
             peer_name: bus_end.to_string(),
@@ -327,7 +490,7 @@ impl Bus {
     /// Adds the rules between `me` and every other member and records `me` (with the rules lock).
     fn connect(&self, me: Member) -> Result<(), BusError> {
         // Members whose bus end is gone (their pod went away, not yet reconciled) get no rules.
-        let present = self.bus_ends()?;
+        let (present, fixed) = self.links()?;
         let others: Vec<Member> = self
             .lock_members()
             .values()
@@ -338,6 +501,10 @@ impl Bus {
         for other in &others {
             rules.extend(rules_between(&me, other, self.spec.mtu()));
             rules.extend(rules_between(other, &me, self.spec.mtu()));
+        }
+        for (end, mtu) in &fixed {
+            rules.extend(rules_between(&me, end, *mtu));
+            rules.extend(rules_between(end, &me, *mtu));
         }
         let mut gw = Gateway::open(&self.ns()).map_err(|e| self.gateway_error(e))?;
         let added = gw.add_missing(&rules).map_err(|e| self.gateway_error(e))?;
@@ -400,7 +567,7 @@ impl Bus {
     /// Destroys the bus namespace if no member is known and no bus end is left in it (blocking;
     /// joins must not be using the namespace). Returns whether it did.
     fn remove_if_unused(&self) -> Result<bool, BusError> {
-        if !self.lock_members().is_empty() || !self.ns_path.exists() {
+        if self.keeps_namespace() || !self.lock_members().is_empty() || !self.ns_path.exists() {
             return Ok(false);
         }
         match self.bus_ends() {

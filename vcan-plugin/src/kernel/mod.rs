@@ -2,6 +2,8 @@
 //! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]) and
 //! can-gw rules ([`cangw`]).
 
+pub mod can;
+pub mod can_raw;
 pub mod cangw;
 pub mod link;
 pub mod netlink;

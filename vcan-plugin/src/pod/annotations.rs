@@ -24,6 +24,10 @@ pub const OPTIONS: &[&str] = &["names", "fd", "filter"];
 /// `names` (one list for every resource) cannot give.
 pub const BUS_INTERFACE_OPTION: &str = "interface.";
 
+/// The option choosing the bitrate of a physical interface, followed by its name in the hardware
+/// configuration: `<domain>/bitrate.<interface>`.
+pub const BITRATE_OPTION: &str = "bitrate.";
+
 /// The annotation key of the member interface's name for bus `bus` under `domain`.
 pub fn bus_interface_key(domain: &str, bus: &str) -> String {
     format!("{domain}/{BUS_INTERFACE_OPTION}{bus}")
@@ -35,6 +39,33 @@ fn known_option(option: &str) -> bool {
         || option
             .strip_prefix(BUS_INTERFACE_OPTION)
             .is_some_and(crate::bus::is_bus_name)
+        || option
+            .strip_prefix(BITRATE_OPTION)
+            .is_some_and(crate::bus::is_bus_name)
+}
+
+/// Fails on the first (in sorted order) annotation under `domain` that names no option the
+/// plugin understands.
+pub fn check_options(
+    domain: &str,
+    annotations: &HashMap<String, String>,
+) -> Result<(), PodConfigError> {
+    let prefix = format!("{domain}/");
+    match annotations
+        .keys()
+        .filter(|k| k.strip_prefix(&prefix).is_some_and(|o| !known_option(o)))
+        .min()
+    {
+        Some(key) => Err(PodConfigError::UnknownOption {
+            key: key.clone(),
+            domain: domain.to_string(),
+            known: format!(
+                "{}, {BUS_INTERFACE_OPTION}<bus>, {BITRATE_OPTION}<interface>",
+                OPTIONS.join(", ")
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The default name of the pod's `index`-th interface.
@@ -106,17 +137,7 @@ pub fn interfaces(
     let prefix = format!("{domain}/");
     let names_key = format!("{prefix}names");
     let fd_key = format!("{prefix}fd");
-    if let Some(key) = annotations
-        .keys()
-        .filter(|k| k.strip_prefix(&prefix).is_some_and(|o| !known_option(o)))
-        .min()
-    {
-        return Err(PodConfigError::UnknownOption {
-            key: key.clone(),
-            domain: domain.to_string(),
-            known: format!("{}, {BUS_INTERFACE_OPTION}<bus>", OPTIONS.join(", ")),
-        });
-    }
+    check_options(domain, annotations)?;
     // Sorted, so that of several bad names the same one is reported every time.
     let bus_interface_prefix = format!("{prefix}{BUS_INTERFACE_OPTION}");
     let mut bus_names: Vec<(&String, &String)> = annotations
@@ -253,7 +274,7 @@ mod tests {
                 &[("d.io/interface.Body", "can1")],
                 1,
                 "unknown annotation d.io/interface.Body: the options under d.io/ are names, fd, \
-                 filter, interface.<bus>",
+                 filter, interface.<bus>, bitrate.<interface>",
             ),
             (&[("d.io/interface.", "can1")], 1, "unknown annotation"),
             (

@@ -89,10 +89,13 @@ impl Provision for BusMembership {
         }])
     }
 
-    /// Takes the gone members off the bus (their rules and pairs, if still there), and removes
-    /// the bus namespace once no member is left in it; runs also with none gone, for members
-    /// deleted while the plugin was down.
+    /// Connects the uplink and the tunnel if they are not (yet or any more), takes the gone members off the bus
+    /// (their rules and pairs, if still there), and removes the bus namespace once no member is
+    /// left in it; runs also with none gone, for members deleted while the plugin was down.
     async fn release(&self, gone: &[ServedPod]) {
+        if let Err(e) = self.bus.ensure_fixed_ends().await {
+            tracing::warn!(bus = %self.bus.spec().name, error = %e, "the bus's uplink or tunnel is not connected");
+        }
         let sandboxes: Vec<String> = gone.iter().map(|p| p.sandbox.clone()).collect();
         match self.bus.leave(sandboxes).await {
             Ok(left) => {

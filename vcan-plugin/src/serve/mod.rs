@@ -5,9 +5,11 @@
 //! (PodResources) and its sandbox (the runtime), refusing the node's own namespace, counting
 //! frames on what it created, remembering served pods and releasing them only once their sandbox
 //! is gone — and leaves what the pod's interfaces are to a [`Provision`]: private vcans
-//! ([`private::PrivateVcans`]) or membership of a shared bus ([`bus_member::BusMembership`]).
+//! ([`private::PrivateVcans`]) or membership of a shared bus ([`bus_member::BusMembership`]) or a physical
+//! interface ([`passthrough::Passthrough`]).
 
 pub mod bus_member;
+pub mod passthrough;
 pub mod private;
 
 use std::collections::{HashMap, HashSet};
@@ -122,6 +124,14 @@ pub enum ServeError {
         /// What failed.
         source: Box<BusError>,
     },
+    /// Lending a physical interface failed.
+    #[error("pod {pod}: {source}")]
+    Hardware {
+        /// The pod.
+        pod: PodRef,
+        /// What failed.
+        source: Box<crate::hardware::HardwareError>,
+    },
     /// Creating an interface failed.
     #[error("pod {pod}: {source}")]
     Link {
@@ -147,7 +157,8 @@ impl ServeError {
             ServeError::HostNetwork(_)
             | ServeError::NodeNamespace { .. }
             | ServeError::PodConfig { .. }
-            | ServeError::BusMember { .. } => Code::FailedPrecondition,
+            | ServeError::BusMember { .. }
+            | ServeError::Hardware { .. } => Code::FailedPrecondition,
             ServeError::Link { .. } | ServeError::Counters { .. } | ServeError::Bus { .. } => {
                 Code::Internal
             }

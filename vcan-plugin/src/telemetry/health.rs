@@ -92,21 +92,32 @@ pub fn watch(interval: Duration) -> watch::Receiver<Health> {
 
 /// [`watch`] for any [`Probe`].
 pub fn watch_probe(kind: Probe, interval: Duration) -> watch::Receiver<Health> {
-    let initial = kind.run();
-    log_transition(kind, None, &initial);
+    watch_with(kind.what().to_string(), move || kind.run(), interval)
+}
+
+/// Runs `probe` (blocking) now and then every `interval`, publishing changes on the returned
+/// channel and logging each transition with its reason; `what` names what is probed.
+pub fn watch_with(
+    what: String,
+    probe: impl Fn() -> Health + Clone + Send + Sync + 'static,
+    interval: Duration,
+) -> watch::Receiver<Health> {
+    let initial = probe();
+    log_transition(&what, None, &initial);
     let (tx, rx) = watch::channel(initial);
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.tick().await;
         loop {
             ticker.tick().await;
-            let now = match tokio::task::spawn_blocking(move || kind.run()).await {
+            let run = probe.clone();
+            let now = match tokio::task::spawn_blocking(run).await {
                 Ok(h) => h,
                 Err(e) => Health::Unhealthy(format!("health probe failed: {e}")),
             };
             let before = tx.borrow().clone();
             if before != now {
-                log_transition(kind, Some(&before), &now);
+                log_transition(&what, Some(&before), &now);
                 if tx.send(now).is_err() {
                     return;
                 }
@@ -116,8 +127,7 @@ pub fn watch_probe(kind: Probe, interval: Duration) -> watch::Receiver<Health> {
     rx
 }
 
-fn log_transition(kind: Probe, before: Option<&Health>, now: &Health) {
-    let what = kind.what();
+fn log_transition(what: &str, before: Option<&Health>, now: &Health) {
     match now {
         Health::Healthy => {
             tracing::info!(previous = ?before, "node supports {what}: devices healthy")

@@ -109,6 +109,81 @@ pub struct Snapshot {
     pub traffic: Vec<TrafficSample>,
     /// Shared buses: members and can-gw's counters.
     pub buses: Vec<BusSample>,
+    /// Physical CAN controllers: where they are and their state.
+    pub controllers: Vec<ControllerSample>,
+    /// Tunnels of buses that span nodes.
+    pub tunnels: Vec<TunnelSample>,
+}
+
+/// One bus tunnel's counts for a scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TunnelSample {
+    /// The bus.
+    pub bus: String,
+    /// Its current peers.
+    pub peers: Vec<TunnelPeerSample>,
+    /// Packets or frames dropped, by reason.
+    pub dropped: Vec<(&'static str, u64)>,
+}
+
+/// Traffic with one tunnel peer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TunnelPeerSample {
+    /// The peer's address and port.
+    pub peer: String,
+    /// `instance` (the plugin on another node) or `external`.
+    pub kind: &'static str,
+    /// Frames, payload bytes and packets sent to the peer.
+    pub tx: (u64, u64, u64),
+    /// Frames, payload bytes and packets received from it.
+    pub rx: (u64, u64, u64),
+    /// Its packets missing from the sequence.
+    pub lost: u64,
+    /// Its packets that arrived late.
+    pub reordered: u64,
+    /// When its last packet arrived (Unix seconds), if ever.
+    pub last_seen: Option<f64>,
+}
+
+/// The controller states, as the `state` label says them.
+pub const CONTROLLER_STATES: [&str; 6] = [
+    "error_active",
+    "error_warning",
+    "error_passive",
+    "bus_off",
+    "stopped",
+    "sleeping",
+];
+
+/// The controller events the kernel counts, as the `event` label says them.
+pub const CONTROLLER_EVENTS: [&str; 6] = [
+    "bus_error",
+    "error_warning",
+    "error_passive",
+    "bus_off",
+    "arbitration_lost",
+    "restarts",
+];
+
+/// One physical CAN controller's state for a scrape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControllerSample {
+    /// The interface's name in the hardware configuration.
+    pub controller: String,
+    /// The netdev's current name.
+    pub interface: String,
+    /// Namespace of the pod holding it ("" when on the node or a bus).
+    pub namespace: String,
+    /// Pod holding it ("").
+    pub pod: String,
+    /// Bus using it as its uplink ("").
+    pub bus: String,
+    /// One of [`CONTROLLER_STATES`], if the driver reports a state.
+    pub state: Option<&'static str>,
+    /// The transmit and receive error counters, if reported.
+    pub error_counters: Option<(u16, u16)>,
+    /// Counts of [`CONTROLLER_EVENTS`], in that order, if reported.
+    pub events: Option<[u64; 6]>,
 }
 
 /// One resource's state for a scrape.
@@ -380,6 +455,184 @@ fn gauge(suffix: &str, help: &str, value: f64) -> Vec<prometheus::proto::MetricF
     g.collect()
 }
 
+/// The physical controllers' families: where each is, its state, its error counters and the
+/// kernel's event counts.
+fn controller_families(controllers: &[ControllerSample]) -> Vec<prometheus::proto::MetricFamily> {
+    if controllers.is_empty() {
+        return Vec::new();
+    }
+    let info = GaugeVec::new(
+        Opts::new(
+            name("can_controller_info"),
+            "1 per physical CAN controller: its netdev's current name and who holds it (pod, or \
+             the bus it is the uplink of; empty on the node).",
+        ),
+        &["controller", "interface", "namespace", "pod", "bus"],
+    )
+    .expect("valid metric");
+    let state = GaugeVec::new(
+        Opts::new(
+            name("can_controller_state"),
+            "1 for the controller's current state (error_active, error_warning, error_passive, \
+             bus_off, stopped, sleeping), 0 for the others.",
+        ),
+        &["controller", "state"],
+    )
+    .expect("valid metric");
+    let errors = GaugeVec::new(
+        Opts::new(
+            name("can_controller_error_counter"),
+            "The controller's transmit/receive error counter (error-passive from 128, bus-off \
+             at transmit 256).",
+        ),
+        &["controller", "direction"],
+    )
+    .expect("valid metric");
+    let events = IntCounterVec::new(
+        Opts::new(
+            name("can_controller_events_total"),
+            "Controller events counted by the kernel since the driver loaded: bus errors, \
+             entries to error-warning, error-passive and bus-off, lost arbitrations and restarts.",
+        ),
+        &["controller", "event"],
+    )
+    .expect("valid metric");
+    for c in controllers {
+        info.with_label_values(&[
+            c.controller.as_str(),
+            c.interface.as_str(),
+            c.namespace.as_str(),
+            c.pod.as_str(),
+            c.bus.as_str(),
+        ])
+        .set(1.0);
+        if let Some(now) = c.state {
+            for s in CONTROLLER_STATES {
+                state
+                    .with_label_values(&[c.controller.as_str(), s])
+                    .set(f64::from(u8::from(s == now)));
+            }
+        }
+        if let Some((tx, rx)) = c.error_counters {
+            errors
+                .with_label_values(&[c.controller.as_str(), "tx"])
+                .set(f64::from(tx));
+            errors
+                .with_label_values(&[c.controller.as_str(), "rx"])
+                .set(f64::from(rx));
+        }
+        if let Some(counts) = c.events {
+            for (event, count) in CONTROLLER_EVENTS.iter().zip(counts) {
+                events
+                    .with_label_values(&[c.controller.as_str(), event])
+                    .inc_by(count);
+            }
+        }
+    }
+    let mut families = info.collect();
+    for (present, family) in [
+        (controllers.iter().any(|c| c.state.is_some()), state.collect()),
+        (
+            controllers.iter().any(|c| c.error_counters.is_some()),
+            errors.collect(),
+        ),
+        (controllers.iter().any(|c| c.events.is_some()), events.collect()),
+    ] {
+        if present {
+            families.extend(family);
+        }
+    }
+    families
+}
+
+/// The bus tunnels' families: per bus and peer, traffic both ways, losses and when the peer was
+/// last heard from; per bus, what was dropped and why.
+fn tunnel_families(tunnels: &[TunnelSample]) -> Vec<prometheus::proto::MetricFamily> {
+    if tunnels.is_empty() {
+        return Vec::new();
+    }
+    let per_peer = ["bus", "peer", "kind"];
+    let directed = ["bus", "peer", "kind", "direction"];
+    let counter = |suffix: &str, help: &str, labels: &[&str]| {
+        IntCounterVec::new(Opts::new(name(suffix), help), labels).expect("valid metric")
+    };
+    let frames = counter(
+        "tunnel_frames_total",
+        "CAN frames carried by a bus's tunnel, per peer and direction.",
+        &directed,
+    );
+    let bytes = counter(
+        "tunnel_bytes_total",
+        "Payload bytes of the CAN frames carried by a bus's tunnel, per peer and direction.",
+        &directed,
+    );
+    let packets = counter(
+        "tunnel_packets_total",
+        "UDP packets of a bus's tunnel, per peer and direction (heartbeats included).",
+        &directed,
+    );
+    let lost = counter(
+        "tunnel_packets_lost_total",
+        "Packets of a peer missing from its sequence numbers (and not arrived late since).",
+        &per_peer,
+    );
+    let reordered = counter(
+        "tunnel_packets_reordered_total",
+        "Packets of a peer that arrived after a later one.",
+        &per_peer,
+    );
+    let dropped = counter(
+        "tunnel_packets_dropped_total",
+        "Packets (frames, for queue_full) a bus's tunnel dropped, by reason: malformed packets \
+         by what is wrong, unknown_peer, queue_full.",
+        &["bus", "reason"],
+    );
+    let last_seen = GaugeVec::new(
+        Opts::new(
+            name("tunnel_peer_last_seen_timestamp_seconds"),
+            "When the last packet of a tunnel peer arrived (Unix time); the plugin's instances \
+             send a heartbeat every second.",
+        ),
+        &per_peer,
+    )
+    .expect("valid metric");
+    let peers = GaugeVec::new(
+        Opts::new(name("tunnel_peers"), "Current peers of a bus's tunnel."),
+        &["bus"],
+    )
+    .expect("valid metric");
+    for t in tunnels {
+        peers
+            .with_label_values(&[t.bus.as_str()])
+            .set(t.peers.len() as f64);
+        for (reason, count) in &t.dropped {
+            dropped
+                .with_label_values(&[t.bus.as_str(), reason])
+                .inc_by(*count);
+        }
+        for p in &t.peers {
+            let id = [t.bus.as_str(), p.peer.as_str(), p.kind];
+            for (direction, (f, b, n)) in [("tx", p.tx), ("rx", p.rx)] {
+                let l = [t.bus.as_str(), p.peer.as_str(), p.kind, direction];
+                frames.with_label_values(&l).inc_by(f);
+                bytes.with_label_values(&l).inc_by(b);
+                packets.with_label_values(&l).inc_by(n);
+            }
+            lost.with_label_values(&id).inc_by(p.lost);
+            reordered.with_label_values(&id).inc_by(p.reordered);
+            if let Some(at) = p.last_seen {
+                last_seen.with_label_values(&id).set(at);
+            }
+        }
+    }
+    let mut families = peers.collect();
+    for vec in [&frames, &bytes, &packets, &lost, &reordered, &dropped] {
+        families.extend(vec.collect());
+    }
+    families.extend(last_seen.collect());
+    families
+}
+
 /// Families describing the current state; built per scrape.
 fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
     let mut families = Vec::new();
@@ -461,6 +714,8 @@ fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
             families.extend(dropped.collect());
         }
     }
+    families.extend(controller_families(&now.controllers));
+    families.extend(tunnel_families(&now.tunnels));
     families.extend(gauge(
         "vcan_supported",
         "1 if this node can create vcan interfaces (vcan module present).",
@@ -552,6 +807,37 @@ mod tests {
                     value: 2,
                 },
             ],
+            tunnels: vec![TunnelSample {
+                bus: "powertrain".into(),
+                peers: vec![TunnelPeerSample {
+                    peer: "10.0.0.2:20000".into(),
+                    kind: "instance",
+                    tx: (10, 80, 4),
+                    rx: (7, 56, 9),
+                    lost: 1,
+                    reordered: 2,
+                    last_seen: Some(1_700_000_000.5),
+                }],
+                dropped: vec![("truncated", 3), ("unknown_peer", 1)],
+            }],
+            controllers: vec![
+                ControllerSample {
+                    controller: "bench".into(),
+                    interface: "can0".into(),
+                    namespace: "default".into(),
+                    pod: "ecu".into(),
+                    bus: String::new(),
+                    state: Some("bus_off"),
+                    error_counters: Some((256, 17)),
+                    events: Some([40, 3, 2, 1, 5, 1]),
+                },
+                ControllerSample {
+                    controller: "wire".into(),
+                    interface: "uplink".into(),
+                    bus: "plant".into(),
+                    ..ControllerSample::default()
+                },
+            ],
         });
         for expected in [
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/vcan\"} 1",
@@ -573,9 +859,28 @@ mod tests {
             "vcan_plugin_bus_frames_forwarded_total{bus=\"powertrain\"} 12",
             "vcan_plugin_bus_frames_dropped_total{bus=\"powertrain\"} 1",
             "# TYPE vcan_plugin_bus_frames_forwarded_total counter",
+            "vcan_plugin_can_controller_info{bus=\"\",controller=\"bench\",interface=\"can0\",namespace=\"default\",pod=\"ecu\"} 1",
+            "vcan_plugin_can_controller_info{bus=\"plant\",controller=\"wire\",interface=\"uplink\",namespace=\"\",pod=\"\"} 1",
+            "vcan_plugin_can_controller_state{controller=\"bench\",state=\"bus_off\"} 1",
+            "vcan_plugin_can_controller_state{controller=\"bench\",state=\"error_active\"} 0",
+            "vcan_plugin_can_controller_error_counter{controller=\"bench\",direction=\"tx\"} 256",
+            "vcan_plugin_can_controller_error_counter{controller=\"bench\",direction=\"rx\"} 17",
+            "vcan_plugin_can_controller_events_total{controller=\"bench\",event=\"bus_error\"} 40",
+            "vcan_plugin_can_controller_events_total{controller=\"bench\",event=\"restarts\"} 1",
+            "# TYPE vcan_plugin_can_controller_events_total counter",
+            "vcan_plugin_tunnel_peers{bus=\"powertrain\"} 1",
+            "vcan_plugin_tunnel_frames_total{bus=\"powertrain\",direction=\"tx\",kind=\"instance\",peer=\"10.0.0.2:20000\"} 10",
+            "vcan_plugin_tunnel_bytes_total{bus=\"powertrain\",direction=\"rx\",kind=\"instance\",peer=\"10.0.0.2:20000\"} 56",
+            "vcan_plugin_tunnel_packets_total{bus=\"powertrain\",direction=\"rx\",kind=\"instance\",peer=\"10.0.0.2:20000\"} 9",
+            "vcan_plugin_tunnel_packets_lost_total{bus=\"powertrain\",kind=\"instance\",peer=\"10.0.0.2:20000\"} 1",
+            "vcan_plugin_tunnel_packets_reordered_total{bus=\"powertrain\",kind=\"instance\",peer=\"10.0.0.2:20000\"} 2",
+            "vcan_plugin_tunnel_packets_dropped_total{bus=\"powertrain\",reason=\"truncated\"} 3",
+            "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds{bus=\"powertrain\",kind=\"instance\",peer=\"10.0.0.2:20000\"} 1700000000.5",
         ] {
             assert!(text.contains(expected), "missing {expected} in\n{text}");
         }
+        // A driver that reports no state gets no state series (rather than a made-up one).
+        assert!(!text.contains("vcan_plugin_can_controller_state{controller=\"wire\""));
     }
 
     #[test]

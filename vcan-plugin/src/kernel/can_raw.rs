@@ -1,0 +1,172 @@
+//! CAN_RAW sockets bound to one interface of a namespace: how frames leave the kernel's CAN
+//! plumbing for user space (a bus tunnel) and come back.
+//!
+//! A socket keeps the namespace it was opened in, so it is opened on a thread inside the
+//! namespace ([`netns::run`]) and then used from the async runtime like any other socket.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::kernel::netns::{self, Netns, NetnsError};
+
+/// `CAN_RAW` protocol of `PF_CAN`.
+const CAN_RAW: libc::c_int = 1;
+/// `SOL_CAN_BASE + CAN_RAW`.
+const SOL_CAN_RAW: libc::c_int = 101;
+/// `CAN_RAW_FD_FRAMES`: also pass CAN FD frames (72 bytes).
+const CAN_RAW_FD_FRAMES: libc::c_int = 5;
+/// `struct can_frame`'s size: what a classic frame reads and writes as.
+pub const CAN_MTU: usize = 16;
+/// `struct canfd_frame`'s size.
+pub const CANFD_MTU: usize = 72;
+
+/// `struct sockaddr_can` up to the interface index (the address union is unused for CAN_RAW).
+#[repr(C)]
+struct SockaddrCan {
+    family: libc::sa_family_t,
+    ifindex: libc::c_int,
+    addr: [u8; 16],
+}
+
+/// Why a CAN socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CanRawError {
+    /// The namespace could not be entered.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// The interface does not exist in the namespace.
+    #[error("no interface {ifname} in network namespace {ns}")]
+    NoInterface {
+        /// The interface.
+        ifname: String,
+        /// The namespace.
+        ns: String,
+    },
+    /// A socket call failed.
+    #[error("CAN_RAW socket on {ifname} in {ns}: {call}: {source}")]
+    Socket {
+        /// The interface.
+        ifname: String,
+        /// The namespace.
+        ns: String,
+        /// The call that failed.
+        call: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A non-blocking CAN_RAW socket bound to one interface, receiving classic and FD frames.
+#[derive(Debug)]
+pub struct RawCanSocket {
+    fd: OwnedFd,
+}
+
+impl RawCanSocket {
+    /// Opens a socket on `ifname` in `ns` (blocking: enters the namespace on a thread).
+    pub fn open(ns: &Netns, ifname: &str) -> Result<Self, CanRawError> {
+        let name = ifname.to_string();
+        let where_ = ns.to_string();
+        netns::run(ns, move || Self::open_here(&name, &where_))?
+    }
+
+    fn open_here(ifname: &str, ns: &str) -> Result<Self, CanRawError> {
+        let fail = |call| CanRawError::Socket {
+            ifname: ifname.to_string(),
+            ns: ns.to_string(),
+            call,
+            source: io::Error::last_os_error(),
+        };
+        let c_name = CString::new(ifname).map_err(|_| CanRawError::NoInterface {
+            ifname: ifname.to_string(),
+            ns: ns.to_string(),
+        })?;
+        // SAFETY: c_name is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(CanRawError::NoInterface {
+                ifname: ifname.to_string(),
+                ns: ns.to_string(),
+            });
+        }
+        // SAFETY: plain socket(2); the result is checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_CAN,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                CAN_RAW,
+            )
+        };
+        if raw < 0 {
+            return Err(fail("socket"));
+        }
+        // SAFETY: raw is a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let on: libc::c_int = 1;
+        // SAFETY: the option value points at a c_int of the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                SOL_CAN_RAW,
+                CAN_RAW_FD_FRAMES,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(fail("setsockopt(CAN_RAW_FD_FRAMES)"));
+        }
+        let addr = SockaddrCan {
+            family: libc::AF_CAN as libc::sa_family_t,
+            ifindex: ifindex as libc::c_int,
+            addr: [0; 16],
+        };
+        // SAFETY: addr is a sockaddr_can of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const SockaddrCan).cast(),
+                std::mem::size_of::<SockaddrCan>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(fail("bind"));
+        }
+        Ok(RawCanSocket { fd })
+    }
+
+    /// Reads one frame into `buf` (at least [`CANFD_MTU`] bytes): returns its size, [`CAN_MTU`]
+    /// or [`CANFD_MTU`]. `WouldBlock` when none is waiting.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one frame ([`CAN_MTU`] or [`CANFD_MTU`] bytes). `WouldBlock` when the interface's
+    /// queue is full.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: frame is readable for its length.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != frame.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short CAN write: {n} of {} bytes", frame.len()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AsRawFd for RawCanSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
