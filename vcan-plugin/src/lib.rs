@@ -5,6 +5,7 @@
 //! sandbox ([`pod`]) and has its [`serve::Provision`] make the pod's interfaces — private vcans or
 //! membership of a shared [`bus`] — with the [`kernel`]'s interfaces before the pod's containers start; [`ebpf`] counts their frames and
 //! [`telemetry`] reports. [`daemon`] wires it together, [`node`] is the state scrapes read.
+//! [`tunnel`] is the start of buses that span nodes: cannelloni's CAN-over-UDP wire format.
 
 #![deny(missing_docs)]
 
@@ -20,4 +21,5 @@ pub mod pod;
 pub mod resource;
 pub mod serve;
 pub mod telemetry;
+pub mod tunnel;
 pub mod uds;
