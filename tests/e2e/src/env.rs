@@ -60,6 +60,7 @@ impl TestNode {
             devices,
             log: root.join("vcan-plugin.log"),
             extra_args,
+            netns: None,
         })?;
         let node = Node {
             kubelet,

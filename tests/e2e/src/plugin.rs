@@ -37,6 +37,11 @@ pub struct PluginConfig {
     pub log: PathBuf,
     /// Further arguments (e.g. `--bus-config FILE`).
     pub extra_args: Vec<String>,
+    /// The named network namespace (`ip netns`, under /run/netns) to run in, as a second node
+    /// would; the node's own namespace if `None`. Only the network namespace changes: the
+    /// daemon keeps the node's mounts, so the bus namespaces it bind-mounts outlive it as on a
+    /// real node (`ip netns exec` would give it a mount namespace of its own).
+    pub netns: Option<String>,
 }
 
 /// A running daemon; killed on drop.
@@ -54,7 +59,16 @@ impl Plugin {
             .append(true)
             .open(&config.log)
             .with_context(|| format!("open {}", config.log.display()))?;
-        let child = Command::new(binary())
+        let mut command = match &config.netns {
+            Some(ns) => {
+                // nsenter execs the daemon in place, so the child's pid is the daemon's.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .arg("--device-plugin-dir")
             .arg(&config.device_plugin_dir)
             .arg("--pod-resources-socket")

@@ -1,0 +1,532 @@
+//! Buses that span nodes, in the CAN test-bed VM: two nodes that share no CAN state — each with
+//! its own plugin instance (in its own network namespace and address), kubelet stand-in,
+//! device-plugin directory, state directory, bpffs directory and bus namespace — joined by a
+//! bridge whose link to node B carries `tc netem` delay (and later loss), plus the real
+//! cannelloni on a vcan in a third namespace as an external peer. The plugins find each other
+//! through a real DNS server (dnsmasq, the guest's resolver for the test) answering the peer
+//! service's name with both nodes' addresses. One containerd runs the pods of both nodes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vcan_e2e::containerd::{Containerd, ContainerdOptions};
+use vcan_e2e::cri::Cri;
+use vcan_e2e::images::CANUTILS_IMAGE;
+use vcan_e2e::kubelet::Kubelet;
+use vcan_e2e::node::{Node, StartedPod};
+use vcan_e2e::plugin::{Plugin, PluginConfig, http_get};
+use vcan_e2e::{ContainerSpec, PodSpec};
+use vcan_test_support::{require_testbed, run_ok};
+
+const BUS: &str = "socketcan.io/bus-x";
+const PEER_SERVICE: &str = "peers.vcan.test";
+const ROOT: &str = "/run/vcan-xnode";
+const DNS: &str = "10.99.0.254";
+/// Node A, node B and the cannelloni rig, each a namespace on the bridge.
+const NODES: [(&str, &str, &str); 3] = [
+    ("vnode-a", "va", "10.99.0.1"),
+    ("vnode-b", "vb", "10.99.0.2"),
+    ("vnode-c", "vc", "10.99.0.3"),
+];
+const EXIT_TIMEOUT: Duration = Duration::from_secs(180);
+const EXEC_TIMEOUT: Duration = Duration::from_secs(90);
+const BIND_TIMEOUT: Duration = Duration::from_secs(60);
+const DUMP_TIMEOUT: &str = "150";
+
+fn sh(script: &str) {
+    let out = Command::new("sh")
+        .args(["-ec", script])
+        .output()
+        .expect("sh runs");
+    assert!(
+        out.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The bridge, the three namespaces with their addresses, netem towards node B, and dnsmasq
+/// answering the peer service with both nodes; removed on drop.
+struct Network {
+    dnsmasq: Child,
+    resolv: Option<Vec<u8>>,
+}
+
+impl Network {
+    fn start() -> Self {
+        sh("modprobe -a bridge veth sch_netem");
+        sh(&format!(
+            "ip link add br-vcan type bridge && ip addr add {DNS}/24 dev br-vcan && ip link set br-vcan up"
+        ));
+        for (ns, host_end, addr) in NODES {
+            sh(&format!(
+                "ip netns add {ns}
+                 ip link add {host_end} type veth peer name eth0 netns {ns}
+                 ip link set {host_end} master br-vcan up
+                 ip -n {ns} addr add {addr}/24 dev eth0
+                 ip -n {ns} link set eth0 up
+                 ip -n {ns} link set lo up"
+            ));
+        }
+        // The plugins keep the node's mounts (see PluginConfig::netns), so the node's resolver
+        // is theirs: the guest's, for this test.
+        let resolv = std::fs::read("/etc/resolv.conf").ok();
+        std::fs::write("/etc/resolv.conf", format!("nameserver {DNS}\n")).expect("resolv.conf");
+        // What leaves the bridge towards node B is delayed, as across a real network.
+        sh("tc qdisc add dev vb root netem delay 1ms");
+        std::fs::create_dir_all(ROOT).expect("root dir");
+        let hosts = Path::new(ROOT).join("peers.hosts");
+        std::fs::write(
+            &hosts,
+            format!("10.99.0.1 {PEER_SERVICE}\n10.99.0.2 {PEER_SERVICE}\n"),
+        )
+        .expect("hosts file");
+        let dnsmasq = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={DNS}"),
+                &format!("--addn-hosts={}", hosts.display()),
+                "--pid-file=",
+                "--user=root",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq starts (cargo xtask setup installs dnsmasq-base)");
+        // Both nodes resolve the service to both addresses.
+        let started = Instant::now();
+        loop {
+            let out = Command::new("nsenter")
+                .args(["--net=/run/netns/vnode-b", "getent", "ahostsv4", PEER_SERVICE])
+                .output()
+                .expect("getent");
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("10.99.0.1") && text.contains("10.99.0.2") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "dnsmasq does not answer {PEER_SERVICE}: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Network { dnsmasq, resolv }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = self.dnsmasq.kill();
+        let _ = self.dnsmasq.wait();
+        for (ns, host_end, _) in NODES {
+            let _ = Command::new("ip").args(["link", "del", host_end]).status();
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", "br-vcan"]).status();
+        match &self.resolv {
+            Some(text) => {
+                let _ = std::fs::write("/etc/resolv.conf", text);
+            }
+            None => {
+                let _ = std::fs::remove_file("/etc/resolv.conf");
+            }
+        }
+    }
+}
+
+fn bus_config() -> PathBuf {
+    let path = Path::new(ROOT).join("buses.json");
+    std::fs::write(
+        &path,
+        r#"{"buses": [{"name": "x", "fd": true, "members": 4, "interface": "can0",
+                       "span": "cluster", "port": 20000, "peers": ["10.99.0.3:20000"]}]}"#,
+    )
+    .expect("bus config");
+    path
+}
+
+/// One node: its kubelet stand-in, the shared runtime and its plugin instance in namespace `ns`.
+struct ClusterNode {
+    node: Node,
+    plugin: Plugin,
+    metrics: String,
+}
+
+impl ClusterNode {
+    async fn start(name: &str, ns: &str, addr: &str, containerd: &Containerd) -> Self {
+        let dir = Path::new(ROOT).join(name);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let device_plugin_dir = dir.join("device-plugins");
+        let pod_resources_socket = dir.join("pod-resources/kubelet.sock");
+        let kubelet = Kubelet::start(&device_plugin_dir, &pod_resources_socket)
+            .await
+            .expect("kubelet stand-in");
+        let metrics = format!("{addr}:9720");
+        let plugin = Plugin::start(&PluginConfig {
+            device_plugin_dir,
+            pod_resources_socket,
+            containerd_socket: containerd.socket().to_path_buf(),
+            metrics_address: metrics.clone(),
+            resource_name: "socketcan.io/vcan".into(),
+            devices: 1,
+            log: dir.join("vcan-plugin.log"),
+            extra_args: vec![
+                "--bus-config".into(),
+                bus_config().display().to_string(),
+                "--peer-service".into(),
+                PEER_SERVICE.into(),
+                "--state-dir".into(),
+                dir.join("state").display().to_string(),
+                "--bpffs-dir".into(),
+                format!("/sys/fs/bpf/vcan-{name}"),
+            ],
+            netns: Some(ns.into()),
+        })
+        .expect("plugin starts");
+        let node = Node {
+            kubelet,
+            cri: Cri::connect(containerd.socket()).await.expect("CRI"),
+            resource: "socketcan.io/vcan".into(),
+        };
+        let this = ClusterNode {
+            node,
+            plugin,
+            metrics,
+        };
+        this.node
+            .kubelet
+            .wait_for_resource(BUS, 4, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:#}\n{}", this.plugin.log()));
+        this
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.metrics, "/metrics").ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+
+    async fn wait_peers(&self, n: f64) {
+        let started = Instant::now();
+        while self.metric("vcan_plugin_tunnel_peers{bus=\"x\"}") != Some(n) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} never had {n} tunnel peers:\n{}",
+                self.metrics,
+                self.plugin.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn run(&self, spec: &PodSpec) -> StartedPod {
+        let p = self.node.run_pod(spec).await.expect("pod runs");
+        assert_eq!(p.failure, None, "{}\n{}", spec.name, self.plugin.log());
+        p
+    }
+}
+
+fn member(name: &str, command: &str) -> PodSpec {
+    let mut c = ContainerSpec::new("app", CANUTILS_IMAGE, ["sh", "-c", command]);
+    c.resources = vec![(BUS.to_string(), 1)];
+    let mut p = PodSpec::new("default", name);
+    p.containers = vec![c];
+    p
+}
+
+fn listener(name: &str, frames: usize) -> PodSpec {
+    member(
+        name,
+        &format!("timeout {DUMP_TIMEOUT} candump -L -n {frames} can0; rc=$?; sleep 3; exit $rc"),
+    )
+}
+
+async fn pod_netns(node: &Node, pod: &StartedPod) -> String {
+    node.cri
+        .netns_path(&pod.sandbox)
+        .await
+        .expect("sandbox status")
+        .expect("own netns")
+        .display()
+        .to_string()
+}
+
+/// Waits until a CAN socket listens on `ifname` in the namespace file or named namespace `ns`.
+fn wait_listening(nsenter_arg: &str, ifname: &str) {
+    let started = Instant::now();
+    loop {
+        let out = Command::new("nsenter")
+            .arg(nsenter_arg)
+            .args(["cat", "/proc/net/can/rcvlist_all"])
+            .output()
+            .expect("nsenter");
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(ifname))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < BIND_TIMEOUT,
+            "nobody listens on {ifname} in {nsenter_arg}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn send(node: &Node, pod: &StartedPod, frame: &str) {
+    let out = node
+        .cri
+        .exec(pod.container("app"), &["cansend", "can0", frame], EXEC_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("exec in {}: {e:#}", pod.spec.name));
+    assert_eq!(
+        out.exit_code, 0,
+        "cansend {frame} in {}: {}{}",
+        pod.spec.name, out.stdout, out.stderr
+    );
+}
+
+async fn dumped(node: &Node, pod: &StartedPod) -> Vec<String> {
+    let code = node
+        .cri
+        .wait_exit(pod.container("app"), EXIT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e:#}", pod.spec.name));
+    let log = node.cri.logs(&pod.spec, "app").await.expect("logs");
+    let frames: Vec<String> = log
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
+        .collect();
+    assert_eq!(code, 0, "{} missed frames; got {frames:?}", pod.spec.name);
+    frames
+}
+
+/// The rig: cannelloni on vcan0 in namespace vnode-c, talking to node A only (as a bench rig
+/// configured with one remote would), accepting packets from any address (`-p`), since node B
+/// sends its members' frames to it directly.
+struct Rig {
+    cannelloni: Child,
+}
+
+impl Rig {
+    fn start() -> Self {
+        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/cannelloni/cannelloni");
+        assert!(
+            binary.is_file(),
+            "{} is missing: `cargo xtask vm-test` builds it (needs cmake and g++)",
+            binary.display()
+        );
+        sh("modprobe vcan; ip -n vnode-c link add vcan0 type vcan; ip -n vnode-c link set vcan0 up");
+        let cannelloni = Command::new("ip")
+            .args(["netns", "exec", "vnode-c"])
+            .arg(&binary)
+            .args(["-4", "-I", "vcan0", "-R", "10.99.0.1", "-r", "20000", "-l", "20000", "-p"])
+            .args(["-t", "1000"])
+            .env(
+                "LD_LIBRARY_PATH",
+                binary.parent().expect("binary's directory"),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannelloni starts");
+        Rig { cannelloni }
+    }
+
+    /// A candump of the rig's vcan0 waiting for `frames` frames.
+    fn dump(frames: usize) -> Child {
+        let child = Command::new("ip")
+            .args(["netns", "exec", "vnode-c", "timeout", DUMP_TIMEOUT, "candump", "-L"])
+            .args(["-n", &frames.to_string(), "vcan0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("candump");
+        wait_listening("--net=/run/netns/vnode-c", "vcan0");
+        child
+    }
+
+    fn send(frame: &str) {
+        run_ok(
+            "ip",
+            &["netns", "exec", "vnode-c", "cansend", "vcan0", frame],
+        );
+    }
+
+    fn frames(dump: Child) -> Vec<String> {
+        let out = dump.wait_with_output().expect("candump ends");
+        let frames: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
+            .collect();
+        assert!(out.status.success(), "the rig missed frames; got {frames:?}");
+        frames
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.cannelloni.kill();
+        let _ = self.cannelloni.wait();
+    }
+}
+
+/// How the frames look in candump -L on the pods' `can0` and the rig's `vcan0`. The kernel adds
+/// CANFD_FDF (4) to the flags of an FD frame it passes on.
+const SENT: [(&str, &str); 8] = [
+    ("a1", "101#A1"),
+    ("a2", "10000102#A2A2"),
+    ("b1", "103##1.00112233445566778899AABB"),
+    ("b2", "104#R"),
+    ("rig", "105#C1C2C3C4C5C6C7C8"),
+    ("rig", "1ABCDEF0#C3"),
+    ("rig", "106#R3"),
+    ("rig", "107##3.0102030405060708090A0B0C"),
+];
+
+fn seen(frame: &str, ifname: &str) -> String {
+    // candump prints the FD flags with FDF set: 1 (BRS) → 5, 3 (BRS+ESI) → 7.
+    let shown = match frame.split_once("##") {
+        Some((id, rest)) => {
+            let flags = u8::from_str_radix(&rest[..1], 16).expect("flags") | 4;
+            format!("{id}##{flags:X}{}", rest[1..].replace('.', ""))
+        }
+        None => frame.to_string(),
+    };
+    format!("{ifname} {shown}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the CAN test-bed VM"]
+async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
+    require_testbed();
+    let _network = Network::start();
+    let containerd = Containerd::start(ContainerdOptions::default())
+        .await
+        .expect("containerd");
+    let a = ClusterNode::start("a", "vnode-a", "10.99.0.1", &containerd).await;
+    let mut b = ClusterNode::start("b", "vnode-b", "10.99.0.2", &containerd).await;
+    let _rig = Rig::start();
+    // Each node's peers: the other node and the rig.
+    a.wait_peers(2.0).await;
+    b.wait_peers(2.0).await;
+
+    let a1 = a.run(&listener("a1", 9)).await;
+    let a2 = a.run(&listener("a2", 8)).await;
+    let b1 = b.run(&listener("b1", 9)).await;
+    let b2 = b.run(&listener("b2", 9)).await;
+    for (node, pod) in [(&a.node, &a1), (&a.node, &a2), (&b.node, &b1), (&b.node, &b2)] {
+        let ns = pod_netns(node, pod).await;
+        wait_listening(&format!("--net={ns}"), "can0");
+    }
+    let rig_dump = Rig::dump(9);
+
+    // Every frame, from a member on either node or from the rig, reaches everyone else once, in
+    // order (and the sender's own candump sees its echo).
+    for (sender, frame) in SENT {
+        match sender {
+            "a1" => send(&a.node, &a1, frame).await,
+            "a2" => send(&a.node, &a2, frame).await,
+            "b1" => send(&b.node, &b1, frame).await,
+            "b2" => send(&b.node, &b2, frame).await,
+            _ => Rig::send(frame),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let expected: Vec<String> = SENT.iter().map(|(_, f)| seen(f, "can0")).collect();
+    assert_eq!(dumped(&a.node, &a2).await, expected, "a2");
+
+    // A member leaves node A and node B's plugin restarts: the others carry on.
+    a.node.delete_pod(&a2).await.expect("delete a2");
+    b.plugin.restart().expect("plugin B restarts");
+    b.node
+        .kubelet
+        .wait_for_resource(BUS, 4, Duration::from_secs(60))
+        .await
+        .expect("B registered again");
+    b.wait_peers(2.0).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    send(&b.node, &b2, "108#B2").await;
+    let mut expected_all = expected.clone();
+    expected_all.push(seen("108#B2", "can0"));
+    assert_eq!(dumped(&a.node, &a1).await, expected_all, "a1");
+    assert_eq!(dumped(&b.node, &b1).await, expected_all, "b1");
+    assert_eq!(dumped(&b.node, &b2).await, expected_all, "b2");
+    let rig_expected: Vec<String> = expected_all
+        .iter()
+        .map(|f| f.replacen("can0", "vcan0", 1))
+        .collect();
+    assert_eq!(Rig::frames(rig_dump), rig_expected, "the rig");
+    for node in [&a, &b] {
+        assert_eq!(
+            node.metric("vcan_plugin_tunnel_packets_dropped_total{bus=\"x\",reason=\"unknown_peer\"}"),
+            None,
+            "nothing came from unknown peers"
+        );
+    }
+
+    loss_is_counted_from_sequence_gaps(&a, &b).await;
+    for pod in [&a1] {
+        a.node.delete_pod(pod).await.expect("delete");
+    }
+    for pod in [&b1, &b2] {
+        b.node.delete_pod(pod).await.expect("delete");
+    }
+}
+
+/// With 1 % loss towards node B, B's count of A's lost packets is exactly what A sent and B did
+/// not receive, and nothing crashes.
+async fn loss_is_counted_from_sequence_gaps(a: &ClusterNode, b: &ClusterNode) {
+    sh("tc qdisc change dev vb root netem delay 1ms loss 1%");
+    let sender = a
+        .run(&member(
+            "sender",
+            "cangen can0 -g 2 -n 1500 -I 222 -L 8 -D i; sleep 3",
+        ))
+        .await;
+    let code = a
+        .node
+        .cri
+        .wait_exit(sender.container("app"), EXIT_TIMEOUT)
+        .await
+        .expect("cangen ends");
+    assert_eq!(code, 0);
+    sh("tc qdisc change dev vb root netem delay 1ms");
+    let to_b = "{bus=\"x\",direction=\"tx\",kind=\"instance\",peer=\"10.99.0.2:20000\"}";
+    let from_a = "{bus=\"x\",direction=\"rx\",kind=\"instance\",peer=\"10.99.0.1:20000\"}";
+    let lost_a = "{bus=\"x\",kind=\"instance\",peer=\"10.99.0.1:20000\"}";
+    // Heartbeats keep flowing: read A, then B, then A again, until B's received and lost packets
+    // fall between A's two counts of what it sent (a loss is seen at the next packet, at most a
+    // heartbeat later).
+    let mut last = String::new();
+    for _ in 0..20 {
+        let sent_before = a.metric(&format!("vcan_plugin_tunnel_packets_total{to_b}"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let received = b.metric(&format!("vcan_plugin_tunnel_packets_total{from_a}"));
+        let lost = b.metric(&format!("vcan_plugin_tunnel_packets_lost_total{lost_a}"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent_after = a.metric(&format!("vcan_plugin_tunnel_packets_total{to_b}"));
+        let (Some(s1), Some(r), Some(l), Some(s2)) = (sent_before, received, lost, sent_after)
+        else {
+            panic!("missing tunnel series:\nA:\n{}\nB:\n{}", a.plugin.log(), b.plugin.log());
+        };
+        last = format!("A sent {s1}..{s2}, B received {r} and counted {l} lost");
+        eprintln!("{last}");
+        if l > 0.0 && s1 <= r + l && r + l <= s2 {
+            assert_eq!(
+                b.metric(&format!("vcan_plugin_tunnel_packets_reordered_total{lost_a}")),
+                Some(0.0)
+            );
+            a.node.delete_pod(&sender).await.expect("delete");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    panic!("loss accounting never matched: {last}");
+}
