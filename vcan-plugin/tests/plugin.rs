@@ -1,5 +1,5 @@
 //! The device-plugin API end to end on the host: registration, restarts, Allocate and PreStart
-//! against fake kubelet and runtime servers over real Unix sockets.
+//! against the kubelet stand-in and a runtime double over real Unix sockets.
 
 mod common;
 
@@ -7,26 +7,34 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Harness, RESOURCE, next_registration, restart_kubelet, start_kubelet};
+use common::{Harness, RESOURCE, WAIT, wait_registered};
 use tonic::Code;
 use vcan_plugin::api::deviceplugin::v1beta1::{
-    AllocateRequest, ContainerAllocateRequest, Empty, PreStartContainerRequest,
+    AllocateRequest, ContainerAllocateRequest, Empty, ListAndWatchResponse,
+    PreStartContainerRequest,
 };
 use vcan_plugin::telemetry::health::Health;
-
-const WAIT: Duration = Duration::from_secs(10);
+use vcan_test_support::kubelet::Registered;
 
 fn ids(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// The registration's next ListAndWatch snapshot.
+async fn next_snapshot(reg: &mut Registered) -> ListAndWatchResponse {
+    tokio::time::timeout(WAIT, reg.snapshots.recv())
+        .await
+        .expect("a snapshot in time")
+        .expect("the stream is open")
+}
+
 #[tokio::test]
 async fn registers_with_prestart_required_and_streams_a_full_snapshot() {
     let h = Harness::new(100);
-    let mut kubelet = start_kubelet(h.dir.path());
+    let mut kubelet = h.start_kubelet().await;
     let (stop, registered) = h.start_registrar();
 
-    let mut reg = next_registration(&mut kubelet, WAIT).await;
+    let mut reg = kubelet.next_registration(WAIT).await.expect("registration");
     assert_eq!(reg.request.version, "v1beta1");
     assert_eq!(reg.request.resource_name, RESOURCE);
     assert_eq!(reg.request.endpoint, "example.com-vcan.sock");
@@ -38,7 +46,7 @@ async fn registers_with_prestart_required_and_streams_a_full_snapshot() {
     );
     assert!(reg.options.pre_start_required);
 
-    let first = reg.snapshots.recv().await.expect("snapshot");
+    let first = next_snapshot(&mut reg).await;
     assert_eq!(first.devices.len(), 100);
     assert!(
         first
@@ -52,27 +60,22 @@ async fn registers_with_prestart_required_and_streams_a_full_snapshot() {
     h.health
         .send(Health::Unhealthy("no vcan".into()))
         .expect("health watchers");
-    let second = tokio::time::timeout(WAIT, reg.snapshots.recv())
-        .await
-        .expect("in time")
-        .expect("snapshot");
+    let second = next_snapshot(&mut reg).await;
     assert_eq!(second.devices.len(), 100);
     assert!(second.devices.iter().all(|d| d.health == "Unhealthy"));
     h.health.send(Health::Healthy).expect("health watchers");
-    let third = tokio::time::timeout(WAIT, reg.snapshots.recv())
-        .await
-        .expect("in time")
-        .expect("snapshot");
+    let third = next_snapshot(&mut reg).await;
     assert!(third.devices.iter().all(|d| d.health == "Healthy"));
 
-    assert!(registered.load(std::sync::atomic::Ordering::SeqCst));
+    // The flag follows the kubelet's answer, which comes after it dialled back.
+    wait_registered(&registered).await;
     stop.cancel();
 }
 
 #[tokio::test]
 async fn options_are_never_empty() {
     let h = Harness::new(3);
-    let _kubelet = start_kubelet(h.dir.path());
+    let _kubelet = h.start_kubelet().await;
     let (stop, _) = h.start_registrar();
     let mut client = h.client().await;
     let options = client
@@ -87,9 +90,9 @@ async fn options_are_never_empty() {
 #[tokio::test]
 async fn every_kubelet_restart_ends_registered_with_an_endpoint_the_kubelet_can_dial() {
     let h = Harness::new(4);
-    let mut kubelet = start_kubelet(h.dir.path());
+    let mut kubelet = h.start_kubelet().await;
     let (stop, registered) = h.start_registrar();
-    next_registration(&mut kubelet, WAIT).await;
+    kubelet.next_registration(WAIT).await.expect("registration");
     let socket = h.dir.path().join("example.com-vcan.sock");
 
     // Gaps between the clean-up and the new kubelet.sock from none to 50 ms: some restarts are
@@ -97,16 +100,19 @@ async fn every_kubelet_restart_ends_registered_with_an_endpoint_the_kubelet_can_
     // the new kubelet.sock, and the plugin may bind again before the clean-up has run.
     for round in 0..20u64 {
         let gap = Duration::from_millis((round * 37) % 51);
-        kubelet = restart_kubelet(h.dir.path(), kubelet, gap).await;
-        // The fake kubelet reports a registration only after it dialled the endpoint back and
-        // read its options and first snapshot.
-        let mut reg = next_registration(&mut kubelet, WAIT).await;
+        kubelet
+            .restart_with_gap(gap)
+            .await
+            .expect("kubelet restart");
+        // The kubelet stand-in reports a registration only after it dialled the endpoint back,
+        // read its options and opened its ListAndWatch stream.
+        let mut reg = kubelet.next_registration(WAIT).await.expect("registration");
         assert_eq!(
             reg.request.endpoint, "example.com-vcan.sock",
             "round {round}"
         );
         assert_eq!(
-            reg.snapshots.recv().await.expect("snapshot").devices.len(),
+            next_snapshot(&mut reg).await.devices.len(),
             4,
             "round {round}"
         );
@@ -116,16 +122,9 @@ async fn every_kubelet_restart_ends_registered_with_an_endpoint_the_kubelet_can_
         );
     }
     // Exactly one registration per restart: no late duplicate is pending.
-    assert!(kubelet.registrations.try_recv().is_err());
+    assert!(kubelet.try_next_registration().is_none());
     // The flag follows the kubelet's answer, which comes after it dialled back.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !registered.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never marked registered"
-        );
-        tokio::task::yield_now().await;
-    }
+    wait_registered(&registered).await;
     stop.cancel();
 }
 
@@ -140,15 +139,15 @@ async fn registration_waits_for_the_kubelet_and_serves_meanwhile() {
         .await
         .expect("options");
     assert!(!registered.load(std::sync::atomic::Ordering::SeqCst));
-    let mut kubelet = start_kubelet(h.dir.path());
-    next_registration(&mut kubelet, WAIT).await;
+    let mut kubelet = h.start_kubelet().await;
+    kubelet.next_registration(WAIT).await.expect("registration");
     stop.cancel();
 }
 
 #[tokio::test]
 async fn allocate_names_the_interfaces_and_rejects_bad_ids() {
     let h = Harness::new(10);
-    let _kubelet = start_kubelet(h.dir.path());
+    let _kubelet = h.start_kubelet().await;
     let (stop, _) = h.start_registrar();
     let mut client = h.client().await;
 
@@ -224,7 +223,7 @@ impl Drop for HostNetns {
 #[tokio::test]
 async fn prestart_errors_name_the_pod_and_the_problem() {
     let h = Harness::new(10);
-    let _kubelet = start_kubelet(h.dir.path());
+    let kubelet = h.start_kubelet().await;
     let (stop, _) = h.start_registrar();
     let mut client = h.client().await;
     let ns = HostNetns::new("errors");
@@ -244,8 +243,7 @@ async fn prestart_errors_name_the_pod_and_the_problem() {
     );
 
     // The pod is known to the kubelet but has no sandbox.
-    h.pod_resources
-        .set_pod("default", "nosandbox", &[("app", &["vcan-0000"])]);
+    kubelet.record_pod("default", "nosandbox", &[("app", RESOURCE, &["vcan-0000"])]);
     let status = client
         .pre_start_container(PreStartContainerRequest {
             devices_ids: ids(&["vcan-0000"]),
@@ -261,8 +259,7 @@ async fn prestart_errors_name_the_pod_and_the_problem() {
     );
 
     // hostNetwork pods are refused; nothing is created in the node's namespace.
-    h.pod_resources
-        .set_pod("default", "hostnet", &[("app", &["vcan-0001"])]);
+    kubelet.record_pod("default", "hostnet", &[("app", RESOURCE, &["vcan-0001"])]);
     h.runtime.add("default", "hostnet", None, &[]);
     let status = client
         .pre_start_container(PreStartContainerRequest {
@@ -280,8 +277,11 @@ async fn prestart_errors_name_the_pod_and_the_problem() {
     );
 
     // Bad annotations fail with what is wrong.
-    h.pod_resources
-        .set_pod("team", "badnames", &[("app", &["vcan-0002", "vcan-0003"])]);
+    kubelet.record_pod(
+        "team",
+        "badnames",
+        &[("app", RESOURCE, &["vcan-0002", "vcan-0003"])],
+    );
     h.runtime.add(
         "team",
         "badnames",
@@ -331,16 +331,13 @@ async fn prestart_errors_name_the_pod_and_the_problem() {
 #[tokio::test]
 async fn prestart_reaches_the_pods_own_namespace_and_retries_when_rate_limited() {
     let h = Harness::new(10);
-    let _kubelet = start_kubelet(h.dir.path());
+    let kubelet = h.start_kubelet().await;
     let (stop, _) = h.start_registrar();
     let mut client = h.client().await;
     let ns = HostNetns::new("reach");
-    h.pod_resources
-        .set_pod("default", "app", &[("main", &["vcan-0004"])]);
+    kubelet.record_pod("default", "app", &[("main", RESOURCE, &["vcan-0004"])]);
     h.runtime.add("default", "app", Some(ns.path()), &[]);
-    h.pod_resources
-        .exhausted
-        .store(3, std::sync::atomic::Ordering::SeqCst);
+    kubelet.refuse_lists(3);
 
     let status = client
         .pre_start_container(PreStartContainerRequest {
@@ -348,12 +345,7 @@ async fn prestart_reaches_the_pods_own_namespace_and_retries_when_rate_limited()
         })
         .await;
     // The three rate-limited answers were retried.
-    assert!(
-        h.pod_resources
-            .calls
-            .load(std::sync::atomic::Ordering::SeqCst)
-            >= 4
-    );
+    assert!(kubelet.list_calls() >= 4, "{} calls", kubelet.list_calls());
     if std::path::Path::new("/sys/module/vcan").exists() {
         status.expect("vcan created");
     } else {

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{Harness, start_kubelet};
+use common::{Harness, RESOURCE};
 use vcan_plugin::api::deviceplugin::v1beta1::PreStartContainerRequest;
 use vcan_plugin::kernel::link::Links;
 use vcan_plugin::kernel::netns::Netns;
@@ -33,17 +33,20 @@ fn vcans(fx: &NetnsFixture) -> Vec<(String, u32, bool)> {
 async fn prestart_creates_the_pods_named_fd_interfaces_once_for_all_containers() {
     require_testbed();
     let h = Harness::new(10);
-    let _kubelet = start_kubelet(h.dir.path());
+    let kubelet = h.start_kubelet().await;
     let (stop, _) = h.start_registrar();
     let mut client = h.client().await;
 
     let fx = NetnsFixture::new();
     let netns = PathBuf::from("/run/netns").join(fx.name());
     // Two containers of one pod, one device each; the pod names its interfaces.
-    h.pod_resources.set_pod(
+    kubelet.record_pod(
         "default",
         "ecu",
-        &[("sim", &["vcan-0005"]), ("logger", &["vcan-0002"])],
+        &[
+            ("sim", RESOURCE, &["vcan-0005"]),
+            ("logger", RESOURCE, &["vcan-0002"]),
+        ],
     );
     h.runtime.add(
         "default",
@@ -80,10 +83,10 @@ async fn prestart_creates_the_pods_named_fd_interfaces_once_for_all_containers()
 
     // A classic-only pod with default names.
     let classic = NetnsFixture::new();
-    h.pod_resources.set_pod(
+    kubelet.record_pod(
         "default",
         "classic",
-        &[("app", &["vcan-0007", "vcan-0008"])],
+        &[("app", RESOURCE, &["vcan-0007", "vcan-0008"])],
     );
     h.runtime.add(
         "default",
@@ -116,7 +119,7 @@ async fn prestart_creates_the_pods_named_fd_interfaces_once_for_all_containers()
     assert_eq!(vcans(&fx), expected, "adoption changes nothing in the pods");
 
     // Missing from PodResources while the sandbox runs: nothing is released.
-    h.pod_resources.remove_pod("default", "classic");
+    kubelet.forget("default", "classic");
     let pass = restarted.reconcile().await;
     assert!(pass.released.is_empty(), "{pass:?}");
     assert_eq!(restarted.served().len(), 2);

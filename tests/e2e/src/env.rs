@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 
 use crate::containerd::{Containerd, ContainerdOptions};
 use crate::cri::Cri;
-use crate::kubelet::Kubelet;
 use crate::node::Node;
 use crate::plugin::{Plugin, PluginConfig};
+use vcan_test_support::kubelet::Kubelet;
 
 /// The resource the test node serves.
 pub const RESOURCE: &str = "socketcan.io/vcan";

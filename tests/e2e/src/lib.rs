@@ -6,8 +6,8 @@
 //! - [`cri`]: a small CRI client that runs pods and containers with the requests the kubelet
 //!   sends, reads their logs, execs in them and finds their network namespaces;
 //! - [`images`]: where the images built by `cargo xtask images` are, and their names;
-//! - [`kubelet`]: the kubelet stand-in (device manager and PodResources, restarts included);
-//! - [`node`]: kubelet and runtime driven in the kubelet's order for each pod;
+//! - [`node`]: the kubelet stand-in (`vcan_test_support::kubelet`, shared with the plugin's host
+//!   tests) and the runtime, driven in the kubelet's order for each pod;
 //! - [`plugin`]: the vcan-plugin daemon as a child process;
 //! - [`env`]: a whole node (containerd, kubelet stand-in, plugin) for tests, demo and benchmark.
 //!
@@ -45,7 +45,6 @@ pub mod containerd;
 pub mod cri;
 pub mod env;
 pub mod images;
-pub mod kubelet;
 pub mod node;
 pub mod plugin;
 

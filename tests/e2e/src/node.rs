@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::cri::{Cri, PodSpec};
-use crate::kubelet::{Kubelet, PodAllocation};
+use vcan_test_support::kubelet::{Kubelet, PodAllocation};
 
 /// A pod that was started (possibly with containers that failed to start).
 #[derive(Debug, Clone)]

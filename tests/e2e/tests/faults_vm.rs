@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vcan_e2e::env::{RESOURCE, TestNode};
 use vcan_e2e::images::CANUTILS_IMAGE;
-use vcan_e2e::kubelet::ContainerAllocation;
 use vcan_e2e::node::StartedPod;
 use vcan_e2e::{ContainerSpec, PodSpec};
+use vcan_test_support::kubelet::ContainerAllocation;
 use vcan_test_support::{parse_cangw_listing, require_testbed, run_ok, wait_for_can_listener};
 
 const BUS_PT: &str = "socketcan.io/bus-powertrain";

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use vcan_e2e::cri::{HostMount, Profile, Propagation, SecurityContext, parse_cri_log};
 use vcan_e2e::images::{self, CANUTILS_IMAGE, PLUGIN_IMAGE};
-use vcan_e2e::kubelet::Kubelet;
 use vcan_e2e::node::Node;
 use vcan_e2e::{ContainerSpec, Containerd, ContainerdOptions, Cri, PodSpec};
 use vcan_plugin::kernel::netns::Netns;
+use vcan_test_support::kubelet::Kubelet;
 use vcan_test_support::require_testbed;
 
 const RESOURCE: &str = "socketcan.io/vcan";

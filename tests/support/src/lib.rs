@@ -17,8 +17,15 @@
 //!
 //! Every `#[ignore]`d test is a VM test; the helpers here panic with a message instead of
 //! returning errors, which is what a failing test should do.
+//!
+//! With the `kubelet` feature, [`kubelet`] is the project's one kubelet stand-in, shared by the
+//! plugin's host tests and the end-to-end tests (it returns errors: the e2e harness reports them
+//! with context).
 
 #![deny(missing_docs)]
+
+#[cfg(feature = "kubelet")]
+pub mod kubelet;
 
 use std::path::Path;
 use std::process::{Command, Output};

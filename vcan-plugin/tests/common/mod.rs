@@ -1,36 +1,17 @@
-//! Test doubles that play the kubelet's and the runtime's parts through the real gRPC APIs.
+//! The host tests' runtime double and plugin harness; the kubelet's part is the project's one
+//! stand-in, `vcan_test_support::kubelet`.
 
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::UnixListener;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
-use tonic::{Request, Response, Status};
-
 use vcan_plugin::api::deviceplugin::v1beta1::device_plugin_client::DevicePluginClient;
-use vcan_plugin::api::deviceplugin::v1beta1::registration_server::{
-    Registration, RegistrationServer,
-};
-use vcan_plugin::api::deviceplugin::v1beta1::{
-    DevicePluginOptions, Empty, ListAndWatchResponse, RegisterRequest,
-};
-use vcan_plugin::api::podresources::v1::pod_resources_lister_server::{
-    PodResourcesLister, PodResourcesListerServer,
-};
-use vcan_plugin::api::podresources::v1::{
-    AllocatableResourcesRequest, AllocatableResourcesResponse, ContainerDevices,
-    ContainerResources, GetPodResourcesRequest, GetPodResourcesResponse, ListPodResourcesRequest,
-    ListPodResourcesResponse, PodResources,
-};
 use vcan_plugin::kubelet::registration::Registrar;
 use vcan_plugin::pod::resources::{self, PodRef};
 use vcan_plugin::pod::runtime::{RuntimeError, Sandbox, SandboxLookup};
@@ -40,212 +21,13 @@ use vcan_plugin::serve::private::PrivateVcans;
 use vcan_plugin::telemetry::health::Health;
 use vcan_plugin::telemetry::metrics::Metrics;
 use vcan_plugin::uds;
+use vcan_test_support::kubelet::Kubelet;
 
+/// The resource the host tests' plugin serves.
 pub const RESOURCE: &str = "example.com/vcan";
 
-/// What the fake kubelet saw of one registration.
-#[derive(Debug)]
-pub struct Registered {
-    pub request: RegisterRequest,
-    pub options: DevicePluginOptions,
-    pub snapshots: mpsc::UnboundedReceiver<ListAndWatchResponse>,
-}
-
-/// A kubelet Registration server that, like the real one, dials back into the plugin and reads
-/// its options and ListAndWatch stream.
-#[derive(Clone)]
-struct FakeKubelet {
-    dir: PathBuf,
-    registered: mpsc::UnboundedSender<Registered>,
-    /// Cancelled when this kubelet "dies": its ListAndWatch streams close with it.
-    life: CancellationToken,
-}
-
-#[tonic::async_trait]
-impl Registration for FakeKubelet {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<Empty>, Status> {
-        let request = request.into_inner();
-        // Like the kubelet: a blocking dial with a 10 s timeout, retried while the file is missing.
-        let path = self.dir.join(&request.endpoint);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let channel = loop {
-            match uds::connect(&path).await {
-                Ok(c) => break c,
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Status::unavailable(format!("dial back: {e}")));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
-        let mut client = DevicePluginClient::new(channel);
-        let options = client
-            .get_device_plugin_options(Empty {})
-            .await?
-            .into_inner();
-        let mut stream = client.list_and_watch(Empty {}).await?.into_inner();
-        let (tx, snapshots) = mpsc::unbounded_channel();
-        let life = self.life.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    () = life.cancelled() => return,
-                    next = stream.next() => next,
-                };
-                let Some(Ok(snapshot)) = next else { return };
-                if tx.send(snapshot).is_err() {
-                    return;
-                }
-            }
-        });
-        let _ = self.registered.send(Registered {
-            request,
-            options,
-            snapshots,
-        });
-        Ok(Response::new(Empty {}))
-    }
-}
-
-/// A running fake kubelet; dropping it stops it.
-pub struct KubeletHandle {
-    pub registrations: mpsc::UnboundedReceiver<Registered>,
-    stop: CancellationToken,
-}
-
-impl Drop for KubeletHandle {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// Starts a fake kubelet on `dir/kubelet.sock`, replacing any previous socket file (as a kubelet
-/// restart does).
-pub fn start_kubelet(dir: &Path) -> KubeletHandle {
-    let path = dir.join("kubelet.sock");
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).expect("bind kubelet.sock");
-    let (tx, registrations) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let service = FakeKubelet {
-        dir: dir.to_path_buf(),
-        registered: tx,
-        life: stop.clone(),
-    };
-    let token = stop.clone();
-    tokio::spawn(async move {
-        let _ = Server::builder()
-            .add_service(RegistrationServer::new(service))
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
-                token.cancelled_owned(),
-            )
-            .await;
-    });
-    KubeletHandle {
-        registrations,
-        stop,
-    }
-}
-
-/// Restarts the kubelet the way the real one does: it dies (closing every plugin connection),
-/// the new process deletes every file in the device-plugin directory, and after `gap` listens on
-/// a new `kubelet.sock`. The test's PodResources socket, kept in the same directory, stays.
-pub async fn restart_kubelet(dir: &Path, old: KubeletHandle, gap: Duration) -> KubeletHandle {
-    drop(old);
-    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
-        if entry.file_name() != "pod-resources.sock" {
-            std::fs::remove_file(entry.path()).expect("remove file");
-        }
-    }
-    tokio::time::sleep(gap).await;
-    start_kubelet(dir)
-}
-
-/// A PodResources server with a settable pod list that can refuse the next calls with
-/// ResourceExhausted, like the kubelet's rate limiter.
-#[derive(Clone, Default)]
-pub struct FakePodResources {
-    pub pods: Arc<Mutex<Vec<PodResources>>>,
-    pub exhausted: Arc<AtomicU32>,
-    pub calls: Arc<AtomicU32>,
-}
-
-impl FakePodResources {
-    pub fn set_pod(&self, namespace: &str, name: &str, containers: &[(&str, &[&str])]) {
-        let pod = PodResources {
-            name: name.into(),
-            namespace: namespace.into(),
-            containers: containers
-                .iter()
-                .map(|(c, ids)| ContainerResources {
-                    name: (*c).into(),
-                    devices: vec![ContainerDevices {
-                        resource_name: RESOURCE.into(),
-                        device_ids: ids.iter().map(|s| s.to_string()).collect(),
-                        topology: None,
-                    }],
-                    ..Default::default()
-                })
-                .collect(),
-        };
-        let mut pods = self.pods.lock().expect("lock");
-        pods.retain(|p| !(p.name == name && p.namespace == namespace));
-        pods.push(pod);
-    }
-
-    pub fn remove_pod(&self, namespace: &str, name: &str) {
-        self.pods
-            .lock()
-            .expect("lock")
-            .retain(|p| !(p.name == name && p.namespace == namespace));
-    }
-}
-
-#[tonic::async_trait]
-impl PodResourcesLister for FakePodResources {
-    async fn list(
-        &self,
-        _: Request<ListPodResourcesRequest>,
-    ) -> Result<Response<ListPodResourcesResponse>, Status> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self
-            .exhausted
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(Status::resource_exhausted("rate limited"));
-        }
-        Ok(Response::new(ListPodResourcesResponse {
-            pod_resources: self.pods.lock().expect("lock").clone(),
-        }))
-    }
-
-    async fn get_allocatable_resources(
-        &self,
-        _: Request<AllocatableResourcesRequest>,
-    ) -> Result<Response<AllocatableResourcesResponse>, Status> {
-        Ok(Response::new(AllocatableResourcesResponse::default()))
-    }
-
-    async fn get(
-        &self,
-        _: Request<GetPodResourcesRequest>,
-    ) -> Result<Response<GetPodResourcesResponse>, Status> {
-        Err(Status::unimplemented("not used by the plugin"))
-    }
-}
-
-/// Serves `fake` on `path`.
-pub fn start_pod_resources(path: &Path, fake: FakePodResources) {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).expect("bind pod-resources socket");
-    tokio::spawn(async move {
-        let _ = Server::builder()
-            .add_service(PodResourcesListerServer::new(fake))
-            .serve_with_incoming(UnixListenerStream::new(listener))
-            .await;
-    });
-}
+/// Generous: on a loaded machine an event can take long; a timeout only says a test failed.
+pub const WAIT: Duration = Duration::from_secs(60);
 
 /// A runtime whose sandboxes are set by the test; their namespaces are real.
 #[derive(Default)]
@@ -312,10 +94,11 @@ pub fn pod(namespace: &str, name: &str) -> PodRef {
     }
 }
 
-/// Everything a plugin test needs: a temp kubelet directory, fakes and the plugin's server.
+/// Everything a plugin test needs: a temp kubelet directory, the runtime double and the
+/// plugin's server. The kubelet stand-in is started separately ([`Harness::start_kubelet`]), so
+/// a test can run the plugin before any kubelet exists.
 pub struct Harness {
     pub dir: tempfile::TempDir,
-    pub pod_resources: FakePodResources,
     pub runtime: Arc<FakeRuntime>,
     pub server: Arc<ResourceServer>,
     pub metrics: Arc<Metrics>,
@@ -326,22 +109,24 @@ pub struct Harness {
 impl Harness {
     pub fn new(devices: usize) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let fake = FakePodResources::default();
-        let pr_path = dir.path().join("pod-resources.sock");
-        start_pod_resources(&pr_path, fake.clone());
         let runtime = Arc::new(FakeRuntime::default());
         let (health, _) = watch::channel(Health::Healthy);
-        let mut h = Harness {
-            server: Arc::new(new_server(dir.path(), runtime.clone(), devices)),
+        let server = Arc::new(new_server(dir.path(), runtime.clone(), devices));
+        Harness {
             dir,
-            pod_resources: fake,
             runtime,
+            server,
             metrics: Arc::new(Metrics::new(&[RESOURCE.to_string()], "none")),
             health,
             devices,
-        };
-        h.server = Arc::new(h.fresh_server());
-        h
+        }
+    }
+
+    /// Starts the kubelet stand-in on this harness's directories.
+    pub async fn start_kubelet(&self) -> Kubelet {
+        Kubelet::start(self.dir.path(), &pod_resources_socket(self.dir.path()))
+            .await
+            .expect("kubelet stand-in starts")
     }
 
     /// A server with nothing in memory, as a restarted plugin process has.
@@ -349,8 +134,8 @@ impl Harness {
         new_server(self.dir.path(), self.runtime.clone(), self.devices)
     }
 
-    /// Starts the registrar in the background; returns its stop token.
-    pub fn start_registrar(&self) -> (CancellationToken, Arc<std::sync::atomic::AtomicBool>) {
+    /// Starts the registrar in the background; returns its stop token and its registered flag.
+    pub fn start_registrar(&self) -> (CancellationToken, Arc<AtomicBool>) {
         let registrar = Registrar::new(
             self.dir.path(),
             self.server.clone(),
@@ -364,17 +149,27 @@ impl Harness {
         (stop, flag)
     }
 
-    /// A device-plugin client on the plugin's socket.
+    /// A device-plugin client on the plugin's socket, once the plugin serves it.
     pub async fn client(&self) -> DevicePluginClient<tonic::transport::Channel> {
         let path = self.dir.path().join("example.com-vcan.sock");
-        for _ in 0..100 {
-            if let Ok(channel) = uds::connect(&path).await {
-                return DevicePluginClient::new(channel);
+        // The socket's accepting a connection is the event; nothing announces it sooner.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match uds::connect(&path).await {
+                Ok(channel) => return DevicePluginClient::new(channel),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    panic!("plugin socket {} never answered: {e}", path.display())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("plugin socket {} never answered", path.display());
     }
+}
+
+/// Where the kubelet stand-in serves PodResources: in a subdirectory, as on a node, so the
+/// kubelet's clean-up of the device-plugin directory leaves it alone.
+fn pod_resources_socket(dir: &Path) -> PathBuf {
+    dir.join("pod-resources/kubelet.sock")
 }
 
 fn new_server(dir: &Path, runtime: Arc<FakeRuntime>, devices: usize) -> ResourceServer {
@@ -382,17 +177,21 @@ fn new_server(dir: &Path, runtime: Arc<FakeRuntime>, devices: usize) -> Resource
     ResourceServer::new(
         resource.clone(),
         DeviceSet::new(&resource, devices),
-        resources::PodResources::new(&dir.join("pod-resources.sock")),
+        resources::PodResources::new(&pod_resources_socket(dir)),
         runtime,
         None,
         Arc::new(PrivateVcans),
     )
 }
 
-/// Waits for the next registration, failing after `timeout`.
-pub async fn next_registration(kubelet: &mut KubeletHandle, timeout: Duration) -> Registered {
-    tokio::time::timeout(timeout, kubelet.registrations.recv())
-        .await
-        .expect("no registration in time")
-        .expect("kubelet stopped")
+/// Waits until the plugin's registrar marks itself registered (it has no event to wait on).
+pub async fn wait_registered(flag: &AtomicBool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !flag.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never marked registered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
