@@ -1,7 +1,8 @@
 //! The kernel's CAN plumbing, over our own rtnetlink: namespaces ([`netns`]), netlink messages
-//! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]) and
-//! can-gw rules ([`cangw`]).
+//! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]),
+//! can-gw rules ([`cangw`]) and physical CAN controllers ([`can`]).
 
+pub mod can;
 pub mod cangw;
 pub mod link;
 pub mod netlink;

@@ -273,7 +273,8 @@ impl Message {
         self
     }
 
-    fn finish(&mut self, seq: u32) -> &[u8] {
+    /// Fills in the length and sequence number and returns the bytes to send (tests compare them).
+    pub(crate) fn finish(&mut self, seq: u32) -> &[u8] {
         let len = self.buf.len() as u32;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
