@@ -112,7 +112,7 @@ pub(super) fn errno(err: &(dyn StdError + 'static)) -> Option<i32> {
     while let Some(e) = cur {
         if let Some(code) = e
             .downcast_ref::<io::Error>()
-            .and_then(io::Error::raw_os_error)
+            .and_then(crate::kernel::netlink::errno)
         {
             return Some(code);
         }
@@ -365,7 +365,7 @@ pub(super) fn load_and_attach(
 }
 
 fn io_error(what: &str, e: io::Error) -> EbpfError {
-    match e.raw_os_error() {
+    match crate::kernel::netlink::errno(&e) {
         Some(libc::EPERM) => EbpfError::NoPermission {
             what: what.to_string(),
             detail: e.to_string(),
@@ -527,7 +527,7 @@ fn attach_here(
                                 placement.0[0],
                             );
                         }
-                        return Err(match e.raw_os_error() {
+                        return Err(match crate::kernel::netlink::errno(&e) {
                             Some(libc::EPERM) => EbpfError::NoPermission {
                                 what: format!("attaching {} to {ifname}", names[dir as usize]),
                                 detail: e.to_string(),
@@ -672,7 +672,11 @@ fn detach_filters_here(record: &VcanSlot) -> Result<(), EbpfError> {
         ) {
             Ok(()) => {}
             // Already deleted (by someone running `tc filter del`, or with the qdisc): fine.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) => {}
+            Err(e)
+                if matches!(
+                    crate::kernel::netlink::errno(&e),
+                    Some(libc::ENOENT) | Some(libc::ENODEV)
+                ) => {}
             Err(e) => return Err(fail(format!("deleting the filter: {e}"))),
         }
     }

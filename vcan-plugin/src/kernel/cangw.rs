@@ -431,16 +431,16 @@ impl Gateway {
         );
         match self.sock.transact(&mut msg) {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            Err(e) if netlink::errno(&e) == Some(libc::EINVAL) => Ok(()),
             // Without CAP_NET_ADMIN the kernel refuses before it looks for can-gw: leave it to the
             // first change to report, so that listing still works.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+            Err(e) if netlink::errno(&e) == Some(libc::EPERM) => Ok(()),
             Err(e) => Err(self.error("checking for can-gw".into(), e, None)),
         }
     }
 
     fn error(&self, what: String, e: io::Error, rule: Option<&Rule>) -> GatewayError {
-        match (e.raw_os_error(), rule) {
+        match (netlink::errno(&e), rule) {
             (Some(libc::EOPNOTSUPP), _) => GatewayError::NotLoaded,
             (Some(libc::EPERM), _) => GatewayError::PermissionDenied {
                 what,
@@ -525,7 +525,7 @@ impl Gateway {
         let mut msg = rule_message(RTM_DELROUTE, NLM_F_ACK, rule);
         match self.sock.transact(&mut msg) {
             Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) if netlink::errno(&e) == Some(libc::EINVAL) => Ok(false),
             Err(e) => Err(self.error(format!("deleting CAN gateway rule {rule}"), e, None)),
         }
     }

@@ -7,18 +7,10 @@ use std::fmt;
 use std::io;
 
 use crate::kernel::netlink::{
-    self, Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, Socket,
+    self, IFF_UP, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU, Message, NLM_F_ACK,
+    NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, RTM_DELLINK, RTM_GETLINK, RTM_NEWLINK, Socket,
 };
 use crate::kernel::netns::{self, Netns, NetnsError};
-
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_GETLINK: u16 = 18;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_MTU: u16 = 4;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
-const IFF_UP: u32 = 0x1;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ minus the terminating NUL).
 pub const MAX_NAME_LEN: usize = 15;
@@ -300,7 +292,7 @@ impl Links {
                 .iter()
                 .filter(|r| r.kind == RTM_NEWLINK)
                 .find_map(|r| parse_link(&r.payload))),
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(self.error("looking up", name, e)),
         }
     }
@@ -324,8 +316,8 @@ impl Links {
         match self.sock.transact(&mut msg) {
             Ok(_) => {}
             // Another request created it between our lookup and our create.
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            Err(e) if netlink::errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) if netlink::errno(&e) == Some(libc::EOPNOTSUPP) => {
                 return Err(LinkError::VcanUnsupported);
             }
             Err(e) => return Err(self.error("creating vcan", &spec.name, e)),
@@ -392,7 +384,7 @@ impl Links {
         let mut msg = Message::new(RTM_DELLINK, NLM_F_ACK, &ifinfomsg(link.index, 0, 0));
         match self.sock.transact(&mut msg) {
             Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+            Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => Ok(false),
             Err(e) => Err(self.error("deleting", name, e)),
         }
     }

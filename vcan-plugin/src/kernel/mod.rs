@@ -1,6 +1,7 @@
 //! The kernel's CAN plumbing, over our own rtnetlink: namespaces ([`netns`]), netlink messages
-//! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]) and
-//! can-gw rules ([`cangw`]).
+//! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]),
+//! can-gw rules ([`cangw`]), physical CAN controllers ([`can`]) and CAN_RAW sockets
+//! ([`can_raw`]).
 
 pub mod can;
 pub mod can_raw;

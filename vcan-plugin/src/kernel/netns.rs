@@ -82,8 +82,9 @@ pub enum NetnsError {
     Thread(String),
 }
 
-/// Opens the namespace file, mapping a missing file to [`NetnsError::NotFound`].
-fn open(ns: &Netns) -> Result<File, NetnsError> {
+/// Opens the namespace file, mapping a missing file to [`NetnsError::NotFound`]. The file refers
+/// to the namespace for as long as it is open (what `IFLA_NET_NS_FD` needs).
+pub(crate) fn open(ns: &Netns) -> Result<File, NetnsError> {
     let path = ns.path();
     File::open(&path).map_err(|source| {
         if source.kind() == io::ErrorKind::NotFound {

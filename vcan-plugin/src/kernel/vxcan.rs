@@ -18,28 +18,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use crate::kernel::link::{self, CanMtu, LinkError, Links, ifinfomsg, validate_name};
-use crate::kernel::netlink::{self, Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
+use crate::kernel::netlink::{
+    self, IFF_UP, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINK, IFLA_LINK_NETNSID,
+    IFLA_LINKINFO, IFLA_MTU, IFLA_NET_NS_FD, Message, NETNSA_FD, NETNSA_NSID, NLM_F_ACK,
+    NLM_F_CREATE, NLM_F_EXCL, RTM_DELLINK, RTM_GETLINK, RTM_GETNSID, RTM_NEWLINK, RTM_NEWNSID,
+    Socket, VXCAN_INFO_PEER,
+};
 use crate::kernel::netns::{self, Netns, NetnsError};
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWNSID: u16 = 88;
-const RTM_GETNSID: u16 = 90;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_MTU: u16 = 4;
-const IFLA_LINK: u16 = 5;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_NET_NS_FD: u16 = 28;
-const IFLA_LINK_NETNSID: u16 = 37;
-const IFLA_INFO_KIND: u16 = 1;
-const IFLA_INFO_DATA: u16 = 2;
-/// `VXCAN_INFO_PEER` (include/uapi/linux/can/vxcan.h): a `struct ifinfomsg` followed by the
-/// peer's own IFLA_* attributes.
-const VXCAN_INFO_PEER: u16 = 1;
-const NETNSA_NSID: u16 = 1;
-const NETNSA_FD: u16 = 3;
-const IFF_UP: u32 = 0x1;
 const KIND: &str = "vxcan";
 
 /// A vxcan pair to create: `name` in the namespace the request is made for, `peer_name` in the
@@ -217,7 +203,7 @@ fn lookup(
             .iter()
             .filter(|r| r.kind == RTM_NEWLINK)
             .find_map(|r| parse_end(&r.payload))),
-        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(netlink_error("looking up", name, ns, e)),
     }
 }
@@ -318,8 +304,8 @@ pub fn ensure(ns: &Netns, peer_ns: &Netns, spec: &VxcanSpec) -> Result<VxcanPair
                 Ok(_) => {}
                 // Someone created one of the names between our lookups and our request; what
                 // exists now is judged below like any existing interface.
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(e) if netlink::errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) if netlink::errno(&e) == Some(libc::EOPNOTSUPP) => {
                     return Err(VxcanError::VxcanUnsupported);
                 }
                 Err(e) => {
@@ -409,7 +395,7 @@ pub fn probe() -> Result<(), VxcanError> {
         };
         match sock.transact(&mut new_pair(&spec, own.as_raw_fd())) {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            Err(e) if netlink::errno(&e) == Some(libc::EOPNOTSUPP) => {
                 Err(VxcanError::VxcanUnsupported)
             }
             Err(e) => Err(netlink_error("creating a vxcan pair", "vxprobe0", ns_name, e).into()),
@@ -536,7 +522,7 @@ pub fn delete(ns: &Netns, name: &str) -> Result<bool, VxcanError> {
     match sock.transact(&mut msg) {
         Ok(_) => Ok(true),
         // Deleted meanwhile, for instance through its peer.
-        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+        Err(e) if netlink::errno(&e) == Some(libc::ENODEV) => Ok(false),
         Err(e) => Err(netlink_error("deleting vxcan", name, ns_name, e).into()),
     }
 }
