@@ -239,12 +239,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     for controller in controllers {
         let spec = controller.spec();
-        let resource = spec
-            .resource(config.resource_name.domain())
-            .map_err(|e| DaemonError::HardwareResource {
+        let resource = spec.resource(config.resource_name.domain()).map_err(|e| {
+            DaemonError::HardwareResource {
                 name: spec.name.clone(),
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         if planned.iter().any(|p| p.server.resource() == &resource) {
             return Err(DaemonError::HardwareResource {
                 name: spec.name.clone(),

@@ -8,7 +8,6 @@ use tokio::sync::watch;
 
 use crate::bus::Bus;
 use crate::hardware::Controller;
-use crate::tunnel::endpoint::Tunnel;
 use crate::serve::ResourceServer;
 use crate::telemetry::health::Health;
 use crate::telemetry::http::StateSource;
@@ -16,6 +15,7 @@ use crate::telemetry::metrics::{
     self, BusFrames, BusSample, ResourceSample, Snapshot, TrafficSample, TunnelPeerSample,
     TunnelSample,
 };
+use crate::tunnel::endpoint::Tunnel;
 
 /// One served resource with its registration flag and the health its devices are advertised with.
 #[derive(Debug, Clone)]

@@ -84,7 +84,9 @@ fn load_controllers() {
 /// Sets the ECU at `pci` to 500 kbit/s and up; returns its name.
 fn ecu(pci: &str) -> String {
     let name = netdev(pci).expect("ECU controller");
-    let _ = Command::new("ip").args(["link", "set", &name, "down"]).status();
+    let _ = Command::new("ip")
+        .args(["link", "set", &name, "down"])
+        .status();
     run_ok(
         "ip",
         &["link", "set", &name, "type", "can", "bitrate", "500000"],
@@ -100,7 +102,15 @@ fn details(netns: Option<&str>, name: &str) -> serde_json::Value {
         cmd.arg(format!("--net={ns}"));
     }
     let out = cmd
-        .args(["ip", "-details", "-statistics", "-json", "link", "show", name])
+        .args([
+            "ip",
+            "-details",
+            "-statistics",
+            "-json",
+            "link",
+            "show",
+            name,
+        ])
         .output()
         .expect("ip runs");
     assert!(
@@ -120,7 +130,14 @@ struct EcuDump {
 impl EcuDump {
     fn start(ifname: &str, frames: usize) -> Self {
         let child = Command::new("timeout")
-            .args([DUMP_TIMEOUT, "candump", "-L", "-n", &frames.to_string(), ifname])
+            .args([
+                DUMP_TIMEOUT,
+                "candump",
+                "-L",
+                "-n",
+                &frames.to_string(),
+                ifname,
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("candump runs");
@@ -133,7 +150,10 @@ impl EcuDump {
             {
                 break;
             }
-            assert!(started.elapsed() < BIND_TIMEOUT, "candump on {ifname} never bound");
+            assert!(
+                started.elapsed() < BIND_TIMEOUT,
+                "candump on {ifname} never bound"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         EcuDump { child }
@@ -147,7 +167,10 @@ impl EcuDump {
             .lines()
             .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
             .collect();
-        assert!(out.status.success(), "the ECU's candump timed out: {frames:?}");
+        assert!(
+            out.status.success(),
+            "the ECU's candump timed out: {frames:?}"
+        );
         frames
     }
 }
@@ -201,7 +224,11 @@ async fn send(t: &TestNode, pod: &StartedPod, frame: &str) {
     let out = t
         .node
         .cri
-        .exec(pod.container("app"), &["cansend", "can0", frame], EXEC_TIMEOUT)
+        .exec(
+            pod.container("app"),
+            &["cansend", "can0", frame],
+            EXEC_TIMEOUT,
+        )
         .await
         .unwrap_or_else(|e| panic!("exec in {}: {e:#}", pod.spec.name));
     assert_eq!(
@@ -286,7 +313,10 @@ async fn physical_interfaces_pass_through_and_uplink_a_shared_bus() {
     // A configured device that is not there: advertised, unhealthy, with what is missing.
     let started = Instant::now();
     while !t.node.kubelet.is_registered(HW_GHOST) {
-        assert!(started.elapsed() < Duration::from_secs(30), "{HW_GHOST} never registered");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{HW_GHOST} never registered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(t.node.kubelet.healthy_devices(HW_GHOST), 0);
@@ -333,7 +363,11 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
     run_ok("cansend", &[&ecu, "5A1#0102"]);
     assert_eq!(
         dumped(t, &p).await,
-        ["can0 123#1122334455667788", "can0 18FEF100#A1A2A3", "can0 5A1#0102"]
+        [
+            "can0 123#1122334455667788",
+            "can0 18FEF100#A1A2A3",
+            "can0 5A1#0102"
+        ]
     );
 
     // Exact counts on the physical interface against the kernel's statistics. The driver
@@ -380,7 +414,9 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
         at_home_down(home)
     })
     .await;
-    let _ = Command::new("ip").args(["link", "set", &ecu, "down"]).status();
+    let _ = Command::new("ip")
+        .args(["link", "set", &ecu, "down"])
+        .status();
 }
 
 async fn bad_bitrates_fail_the_pod_and_leave_nothing(t: &TestNode, home: &str) {
@@ -420,7 +456,11 @@ async fn bad_bitrates_fail_the_pod_and_leave_nothing(t: &TestNode, home: &str) {
 
 async fn uplink_connects_members_and_the_wire(t: &TestNode) {
     let ecu = ecu(UPLINK_ECU_PCI);
-    assert_eq!(netdev(UPLINK_PCI), None, "the uplink is in the bus namespace");
+    assert_eq!(
+        netdev(UPLINK_PCI),
+        None,
+        "the uplink is in the bus namespace"
+    );
     // m1 and m2 see: the ECU's frame, m1's frame, the ECU's marker, and one more ECU frame after
     // m3 left; m3 only the first three.
     let m1 = t.run_pod_ok(&pod("m1", BUS_PLANT, 4)).await;
@@ -436,7 +476,10 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     run_ok("cansend", &[&ecu, "7FF#FF"]);
     // The ECU got m1's frame once, then its own marker's echo.
-    assert_eq!(wire.frames(), [format!("{ecu} 200#A1"), format!("{ecu} 7FF#FF")]);
+    assert_eq!(
+        wire.frames(),
+        [format!("{ecu} 200#A1"), format!("{ecu} 7FF#FF")]
+    );
     assert_eq!(
         dumped(t, &m3).await,
         ["can0 100#E1", "can0 200#A1", "can0 7FF#FF"]
@@ -463,5 +506,7 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
     for m in [&m1, &m2] {
         t.node.delete_pod(m).await.expect("delete");
     }
-    let _ = Command::new("ip").args(["link", "set", &ecu, "down"]).status();
+    let _ = Command::new("ip")
+        .args(["link", "set", &ecu, "down"])
+        .status();
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use vcan_e2e::containerd::{Containerd, ContainerdOptions};
 use vcan_e2e::cri::Cri;
 use vcan_e2e::images::CANUTILS_IMAGE;
-use vcan_e2e::kubelet::Kubelet;
 use vcan_e2e::node::{Node, StartedPod};
 use vcan_e2e::plugin::{Plugin, PluginConfig, http_get};
 use vcan_e2e::{ContainerSpec, PodSpec};
+use vcan_test_support::kubelet::Kubelet;
 use vcan_test_support::{require_testbed, run_ok};
 
 const BUS: &str = "socketcan.io/bus-x";
@@ -102,7 +102,12 @@ impl Network {
         let started = Instant::now();
         loop {
             let out = Command::new("nsenter")
-                .args(["--net=/run/netns/vnode-b", "getent", "ahostsv4", PEER_SERVICE])
+                .args([
+                    "--net=/run/netns/vnode-b",
+                    "getent",
+                    "ahostsv4",
+                    PEER_SERVICE,
+                ])
                 .output()
                 .expect("getent");
             let text = String::from_utf8_lossy(&out.stdout);
@@ -283,7 +288,11 @@ fn wait_listening(nsenter_arg: &str, ifname: &str) {
 async fn send(node: &Node, pod: &StartedPod, frame: &str) {
     let out = node
         .cri
-        .exec(pod.container("app"), &["cansend", "can0", frame], EXEC_TIMEOUT)
+        .exec(
+            pod.container("app"),
+            &["cansend", "can0", frame],
+            EXEC_TIMEOUT,
+        )
         .await
         .unwrap_or_else(|e| panic!("exec in {}: {e:#}", pod.spec.name));
     assert_eq!(
@@ -317,17 +326,31 @@ struct Rig {
 
 impl Rig {
     fn start() -> Self {
-        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/cannelloni/cannelloni");
+        let binary =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/cannelloni/cannelloni");
         assert!(
             binary.is_file(),
             "{} is missing: `cargo xtask vm-test` builds it (needs cmake and g++)",
             binary.display()
         );
-        sh("modprobe vcan; ip -n vnode-c link add vcan0 type vcan; ip -n vnode-c link set vcan0 up");
+        sh(
+            "modprobe vcan; ip -n vnode-c link add vcan0 type vcan; ip -n vnode-c link set vcan0 up",
+        );
         let cannelloni = Command::new("ip")
             .args(["netns", "exec", "vnode-c"])
             .arg(&binary)
-            .args(["-4", "-I", "vcan0", "-R", "10.99.0.1", "-r", "20000", "-l", "20000", "-p"])
+            .args([
+                "-4",
+                "-I",
+                "vcan0",
+                "-R",
+                "10.99.0.1",
+                "-r",
+                "20000",
+                "-l",
+                "20000",
+                "-p",
+            ])
             .args(["-t", "1000"])
             .env(
                 "LD_LIBRARY_PATH",
@@ -343,7 +366,15 @@ impl Rig {
     /// A candump of the rig's vcan0 waiting for `frames` frames.
     fn dump(frames: usize) -> Child {
         let child = Command::new("ip")
-            .args(["netns", "exec", "vnode-c", "timeout", DUMP_TIMEOUT, "candump", "-L"])
+            .args([
+                "netns",
+                "exec",
+                "vnode-c",
+                "timeout",
+                DUMP_TIMEOUT,
+                "candump",
+                "-L",
+            ])
             .args(["-n", &frames.to_string(), "vcan0"])
             .stdout(Stdio::piped())
             .spawn()
@@ -365,7 +396,10 @@ impl Rig {
             .lines()
             .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
             .collect();
-        assert!(out.status.success(), "the rig missed frames; got {frames:?}");
+        assert!(
+            out.status.success(),
+            "the rig missed frames; got {frames:?}"
+        );
         frames
     }
 }
@@ -421,7 +455,12 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
     let a2 = a.run(&listener("a2", 8)).await;
     let b1 = b.run(&listener("b1", 9)).await;
     let b2 = b.run(&listener("b2", 9)).await;
-    for (node, pod) in [(&a.node, &a1), (&a.node, &a2), (&b.node, &b1), (&b.node, &b2)] {
+    for (node, pod) in [
+        (&a.node, &a1),
+        (&a.node, &a2),
+        (&b.node, &b1),
+        (&b.node, &b2),
+    ] {
         let ns = pod_netns(node, pod).await;
         wait_listening(&format!("--net={ns}"), "can0");
     }
@@ -465,7 +504,9 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
     assert_eq!(Rig::frames(rig_dump), rig_expected, "the rig");
     for node in [&a, &b] {
         assert_eq!(
-            node.metric("vcan_plugin_tunnel_packets_dropped_total{bus=\"x\",reason=\"unknown_peer\"}"),
+            node.metric(
+                "vcan_plugin_tunnel_packets_dropped_total{bus=\"x\",reason=\"unknown_peer\"}"
+            ),
             None,
             "nothing came from unknown peers"
         );
@@ -514,13 +555,19 @@ async fn loss_is_counted_from_sequence_gaps(a: &ClusterNode, b: &ClusterNode) {
         let sent_after = a.metric(&format!("vcan_plugin_tunnel_packets_total{to_b}"));
         let (Some(s1), Some(r), Some(l), Some(s2)) = (sent_before, received, lost, sent_after)
         else {
-            panic!("missing tunnel series:\nA:\n{}\nB:\n{}", a.plugin.log(), b.plugin.log());
+            panic!(
+                "missing tunnel series:\nA:\n{}\nB:\n{}",
+                a.plugin.log(),
+                b.plugin.log()
+            );
         };
         last = format!("A sent {s1}..{s2}, B received {r} and counted {l} lost");
         eprintln!("{last}");
         if l > 0.0 && s1 <= r + l && r + l <= s2 {
             assert_eq!(
-                b.metric(&format!("vcan_plugin_tunnel_packets_reordered_total{lost_a}")),
+                b.metric(&format!(
+                    "vcan_plugin_tunnel_packets_reordered_total{lost_a}"
+                )),
                 Some(0.0)
             );
             a.node.delete_pod(&sender).await.expect("delete");

@@ -111,7 +111,7 @@ pub enum BusError {
         /// The bus.
         bus: String,
         /// What failed.
-        source: HardwareError,
+        source: Box<HardwareError>,
     },
     /// A can-gw request failed.
     #[error("bus {bus}: {source}")]
@@ -122,6 +122,9 @@ pub enum BusError {
         source: GatewayError,
     },
 }
+
+/// A fixed end of the bus as a member, with the MTU of its rules.
+type FixedEnd = (Member, CanMtu);
 
 /// A fixed end of the bus (uplink, tunnel) as the rules see it: a member that is never released
 /// and filters nothing.
@@ -253,7 +256,7 @@ impl Bus {
 
     /// The members' bus ends present in the namespace, by name → index, and the fixed ends
     /// (uplink, tunnel) that are there, as members with the MTU of their rules.
-    fn links(&self) -> Result<(HashMap<String, u32>, Vec<(Member, CanMtu)>), BusError> {
+    fn links(&self) -> Result<(HashMap<String, u32>, Vec<FixedEnd>), BusError> {
         let mut links = Links::open(&self.ns()).map_err(|source| BusError::Link {
             bus: self.spec.name.clone(),
             source,
@@ -264,12 +267,16 @@ impl Bus {
         })?;
         let mut fixed = Vec::new();
         if self.uplink.is_some()
-            && let Some(l) = all.iter().find(|l| l.name == UPLINK_NAME && l.kind == "can")
+            && let Some(l) = all
+                .iter()
+                .find(|l| l.name == UPLINK_NAME && l.kind == "can")
         {
             fixed.push((fixed_member(UPLINK_NAME, l.index), self.uplink_mtu()));
         }
         if self.spec.tunnel.is_some()
-            && let Some(l) = all.iter().find(|l| l.name == TUNNEL_END && l.kind == "vxcan")
+            && let Some(l) = all
+                .iter()
+                .find(|l| l.name == TUNNEL_END && l.kind == "vxcan")
         {
             fixed.push((fixed_member(TUNNEL_END, l.index), self.spec.mtu()));
         }
@@ -359,7 +366,7 @@ impl Bus {
                 )
                 .map_err(|source| BusError::Uplink {
                     bus: self.spec.name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         if self.spec.tunnel.is_some() {

@@ -70,6 +70,22 @@ pub struct ControllerSettings {
     pub listen_only: bool,
 }
 
+impl ControllerSettings {
+    /// The request for [`crate::kernel::can::configure`]: CAN FD exactly when a data bitrate is
+    /// set.
+    pub fn to_can(&self) -> crate::kernel::can::CanSettings {
+        crate::kernel::can::CanSettings {
+            bitrate: self.bitrate,
+            sample_point: self.sample_point,
+            data_bitrate: self.data_bitrate,
+            data_sample_point: self.data_sample_point,
+            restart_ms: self.restart_ms,
+            listen_only: self.listen_only,
+            fd: self.data_bitrate.is_some(),
+        }
+    }
+}
+
 /// One physical interface as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HardwareSpec {
@@ -398,7 +414,10 @@ mod tests {
             }
         );
         assert_eq!(bench.settings.sample_point, Some(875));
-        assert_eq!(bench.settings.restart_ms, 100, "restarts after bus-off by default");
+        assert_eq!(
+            bench.settings.restart_ms, 100,
+            "restarts after bus-off by default"
+        );
         assert_eq!(bench.interface, "ecu0");
         assert!(bench.allows(500_000) && bench.allows(125_000) && !bench.allows(1_000_000));
         assert_eq!(
@@ -475,6 +494,9 @@ mod tests {
                 {"name":"a","device":{"parent":"x"},"bitrate":500000},
                 {"name":"a","device":{"parent":"y"},"bitrate":500000}]}"#,
         );
-        assert!(err.contains("interfaces[1].name: interface \"a\" is listed twice"), "{err}");
+        assert!(
+            err.contains("interfaces[1].name: interface \"a\" is listed twice"),
+            "{err}"
+        );
     }
 }

@@ -63,7 +63,7 @@ pub enum HardwareError {
         /// The configured interface.
         what: String,
         /// What failed.
-        source: CanError,
+        source: Box<CanError>,
     },
     /// The file keeping the interface's node-side name could not be written.
     #[error("{what}: cannot record its name on the node in {path}: {source}")]
@@ -133,7 +133,7 @@ impl Controller {
     fn kernel(&self, source: CanError) -> HardwareError {
         HardwareError::Kernel {
             what: self.what(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -171,9 +171,7 @@ impl Controller {
     fn find(&self, ns: &Netns, name: Option<&str>) -> Result<Option<CanLink>, HardwareError> {
         let at_home = *ns == self.home;
         let links = can::list(ns).map_err(|e| self.kernel(e))?;
-        Ok(links
-            .into_iter()
-            .find(|l| self.matches(l, at_home, name)))
+        Ok(links.into_iter().find(|l| self.matches(l, at_home, name)))
     }
 
     fn recorded_name(&self) -> Option<String> {
@@ -236,7 +234,7 @@ impl Controller {
         if link.up {
             can::set_up(&self.home, link.index, false).map_err(|e| self.kernel(e))?;
         }
-        can::configure(&self.home, link.index, settings).map_err(|e| self.kernel(e))?;
+        can::configure(&self.home, link.index, &settings.to_can()).map_err(|e| self.kernel(e))?;
         can::move_to(&self.home, link.index, to, name).map_err(|e| self.kernel(e))?;
         let moved = self
             .find(to, Some(name))?
@@ -287,7 +285,7 @@ impl Controller {
         let result = can::set_up(from, link.index, false)
             .and_then(|()| can::move_to(from, link.index, &self.home, &home_name));
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(interface = %self.spec.name, name = %home_name, "interface returned to the node")
             }
             Err(e) => {
@@ -356,12 +354,14 @@ impl Controller {
     pub fn health(&self) -> crate::telemetry::health::Health {
         use crate::telemetry::health::Health;
         match self.locate() {
-            Ok((_, link)) if link.state == Some(can::CanState::BusOff) => Health::Unhealthy(format!(
-                "{} ({}) is bus-off: check the wiring, termination and bitrate; it restarts \
+            Ok((_, link)) if link.state == Some(can::CanState::BusOff) => {
+                Health::Unhealthy(format!(
+                    "{} ({}) is bus-off: check the wiring, termination and bitrate; it restarts \
                  after restart_ms",
-                self.what(),
-                link.name
-            )),
+                    self.what(),
+                    link.name
+                ))
+            }
             Ok(_) => Health::Healthy,
             Err(e) => Health::Unhealthy(e.to_string()),
         }
@@ -373,7 +373,9 @@ impl Controller {
     pub fn sample(&self) -> Option<ControllerSample> {
         let (holder, link) = self
             .locate()
-            .inspect_err(|e| tracing::debug!(interface = %self.spec.name, error = %e, "no controller state"))
+            .inspect_err(
+                |e| tracing::debug!(interface = %self.spec.name, error = %e, "no controller state"),
+            )
             .ok()?;
         let (namespace, pod, bus) = match holder {
             Some(Holder::Pod(p)) => (p.namespace, p.name, String::new()),

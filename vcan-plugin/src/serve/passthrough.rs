@@ -100,17 +100,16 @@ impl Provision for Passthrough {
         let target = netns.clone();
         let name = controller.spec().interface.clone();
         let holder = Holder::Pod(owner.pod.clone());
-        let link = tokio::task::spawn_blocking(move || {
-            controller.lend(holder, &target, &name, &settings)
-        })
-            .await
-            .map_err(|e| {
-                hardware(HardwareError::Missing {
-                    what: "the lending thread".into(),
-                    device: e.to_string(),
-                })
-            })?
-            .map_err(hardware)?;
+        let link =
+            tokio::task::spawn_blocking(move || controller.lend(holder, &target, &name, &settings))
+                .await
+                .map_err(|e| {
+                    hardware(HardwareError::Missing {
+                        what: "the lending thread".into(),
+                        device: e.to_string(),
+                    })
+                })?
+                .map_err(hardware)?;
         Ok(vec![link])
     }
 

@@ -531,12 +531,18 @@ fn controller_families(controllers: &[ControllerSample]) -> Vec<prometheus::prot
     }
     let mut families = info.collect();
     for (present, family) in [
-        (controllers.iter().any(|c| c.state.is_some()), state.collect()),
+        (
+            controllers.iter().any(|c| c.state.is_some()),
+            state.collect(),
+        ),
         (
             controllers.iter().any(|c| c.error_counters.is_some()),
             errors.collect(),
         ),
-        (controllers.iter().any(|c| c.events.is_some()), events.collect()),
+        (
+            controllers.iter().any(|c| c.events.is_some()),
+            events.collect(),
+        ),
     ] {
         if present {
             families.extend(family);

@@ -185,9 +185,8 @@ impl Tunnel {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         let mut can: Option<AsyncFd<RawCanSocket>> = None;
         let mut reopen = tokio::time::interval(Duration::from_millis(500));
-        let encoder = Encoder::new(DEFAULT_PAYLOAD_LIMIT).unwrap_or_else(|_| {
-            unreachable!("the default payload limit holds the largest frame")
-        });
+        let encoder = Encoder::new(DEFAULT_PAYLOAD_LIMIT)
+            .unwrap_or_else(|_| unreachable!("the default payload limit holds the largest frame"));
         let mut batch: Vec<Frame> = Vec::new();
         // Frames from external peers, for the plugin's other instances (see `receive`).
         let mut relay: Vec<Frame> = Vec::new();
