@@ -175,6 +175,14 @@ fn warn_native_cpu() {
 
 /// `cargo test --no-run`, returning each test executable with its crate directory and a label.
 fn build_test_binaries(packages: &[String]) -> Result<Vec<(PathBuf, PathBuf, String)>> {
+    // The end-to-end tests run the daemon binary, which cargo builds for vcan-plugin's own
+    // integration tests only: with `-p vcan-e2e` alone it would be whatever an earlier build left.
+    if packages.is_empty() || packages.iter().any(|p| p == "vcan-e2e") {
+        let mut cmd = util::cargo();
+        cmd.args(["build", "--package", "vcan-plugin", "--bin", "vcan-plugin"])
+            .current_dir(util::workspace_root());
+        util::run(&mut cmd).context("building the vcan-plugin daemon for the end-to-end tests")?;
+    }
     let mut cmd = util::cargo();
     cmd.args([
         "test",
