@@ -136,6 +136,12 @@ COUNTERS = {
     "vcan_plugin_bus_frames_forwarded_total",
     "vcan_plugin_bus_frames_dropped_total",
     "vcan_plugin_can_controller_events_total",
+    "vcan_plugin_tunnel_frames_total",
+    "vcan_plugin_tunnel_bytes_total",
+    "vcan_plugin_tunnel_packets_total",
+    "vcan_plugin_tunnel_packets_lost_total",
+    "vcan_plugin_tunnel_packets_reordered_total",
+    "vcan_plugin_tunnel_packets_dropped_total",
 }
 GAUGES = {
     "vcan_plugin_devices",
@@ -149,6 +155,8 @@ GAUGES = {
     "vcan_plugin_can_controller_info",
     "vcan_plugin_can_controller_state",
     "vcan_plugin_can_controller_error_counter",
+    "vcan_plugin_tunnel_peers",
+    "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds",
 }
 HISTOGRAMS = {
     "vcan_plugin_allocate_duration_seconds",
@@ -167,7 +175,7 @@ KNOWN_SERIES = (
     | {"up"}
 )
 
-# The labels each metric is exported with (vcan-plugin/src/metrics.rs), without the scrape's target
+# The labels each metric is exported with (vcan-plugin/src/telemetry/metrics.rs), without the scrape's target
 # labels. The frame counters are per kind; identifier formats are counted per direction, not per
 # kind, so only vcan_plugin_can_id_format_frames_total has id_format.
 TRAFFIC_LABELS = {"namespace", "pod", "interface", "direction"}
@@ -195,6 +203,16 @@ METRIC_LABELS: dict[str, set[str]] = {
     "vcan_plugin_can_controller_state": {"controller", "state"},
     "vcan_plugin_can_controller_error_counter": {"controller", "direction"},
     "vcan_plugin_can_controller_events_total": {"controller", "event"},
+    # Buses across nodes (vcan-plugin/src/telemetry/metrics.rs, tunnel_families): `peer` is the
+    # peer's address:port, `kind` instance (the plugin on another node) or external.
+    "vcan_plugin_tunnel_peers": {"bus"},
+    "vcan_plugin_tunnel_frames_total": {"bus", "peer", "kind", "direction"},
+    "vcan_plugin_tunnel_bytes_total": {"bus", "peer", "kind", "direction"},
+    "vcan_plugin_tunnel_packets_total": {"bus", "peer", "kind", "direction"},
+    "vcan_plugin_tunnel_packets_lost_total": {"bus", "peer", "kind"},
+    "vcan_plugin_tunnel_packets_reordered_total": {"bus", "peer", "kind"},
+    "vcan_plugin_tunnel_packets_dropped_total": {"bus", "reason"},
+    "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds": {"bus", "peer", "kind"},
 }
 # The per-pod traffic counters, which dashboard queries must filter by $namespace/$pod/$interface.
 TRAFFIC_COUNTERS = {m for m in COUNTERS if TRAFFIC_LABELS <= METRIC_LABELS[m]}

@@ -570,6 +570,15 @@ class LabelChecks(unittest.TestCase):
         problems = cm.label_problems('vcan_plugin_can_controller_state{kind="bus_off"} == 1')
         self.assertEqual(problems, ["vcan_plugin_can_controller_state has no label 'kind'"])
 
+    def test_tunnel_labels(self) -> None:
+        # Drops are per bus and reason, not per peer; peers have no direction outside the
+        # frame, byte and packet counters.
+        problems = cm.label_problems('sum by (node, bus, peer) (rate(vcan_plugin_tunnel_packets_dropped_total[5m]))')
+        self.assertEqual(problems, ["by (node, bus, peer): no metric there has label 'peer'"])
+        problems = cm.label_problems('vcan_plugin_tunnel_packets_lost_total{direction="rx"}')
+        self.assertEqual(problems, ["vcan_plugin_tunnel_packets_lost_total has no label 'direction'"])
+        self.assertEqual(cm.label_problems('max without (direction) (vcan_plugin_tunnel_packets_total{kind="instance", direction="tx"})'), [])
+
     def test_shipped_dashboard_and_rules(self) -> None:
         dashboard = json.loads((ROOT / "dashboards/vcan-plugin.json").read_text())
         for where, expr in cm.dashboard_expressions(dashboard):
