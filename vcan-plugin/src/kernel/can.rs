@@ -1438,6 +1438,62 @@ mod tests {
         );
     }
 
+    /// The kernel's half-done move, which [`move_to`]'s check of the name avoids and its undo
+    /// repairs when a race gets past the check. Uses the emulated controller 0000:00:13.0, which
+    /// the integration tests (another process) leave in the node's namespace as `can3`.
+    #[test]
+    #[ignore = "needs the CAN test-bed VM"]
+    fn a_move_whose_rename_fails_is_undone() {
+        vcan_test_support::require_testbed();
+        vcan_test_support::run_ok("modprobe", &["kvaser_pci"]);
+        const DEV: &str = "0000:00:13.0";
+        let node = Netns::Pid(1);
+        let started = std::time::Instant::now();
+        let can3 = loop {
+            if let Some(l) = find_by_parent(&node, DEV).expect("list") {
+                break l;
+            }
+            assert!(started.elapsed().as_secs() < 20, "{DEV} never registered");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(!can3.up, "{DEV} must be down");
+        let fx = vcan_test_support::NetnsFixture::new();
+        let pod = Netns::Path(std::path::PathBuf::from("/run/netns").join(fx.name()));
+        fx.ip(&["link", "add", "hw3", "type", "dummy"]);
+
+        // What the kernel does with the request alone: moves, then fails the rename.
+        let to_file = netns::open(&pod).expect("pod namespace");
+        let from_file = netns::open(&node).expect("node namespace");
+        let mut source = Links::open(&node).expect("node");
+        let mut target = Links::open(&pod).expect("pod");
+        let (sock, _) = source.raw();
+        let err = sock
+            .transact(&mut move_request(can3.index, &to_file, "hw3"))
+            .expect_err("hw3 is taken");
+        assert_eq!(netlink::errno(&err), Some(libc::EEXIST), "{err}");
+        let (target_sock, to_name) = target.raw();
+        let stranded = dump(target_sock, to_name).expect("dump");
+        assert_eq!(
+            stranded
+                .iter()
+                .map(|l| (l.name.as_str(), l.parent_dev.as_deref()))
+                .collect::<Vec<_>>(),
+            [(can3.name.as_str(), Some(DEV))],
+            "the 6.1 kernel moves first and renames afterwards"
+        );
+
+        let err = undo_partial_move(&mut source, &mut target, &from_file, &can3, "hw3", err);
+        assert!(
+            matches!(&err, CanError::Link(LinkError::NameTaken { name, .. }) if name == "hw3"),
+            "{err:?}"
+        );
+        let back = find_by_parent(&node, DEV)
+            .expect("list")
+            .expect("moved back");
+        assert_eq!(back.name, can3.name);
+        assert!(list(&pod).expect("list").is_empty());
+    }
+
     #[test]
     fn the_host_namespace_has_no_controllers_and_lo_is_not_one() {
         // Development hosts have no CAN; in the test-bed this lists the emulated controllers.
