@@ -123,7 +123,9 @@ impl NodeState {
                                 kind: p.kind.label(),
                                 tx: (p.tx_frames, p.tx_bytes, p.tx_packets),
                                 rx: (p.rx_frames, p.rx_bytes, seq.received),
-                                lost: seq.lost,
+                                // Packets that arrived late were counted lost first and taken back: the
+                                // sum only grows, as a counter must.
+                                lost: seq.lost + seq.reordered,
                                 reordered: seq.reordered,
                                 last_seen: p.last_seen.and_then(|t| {
                                     t.duration_since(std::time::UNIX_EPOCH)

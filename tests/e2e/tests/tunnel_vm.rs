@@ -507,7 +507,7 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
             node.metric(
                 "vcan_plugin_tunnel_packets_dropped_total{bus=\"x\",reason=\"unknown_peer\"}"
             ),
-            None,
+            Some(0.0),
             "nothing came from unknown peers"
         );
     }

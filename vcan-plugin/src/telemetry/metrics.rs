@@ -579,7 +579,8 @@ fn tunnel_families(tunnels: &[TunnelSample]) -> Vec<prometheus::proto::MetricFam
     );
     let lost = counter(
         "tunnel_packets_lost_total",
-        "Packets of a peer missing from its sequence numbers (and not arrived late since).",
+        "Packets of a peer missing from its sequence numbers when a later one arrived (those \
+         that arrive after all are counted in tunnel_packets_reordered_total too).",
         &per_peer,
     );
     let reordered = counter(

@@ -146,7 +146,15 @@ impl Tunnel {
             spec,
             bus_ns,
             source,
-            stats: Mutex::new(TunnelStats::default()),
+            // Every reason starts at zero, so the first drop of a kind is an increase.
+            stats: Mutex::new(TunnelStats {
+                peers: BTreeMap::new(),
+                dropped: wire::WireError::LABELS
+                    .iter()
+                    .chain(&[UNKNOWN_PEER, QUEUE_FULL])
+                    .map(|r| (*r, 0))
+                    .collect(),
+            }),
         }
     }
 
