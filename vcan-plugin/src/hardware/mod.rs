@@ -351,21 +351,47 @@ impl Controller {
     }
 
     /// Whether the interface can be served: present, and its controller not bus-off.
+    ///
+    /// A netdev that is neither on the node nor where this process lent it may be in a pod that
+    /// a previous run lent it to and this one has not adopted yet: if its parent device is there
+    /// with a driver bound, it counts as present.
     pub fn health(&self) -> crate::telemetry::health::Health {
         use crate::telemetry::health::Health;
         match self.locate() {
             Ok((_, link)) if link.state == Some(can::CanState::BusOff) => {
                 Health::Unhealthy(format!(
-                    "{} ({}) is bus-off: check the wiring, termination and bitrate; it restarts \
-                 after restart_ms",
+                    "{} ({}) is bus-off: check the wiring, termination and bitrate; it \
+                     restarts after restart_ms",
                     self.what(),
                     link.name
                 ))
             }
             Ok(_) => Health::Healthy,
+            Err(e @ HardwareError::Missing { .. }) => match &self.spec.device {
+                DeviceMatch::Parent { parent, .. } => match parent_device(parent) {
+                    Some(dir) if dir.join("driver").exists() => Health::Healthy,
+                    Some(_) => Health::Unhealthy(format!(
+                        "{}: device {parent} has no driver bound: load the CAN controller's \
+                         driver (see `lspci -k` or `lsusb -t`)",
+                        self.what()
+                    )),
+                    None => Health::Unhealthy(e.to_string()),
+                },
+                DeviceMatch::Ifname(_) => Health::Unhealthy(e.to_string()),
+            },
             Err(e) => Health::Unhealthy(e.to_string()),
         }
     }
+}
+
+/// The sysfs directory of device `name` on any bus (`/sys/bus/pci/devices/0000:03:00.0`), if the
+/// node has it.
+fn parent_device(name: &str) -> Option<PathBuf> {
+    std::fs::read_dir("/sys/bus")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|bus| bus.path().join("devices").join(name))
+        .find(|dir| dir.exists())
 }
 
 impl Controller {
