@@ -9,6 +9,8 @@
 //! - [`node`]: the kubelet stand-in (`vcan_test_support::kubelet`, shared with the plugin's host
 //!   tests) and the runtime, driven in the kubelet's order for each pod;
 //! - [`plugin`]: the vcan-plugin daemon as a child process;
+//! - [`prometheus`]: a real Prometheus scraping plugin instances, and the Grafana dashboard's
+//!   panel queries, to check that the panels draw;
 //! - [`env`]: a whole node (containerd, kubelet stand-in, plugin) for tests, demo and benchmark.
 //!
 //! Everything here needs root and containerd, runc, the CNI plugins and the image tars, which
@@ -47,6 +49,7 @@ pub mod env;
 pub mod images;
 pub mod node;
 pub mod plugin;
+pub mod prometheus;
 
 pub use containerd::{Containerd, ContainerdOptions, Startup};
 pub use cri::{ContainerSpec, Cri, ExecOutput, PodSpec};

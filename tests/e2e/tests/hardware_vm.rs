@@ -395,8 +395,8 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
     assert_eq!(
         metric(
             t,
-            "vcan_plugin_can_controller_info{controller=\"bench\",interface=\"can0\",\
-             namespace=\"default\",pod=\"bench-user\",bus=\"\"}"
+            "vcan_plugin_can_controller_info{bus=\"\",controller=\"bench\",interface=\"can0\",\
+             namespace=\"default\",pod=\"bench-user\"}"
         ),
         Some(1.0)
     );
@@ -498,8 +498,8 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
     assert_eq!(
         metric(
             t,
-            "vcan_plugin_can_controller_info{controller=\"wire\",interface=\"uplink\",\
-             namespace=\"\",pod=\"\",bus=\"plant\"}"
+            "vcan_plugin_can_controller_info{bus=\"plant\",controller=\"wire\",\
+             interface=\"uplink\",namespace=\"\",pod=\"\"}"
         ),
         Some(1.0)
     );

@@ -17,13 +17,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vcan_e2e::env::{RESOURCE, TestNode};
 use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::StartedPod;
+use vcan_e2e::prometheus::{
+    DashboardQueries, JOB, Prometheus, RowSelect, dashboard_queries, finite_values, unix_now,
+};
 use vcan_e2e::{ContainerSpec, PodSpec};
 use vcan_test_support::{IP, require_testbed, run_ok};
 
@@ -930,301 +933,21 @@ async fn metrics_keep_counting_across_a_plugin_restart() {
 // ---------------------------------------------------------------------------------------------
 // 5. Prometheus and the dashboard
 
-const JOB: &str = "vcan-plugin";
+/// The `node` label Prometheus gives the plugin, as a real cluster's scrape config would.
 const NODE_LABEL: &str = "vcan-testbed";
-
-/// A minimal HTTP/1.0 GET: Prometheus (Go's net/http) answers HTTP/1.1 requests with chunked
-/// bodies, which the harness's `http_get` does not decode; 1.0 gets a plain body.
-fn http10_get(address: &str, path: &str) -> Result<(u16, String), String> {
-    use std::io::Read;
-    let mut stream =
-        std::net::TcpStream::connect(address).map_err(|e| format!("connect {address}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read from {address}: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("malformed response: {response}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status in {head}"))?;
-    Ok((status, body.to_string()))
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// Debian's Prometheus, run in the guest with a throwaway TSDB; killed on drop.
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-    address: String,
-}
-
-impl Prometheus {
-    /// Starts Prometheus on `address`, scraping `target` every second as job [`JOB`] with the
-    /// `node` label the dashboard and alerts expect.
-    fn start(address: &str, target: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vcan-prometheus-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).expect("prometheus dir");
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      \
-                 - targets: ['{target}']\n        labels:\n          node: {NODE_LABEL}\n"
-            ),
-        )
-        .expect("prometheus config");
-        let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={address}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("log fd")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start prometheus (Debian package prometheus)");
-        Prometheus {
-            child,
-            dir,
-            address: address.to_string(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self, timeout: Duration) {
-        let started = Instant::now();
-        loop {
-            if let Ok((200, _)) = http10_get(&self.address, "/-/ready") {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prometheus exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "prometheus not ready after {timeout:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// GET on the HTTP API; returns `data` of a successful answer.
-    fn api(&self, path: &str) -> Result<Value, String> {
-        let (status, body) = http10_get(&self.address, path)?;
-        let v: Value =
-            serde_json::from_str(&body).map_err(|e| format!("{path}: {status}: {e}: {body}"))?;
-        if status != 200 || v["status"] != "success" {
-            return Err(format!("{path}: {status}: {body}"));
-        }
-        Ok(v["data"].clone())
-    }
-
-    /// An instant query's result vector.
-    fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let data = self.api(&format!("/api/v1/query?query={}", url_encode(expr)))?;
-        Ok(data["result"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// A range query's result matrix, one point per second, as Grafana draws a panel.
-    fn query_range(&self, expr: &str, start: f64, end: f64) -> Result<Vec<Value>, String> {
-        let data = self.api(&format!(
-            "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=1",
-            url_encode(expr)
-        ))?;
-        Ok(data["result"].as_array().cloned().unwrap_or_default())
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The finite values of a query result (vector or matrix); NaN (e.g. a quantile of no
-/// observations, a ratio of zero rates) is no data on a panel.
-fn finite_values(result: &[Value]) -> Vec<f64> {
-    let mut out = Vec::new();
-    for series in result {
-        let points: Vec<&Value> = match series["values"].as_array() {
-            Some(values) => values.iter().collect(),
-            None => vec![&series["value"]],
-        };
-        for p in points {
-            if let Some(v) = p[1].as_str().and_then(|s| s.parse::<f64>().ok())
-                && v.is_finite()
-            {
-                out.push(v);
-            }
-        }
-    }
-    out
-}
-
-/// Replaces Grafana variables (`$name`, `${name}`, `${name:format}`, `[[name]]`) by `values`;
-/// unknown ones are left as they are.
-fn substitute(expr: &str, values: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(expr.len());
-    let mut rest = expr;
-    while let Some(i) = rest.find(['$', '[']) {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        let (name, len) = if let Some(braced) = rest.strip_prefix("${") {
-            match braced.find('}') {
-                Some(end) => (braced[..end].split(':').next().unwrap_or(""), end + 3),
-                None => ("", 0),
-            }
-        } else if let Some(bracketed) = rest.strip_prefix("[[") {
-            match bracketed.find("]]") {
-                Some(end) => (&bracketed[..end], end + 4),
-                None => ("", 0),
-            }
-        } else if let Some(plain) = rest.strip_prefix('$') {
-            let end = plain
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(plain.len());
-            (&plain[..end], end + 1)
-        } else {
-            ("", 0)
-        };
-        match values.get(name) {
-            Some(value) if len > 0 => {
-                out.push_str(value);
-                rest = &rest[len..];
-            }
-            _ => {
-                out.push_str(&rest[..1]);
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
+/// Where this test's Prometheus listens; tunnel_vm's listens on 127.0.0.1:9791, so that the two
+/// never clash even if their tests ever share a guest at the same time.
+const PROMETHEUS: &str = "127.0.0.1:9790";
 
 /// Dashboard rows whose panels [`metrics_feed_prometheus_and_every_dashboard_panel`] does not
 /// query, and the test that checks them instead. The plugin in this test has no bus that spans
-/// nodes (one node, no peers), so the tunnel panels cannot draw anything here; the cross-node
-/// test runs two plugins with a tunnel between them and checks that row's queries.
+/// nodes (one node, no peers), so the tunnel panels cannot draw anything here. tunnel_vm's
+/// `tunnel_panels_draw` runs Prometheus against both plugins of its two-node bus (tunnelled to
+/// each other and to a cannelloni rig) and checks that every query of that row draws finite
+/// data: tunnel frame, lost, reordered and dropped packet rates, seconds since each peer was
+/// last heard, and peers per node.
 const ROWS_CHECKED_ELSEWHERE: [(&str, &str); 1] =
     [("Buses across nodes", "tests/e2e/tests/tunnel_vm.rs")];
-
-/// Every panel query of the dashboard as (panel title, expression with the template variables
-/// substituted), except those of the rows in [`ROWS_CHECKED_ELSEWHERE`]; and the titles of the
-/// panels left out.
-fn dashboard_queries() -> (Vec<(String, String)>, Vec<String>) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dashboards/vcan-plugin.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let dashboard = json(&text, "the dashboard");
-    let mut values = BTreeMap::from([("__rate_interval".to_string(), "10s".to_string())]);
-    for var in dashboard["templating"]["list"]
-        .as_array()
-        .expect("templating.list")
-    {
-        let name = var["name"].as_str().expect("variable name").to_string();
-        let value = match name.as_str() {
-            "datasource" => continue,
-            "job" => JOB,
-            "bitrate" => "500000",
-            "data_bitrate" => "2000000",
-            // Query variables (node, namespace, pod, interface) and custom ones used as
-            // regex matchers (direction): all values.
-            _ => ".*",
-        };
-        values.insert(name, value.to_string());
-    }
-    // A row's panels follow it at the top level, or are nested in it when it is collapsed.
-    fn walk(
-        panels: &[Value],
-        mut row: String,
-        values: &BTreeMap<String, String>,
-        out: &mut Vec<(String, String)>,
-        skipped: &mut Vec<String>,
-    ) {
-        for panel in panels {
-            let title = panel["title"].as_str().unwrap_or("?");
-            if panel["type"] == "row" {
-                row = title.to_string();
-            }
-            if let Some(nested) = panel["panels"].as_array() {
-                walk(nested, row.clone(), values, out, skipped);
-            }
-            if ROWS_CHECKED_ELSEWHERE.iter().any(|(r, _)| *r == row) {
-                if panel["type"] != "row" {
-                    skipped.push(format!("{row}: {title}"));
-                }
-                continue;
-            }
-            for target in panel["targets"].as_array().into_iter().flatten() {
-                if let Some(expr) = target["expr"].as_str().filter(|e| !e.trim().is_empty()) {
-                    let expr = substitute(expr, values);
-                    assert!(
-                        !expr.contains('$') && !expr.contains("[["),
-                        "panel {title:?}: a variable the test does not know: {expr}"
-                    );
-                    out.push((title.to_string(), expr));
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut skipped = Vec::new();
-    walk(
-        dashboard["panels"].as_array().expect("panels"),
-        String::new(),
-        &values,
-        &mut out,
-        &mut skipped,
-    );
-    assert!(!out.is_empty(), "no panel queries in {}", path.display());
-    // An exemption whose row is gone (renamed, removed) must not linger unnoticed.
-    for (row, _) in ROWS_CHECKED_ELSEWHERE {
-        assert!(
-            skipped.iter().any(|s| s.starts_with(&format!("{row}: "))),
-            "{}: no panels in row {row:?}: update ROWS_CHECKED_ELSEWHERE",
-            path.display()
-        );
-    }
-    (out, skipped)
-}
 
 /// Loads the SJA1000 driver for the VM's emulated Kvaser PCIcan cards (a no-op when loaded
 /// already, e.g. by an earlier test in the same guest) and waits for their netdevs.
@@ -1274,11 +997,20 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
     )
     .await
     .expect("node starts");
-    let (queries, checked_elsewhere) = dashboard_queries();
+    // Fails too if a row of ROWS_CHECKED_ELSEWHERE is gone, so that no exemption lingers.
+    let rows: Vec<&str> = ROWS_CHECKED_ELSEWHERE.iter().map(|(row, _)| *row).collect();
+    let DashboardQueries {
+        queries,
+        skipped: checked_elsewhere,
+    } = dashboard_queries(RowSelect::Except(&rows)).expect("the dashboard's queries");
 
     let started = Instant::now();
-    let mut prometheus = Prometheus::start("127.0.0.1:9790", METRICS);
-    prometheus.wait_ready(Duration::from_secs(180)).await;
+    let mut prometheus =
+        Prometheus::start(PROMETHEUS, &[(METRICS, NODE_LABEL)]).expect("prometheus starts");
+    prometheus
+        .wait_ready(Duration::from_secs(180))
+        .await
+        .expect("prometheus gets ready");
     let ready_in = started.elapsed();
     // Scraping before the pod exists, so that its Allocate and PreStart show as increases.
     eventually("prometheus scrapes the plugin", SETTLE, || {
@@ -1404,18 +1136,7 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
     let mut report = Vec::new();
     for (title, expr) in &queries {
         let values = eventually(&format!("panel {title:?}: {expr}"), SETTLE, || {
-            let result = prometheus.query_range(expr, first_scrape, unix_now())?;
-            let values = finite_values(&result);
-            if values.is_empty() {
-                let labels: Vec<String> = result.iter().map(|s| s["metric"].to_string()).collect();
-                Err(format!(
-                    "{} series, none with a finite value: {}",
-                    result.len(),
-                    labels.join(", ")
-                ))
-            } else {
-                Ok(values)
-            }
+            prometheus.panel_values(expr, first_scrape)
         })
         .await;
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);

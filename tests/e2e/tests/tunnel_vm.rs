@@ -513,6 +513,7 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
     }
 
     loss_is_counted_from_sequence_gaps(&a, &b).await;
+    tunnel_panels_draw(&a, &b).await;
     for pod in [&a1] {
         a.node.delete_pod(pod).await.expect("delete");
     }
@@ -576,4 +577,86 @@ async fn loss_is_counted_from_sequence_gaps(a: &ClusterNode, b: &ClusterNode) {
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
     panic!("loss accounting never matched: {last}");
+}
+
+/// Every query of the dashboard's "Buses across nodes" row draws something, with a real
+/// Prometheus scraping both plugins as a cluster's would (metrics_vm checks the other rows on a
+/// single node, which has no tunnel to draw). The bus carried traffic and both instances send
+/// heartbeats every second, so the frame and packet counters have series that keep growing; the
+/// drop counters are exported from zero for every reason, so their rate of 0 draws too.
+async fn tunnel_panels_draw(a: &ClusterNode, b: &ClusterNode) {
+    use std::collections::BTreeSet;
+    use vcan_e2e::prometheus::{
+        JOB, Prometheus, RowSelect, dashboard_queries, finite_values, unix_now,
+    };
+
+    const ROW: &str = "Buses across nodes";
+    /// How long Prometheus may take to show what is expected under TCG: a rate needs two
+    /// scrapes within the dashboard's 10 s `$__rate_interval`.
+    const SETTLE: Duration = Duration::from_secs(60);
+
+    /// Polls `check` every 250 ms until it succeeds; panics with its last complaint after
+    /// [`SETTLE`].
+    async fn poll<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+        let started = Instant::now();
+        loop {
+            match check() {
+                Ok(v) => return v,
+                Err(why) if started.elapsed() >= SETTLE => {
+                    panic!("{what}: still not so after {SETTLE:?}:\n{why}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    let panels = dashboard_queries(RowSelect::Only(&[ROW])).expect("the row's queries");
+    let started = Instant::now();
+    // Prometheus runs in the guest's own namespace, which reaches both plugins' metrics
+    // addresses over the bridge; its port is next to metrics_vm's (127.0.0.1:9790).
+    let mut prometheus = Prometheus::start(
+        "127.0.0.1:9791",
+        &[
+            (a.metrics.as_str(), "node-a"),
+            (b.metrics.as_str(), "node-b"),
+        ],
+    )
+    .expect("prometheus starts");
+    prometheus
+        .wait_ready(Duration::from_secs(180))
+        .await
+        .expect("prometheus gets ready");
+    poll("prometheus scrapes both plugins", || {
+        let up = prometheus.query(&format!("up{{job=\"{JOB}\"}} == 1"))?;
+        let nodes: BTreeSet<&str> = up
+            .iter()
+            .filter_map(|s| s["metric"]["node"].as_str())
+            .collect();
+        if nodes == BTreeSet::from(["node-a", "node-b"]) && finite_values(&up).len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("up: {up:?}"))
+        }
+    })
+    .await;
+    let first_scrape = unix_now() - 2.0;
+    println!(
+        "prometheus: scraping both plugins after {:?}",
+        started.elapsed()
+    );
+
+    let mut report = Vec::new();
+    for (title, expr) in &panels.queries {
+        let values = poll(&format!("panel {title:?}: {expr}"), || {
+            prometheus.panel_values(expr, first_scrape)
+        })
+        .await;
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        report.push(format!("  {title}: {} points, max {max:.3}", values.len()));
+    }
+    println!(
+        "dashboard: all {} queries of row {ROW:?} return data:\n{}",
+        panels.queries.len(),
+        report.join("\n")
+    );
 }
