@@ -304,6 +304,8 @@ async fn physical_interfaces_pass_through_and_uplink_a_shared_bus() {
             buses.display().to_string(),
             "--state-dir".into(),
             STATE_DIR.into(),
+            "--health-interval".into(),
+            "1".into(),
         ],
         &[(HW_BENCH, 1), (BUS_PLANT, 4)],
     )
@@ -327,7 +329,8 @@ async fn physical_interfaces_pass_through_and_uplink_a_shared_bus() {
     );
 
     passthrough_exchanges_frames_and_returns_the_interface(&mut t, &bench_name).await;
-    bad_bitrates_fail_the_pod_and_leave_nothing(&t, &bench_name).await;
+    bad_bitrates_fail_the_pod_and_leave_nothing(&mut t, &bench_name).await;
+    an_unbound_driver_makes_the_device_unhealthy(&t, &bench_name).await;
     uplink_connects_members_and_the_wire(&t).await;
 }
 
@@ -419,7 +422,7 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
         .status();
 }
 
-async fn bad_bitrates_fail_the_pod_and_leave_nothing(t: &TestNode, home: &str) {
+async fn bad_bitrates_fail_the_pod_and_leave_nothing(t: &mut TestNode, home: &str) {
     for (bitrate, expected) in [
         (
             "1000000",
@@ -447,10 +450,51 @@ async fn bad_bitrates_fail_the_pod_and_leave_nothing(t: &TestNode, home: &str) {
     let p = t.run_pod_ok(&spec).await;
     let d = details(Some(&netns(t, &p).await), "can0");
     assert_eq!(d["linkinfo"]["info_data"]["bittiming"]["bitrate"], 250000);
+    // Deleted while the plugin is down: the kernel hands the controller back under the pod's
+    // name (or dev<N>), and the next plugin renames and downs it.
+    t.plugin.stop().expect("plugin stops");
     t.node.delete_pod(&p).await.expect("delete");
+    t.plugin.restart().expect("plugin starts");
     eventually("the interface returns", Duration::from_secs(45), || {
         at_home_down(home)
     })
+    .await;
+}
+
+/// The controller's driver goes away (as when a USB adapter is unplugged): its device turns
+/// Unhealthy naming what is missing, and healthy again when the driver is back.
+async fn an_unbound_driver_makes_the_device_unhealthy(t: &TestNode, home: &str) {
+    std::fs::write("/sys/bus/pci/drivers/kvaser_pci/unbind", BENCH_PCI).expect("unbind");
+    // The probe runs every second here (--health-interval 1).
+    eventually(
+        "hw-bench unhealthy, naming the missing driver",
+        Duration::from_secs(30),
+        || {
+            let healthy = t.node.kubelet.healthy_devices(HW_BENCH);
+            let named = t
+                .plugin
+                .log()
+                .contains("device 0000:00:10.0 has no driver bound");
+            if healthy == 0 && named {
+                Ok(())
+            } else {
+                Err(format!("{healthy} healthy, reason logged: {named}"))
+            }
+        },
+    )
+    .await;
+    std::fs::write("/sys/bus/pci/drivers/kvaser_pci/bind", BENCH_PCI).expect("bind");
+    t.node
+        .kubelet
+        .wait_for_resource(HW_BENCH, 1, Duration::from_secs(30))
+        .await
+        .expect("healthy again");
+    // The rebound driver names the netdev afresh; the next pass gives it its name back.
+    eventually(
+        "the interface has its name",
+        Duration::from_secs(45),
+        || at_home_down(home),
+    )
     .await;
 }
 
@@ -469,8 +513,9 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
     for m in [&m1, &m2, &m3] {
         wait_bound(t, m).await;
     }
-    let wire = EcuDump::start(&ecu, 2);
     run_ok("cansend", &[&ecu, "100#E1"]);
+    // Started after the ECU's own frame, whose echo it would otherwise see first.
+    let wire = EcuDump::start(&ecu, 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
     send(t, &m1, "200#A1").await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -336,7 +336,9 @@ impl Controller {
     /// The interface where it is now, with its state: lent (to whom) or at home (`None`).
     pub fn locate(&self) -> Result<(Option<Holder>, CanLink), HardwareError> {
         let loan = self.lock_loan().clone();
-        if let Some(loan) = loan
+        // A borrower's namespace that is gone gave the interface back to the node (the next
+        // pass restores it); look for it there.
+        if let Some(loan) = loan.filter(|l| l.ns.path().exists())
             && let Some(link) = self.find(&loan.ns, Some(&loan.name))?
         {
             return Ok((Some(loan.holder), link));
