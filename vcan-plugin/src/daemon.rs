@@ -215,7 +215,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             tunnels.push(Arc::new(Tunnel::new(
                 &bus.spec().name,
                 spec.clone(),
-                crate::kernel::netns::Netns::Path(bus.namespace().to_path_buf()),
                 config.peer_service.clone(),
             )));
         }

@@ -237,6 +237,35 @@ impl ClusterNode {
     }
 }
 
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        // The guest's /run is lost with the VM: keep the plugin's log with the run's results.
+        if let Some(dir) = std::env::var_os("VMTEST_RESULTS") {
+            let name = self.metrics.replace([':', '.'], "-");
+            let _ = std::fs::write(
+                PathBuf::from(dir).join(format!("vcan-plugin-tunnel-{name}.log")),
+                self.plugin.log(),
+            );
+        }
+    }
+}
+
+impl ClusterNode {
+    /// The tunnel's series, for failure messages.
+    fn tunnel_metrics(&self) -> String {
+        http_get(&self.metrics, "/metrics")
+            .map(|(_, body)| {
+                body.lines()
+                    .filter(|l| {
+                        l.starts_with("vcan_plugin_tunnel") || l.starts_with("vcan_plugin_bus")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_else(|e| format!("no metrics: {e:#}"))
+    }
+}
+
 fn member(name: &str, command: &str) -> PodSpec {
     let mut c = ContainerSpec::new("app", CANUTILS_IMAGE, ["sh", "-c", command]);
     c.resources = vec![(BUS.to_string(), 1)];
@@ -479,7 +508,14 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let expected: Vec<String> = SENT.iter().map(|(_, f)| seen(f, "can0")).collect();
-    assert_eq!(dumped(&a.node, &a2).await, expected, "a2");
+    let got = dumped(&a.node, &a2).await;
+    assert_eq!(
+        got,
+        expected,
+        "a2\nnode A:\n{}\nnode B:\n{}",
+        a.tunnel_metrics(),
+        b.tunnel_metrics()
+    );
 
     // A member leaves node A and node B's plugin restarts: the others carry on.
     a.node.delete_pod(&a2).await.expect("delete a2");

@@ -56,9 +56,17 @@ use topology::rules_between;
 pub const UPLINK_NAME: &str = "uplink";
 /// The tunnel's end of the bus in the bus namespace: a vxcan end joined by can-gw like a member's.
 pub const TUNNEL_END: &str = "tunnel";
-/// The other end of the tunnel's pair, also in the bus namespace, where the tunnel reads and
-/// writes frames.
-pub const TUNNEL_IO: &str = "tunnel-io";
+/// The name of the other end of bus `bus`'s tunnel pair, in the plugin's own network namespace,
+/// where the tunnel reads and writes frames: `vcant` and a hash of the bus's name, as bus names
+/// are longer than interface names may be. (A vxcan pair joins two namespaces; the plugin's is
+/// the natural other one, and the tunnel is down whenever the plugin is anyway.)
+pub fn tunnel_io_name(bus: &str) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = bus.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("vcant{hash:08x}")
+}
 
 /// What went wrong joining, leaving or inspecting a bus.
 #[derive(Debug, thiserror::Error)]
@@ -282,7 +290,7 @@ impl Bus {
         }
         Ok((
             all.into_iter()
-                .filter(|l| l.kind == "vxcan" && l.name != TUNNEL_END && l.name != TUNNEL_IO)
+                .filter(|l| l.kind == "vxcan" && l.name != TUNNEL_END)
                 .map(|l| (l.name, l.index))
                 .collect(),
             fixed,
@@ -370,17 +378,19 @@ impl Bus {
                 })?;
         }
         if self.spec.tunnel.is_some() {
-            let ns = self.ns();
             vxcan::ensure(
-                &ns,
-                &ns,
+                &Netns::Pid(std::process::id()),
+                &self.ns(),
                 &VxcanSpec {
-                    name: TUNNEL_IO.into(),
+                    name: tunnel_io_name(&self.spec.name),
                     peer_name: TUNNEL_END.into(),
                     mtu: self.spec.mtu(),
                 },
             )
-            .map_err(|source| self.vxcan_error(source))?;
+            .map_err(|source| BusError::Vxcan {
+                bus: self.spec.name.clone(),
+                source,
+            })?;
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
-//! One bus's tunnel end: frames the bus's members send leave through the tunnel's vxcan pair in
-//! the bus namespace and go, batched into cannelloni packets, to every peer; packets from peers
-//! come back as frames onto the bus, which can-gw hands to every local member.
+//! One bus's tunnel end: frames the bus's members send leave the bus namespace through the
+//! tunnel's vxcan pair, whose other end is in the plugin's own namespace, and go, batched into
+//! cannelloni packets, to every peer; packets from peers come back as frames onto the bus, which
+//! can-gw hands to every local member.
 //!
 //! Frames from a peer enter through the tunnel's end of the bus and can-gw never forwards a frame
 //! back out of the end it came in on, so no frame returns to the node that sent it. Each peer gets
@@ -15,8 +16,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::TUNNEL_IO;
 use crate::bus::config::TunnelSpec;
+use crate::bus::tunnel_io_name;
 use crate::kernel::can_raw::{CANFD_MTU, RawCanSocket};
 use crate::kernel::netns::Netns;
 use crate::tunnel::peers::PeerSource;
@@ -118,7 +119,6 @@ pub enum TunnelError {
 pub struct Tunnel {
     bus: String,
     spec: TunnelSpec,
-    bus_ns: Netns,
     source: PeerSource,
     stats: Mutex<TunnelStats>,
 }
@@ -130,9 +130,9 @@ struct Peer {
 }
 
 impl Tunnel {
-    /// The tunnel of bus `bus`, whose namespace is `bus_ns`, with peers from `service` (the
-    /// plugin's other instances, when the bus spans the cluster) and the configured ones.
-    pub fn new(bus: &str, spec: TunnelSpec, bus_ns: Netns, service: Option<String>) -> Self {
+    /// The tunnel of bus `bus`, with peers from `service` (the plugin's other instances, when the
+    /// bus spans the cluster) and the configured ones.
+    pub fn new(bus: &str, spec: TunnelSpec, service: Option<String>) -> Self {
         let source = PeerSource {
             service: match spec.span {
                 crate::bus::config::Span::Cluster => service,
@@ -144,7 +144,6 @@ impl Tunnel {
         Tunnel {
             bus: bus.to_string(),
             spec,
-            bus_ns,
             source,
             // Every reason starts at zero, so the first drop of a kind is an increase.
             stats: Mutex::new(TunnelStats {
@@ -178,7 +177,7 @@ impl Tunnel {
     }
 
     /// Binds the UDP port and carries frames until `shutdown`. The tunnel's CAN end is opened
-    /// once the bus namespace has it (the reconcile pass makes it) and again if it goes away.
+    /// once its pair exists (the reconcile pass makes it) and again if it goes away.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), TunnelError> {
         let udp = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], self.spec.port)))
             .await
@@ -275,11 +274,9 @@ impl Tunnel {
     }
 
     async fn open_can(&self) -> Option<AsyncFd<RawCanSocket>> {
-        let ns = self.bus_ns.clone();
-        if !ns.path().exists() {
-            return None;
-        }
-        let opened = tokio::task::spawn_blocking(move || RawCanSocket::open(&ns, TUNNEL_IO))
+        let ns = Netns::Pid(std::process::id());
+        let name = tunnel_io_name(&self.bus);
+        let opened = tokio::task::spawn_blocking(move || RawCanSocket::open(&ns, &name))
             .await
             .ok()?;
         match opened {
