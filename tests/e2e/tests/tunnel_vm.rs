@@ -558,9 +558,41 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
     }
 }
 
+const TO_B: &str = "{bus=\"x\",direction=\"tx\",kind=\"instance\",peer=\"10.99.0.2:20000\"}";
+const FROM_A: &str = "{bus=\"x\",direction=\"rx\",kind=\"instance\",peer=\"10.99.0.1:20000\"}";
+const A_AT_B: &str = "{bus=\"x\",kind=\"instance\",peer=\"10.99.0.1:20000\"}";
+
+/// Packets A sent to B that B neither received nor counted lost (those sent while B's plugin
+/// was restarting: its new tracker starts from the first packet it sees), and B's count of A's
+/// lost packets, read while no heartbeat crossed: A's count is read before and after B's and
+/// must not have moved.
+async fn unaccounted(a: &ClusterNode, b: &ClusterNode) -> (f64, f64) {
+    for _ in 0..50 {
+        let sent_before = a.metric(&format!("vcan_plugin_tunnel_packets_total{TO_B}"));
+        let received = b.metric(&format!("vcan_plugin_tunnel_packets_total{FROM_A}"));
+        let lost = b.metric(&format!("vcan_plugin_tunnel_packets_lost_total{A_AT_B}"));
+        let sent_after = a.metric(&format!("vcan_plugin_tunnel_packets_total{TO_B}"));
+        let (Some(s1), Some(r), Some(l), Some(s2)) = (sent_before, received, lost, sent_after)
+        else {
+            panic!(
+                "missing tunnel series:\nA:\n{}\nB:\n{}",
+                a.tunnel_metrics(),
+                b.tunnel_metrics()
+            );
+        };
+        eprintln!("A sent {s1}..{s2}, B received {r} and counted {l} lost");
+        if s1 == s2 {
+            return (s1 - r - l, l);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    panic!("A's packet count never held still for one read of B's");
+}
+
 /// With 1 % loss towards node B, B's count of A's lost packets is exactly what A sent and B did
-/// not receive, and nothing crashes.
+/// not receive (no packet goes unaccounted), and nothing crashes.
 async fn loss_is_counted_from_sequence_gaps(a: &ClusterNode, b: &ClusterNode) {
+    let (before, lost_before) = unaccounted(a, b).await;
     sh("tc qdisc change dev vb root netem delay 1ms loss 1%");
     let sender = a
         .run(&member(
@@ -576,43 +608,31 @@ async fn loss_is_counted_from_sequence_gaps(a: &ClusterNode, b: &ClusterNode) {
         .expect("cangen ends");
     assert_eq!(code, 0);
     sh("tc qdisc change dev vb root netem delay 1ms");
-    let to_b = "{bus=\"x\",direction=\"tx\",kind=\"instance\",peer=\"10.99.0.2:20000\"}";
-    let from_a = "{bus=\"x\",direction=\"rx\",kind=\"instance\",peer=\"10.99.0.1:20000\"}";
-    let lost_a = "{bus=\"x\",kind=\"instance\",peer=\"10.99.0.1:20000\"}";
-    // Heartbeats keep flowing: read A, then B, then A again, until B's received and lost packets
-    // fall between A's two counts of what it sent (a loss is seen at the next packet, at most a
-    // heartbeat later).
-    let mut last = String::new();
-    for _ in 0..20 {
-        let sent_before = a.metric(&format!("vcan_plugin_tunnel_packets_total{to_b}"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let received = b.metric(&format!("vcan_plugin_tunnel_packets_total{from_a}"));
-        let lost = b.metric(&format!("vcan_plugin_tunnel_packets_lost_total{lost_a}"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let sent_after = a.metric(&format!("vcan_plugin_tunnel_packets_total{to_b}"));
-        let (Some(s1), Some(r), Some(l), Some(s2)) = (sent_before, received, lost, sent_after)
-        else {
-            panic!(
-                "missing tunnel series:\nA:\n{}\nB:\n{}",
-                a.plugin.log(),
-                b.plugin.log()
-            );
-        };
-        last = format!("A sent {s1}..{s2}, B received {r} and counted {l} lost");
-        eprintln!("{last}");
-        if l > 0.0 && s1 <= r + l && r + l <= s2 {
+    // A loss is seen when the next packet arrives, at most a heartbeat later.
+    let mut last = (0.0, 0.0);
+    for _ in 0..10 {
+        last = unaccounted(a, b).await;
+        if last.0 == before && last.1 > lost_before {
             assert_eq!(
                 b.metric(&format!(
-                    "vcan_plugin_tunnel_packets_reordered_total{lost_a}"
+                    "vcan_plugin_tunnel_packets_reordered_total{A_AT_B}"
                 )),
                 Some(0.0)
+            );
+            eprintln!(
+                "netem loss 1 %: B counted {} of A's packets lost, all accounted for",
+                last.1 - lost_before
             );
             a.node.delete_pod(&sender).await.expect("delete");
             return;
         }
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
     }
-    panic!("loss accounting never matched: {last}");
+    panic!(
+        "loss accounting: before the loss {before} of A's packets were unaccounted at B and \
+         {lost_before} counted lost; after: {} unaccounted, {} lost",
+        last.0, last.1
+    );
 }
 
 /// Every query of the dashboard's "Buses across nodes" row draws something, with a real
