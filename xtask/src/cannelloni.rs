@@ -11,9 +11,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::util;
 
-/// The build script and source archive, outside the workspace.
-fn build_script() -> PathBuf {
-    util::workspace_root().join("../shared/third_party/cannelloni/build.sh")
+/// The directory holding the build script and source archive, outside the workspace:
+/// `$VCAN_CANNELLONI_DIR` if set, else `shared/third_party/cannelloni` beside the workspace.
+fn source_dir() -> PathBuf {
+    match std::env::var_os("VCAN_CANNELLONI_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => util::workspace_root().join("../shared/third_party/cannelloni"),
+    }
 }
 
 /// Where the binary goes; the end-to-end tests look for it here.
@@ -27,9 +31,13 @@ pub fn ensure() -> Result<PathBuf> {
     if binary.is_file() {
         return Ok(binary);
     }
-    let script = build_script();
+    let script = source_dir().join("build.sh");
     if !script.is_file() {
-        bail!("{} is missing", script.display());
+        bail!(
+            "{} is missing (set VCAN_CANNELLONI_DIR to the directory with cannelloni's build.sh \
+             and source archive)",
+            script.display()
+        );
     }
     let started = Instant::now();
     let mut cmd = Command::new("bash");
