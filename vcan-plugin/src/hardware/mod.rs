@@ -360,15 +360,7 @@ impl Controller {
     pub fn health(&self) -> crate::telemetry::health::Health {
         use crate::telemetry::health::Health;
         match self.locate() {
-            Ok((_, link)) if link.state == Some(can::CanState::BusOff) => {
-                Health::Unhealthy(format!(
-                    "{} ({}) is bus-off: check the wiring, termination and bitrate; it \
-                     restarts after restart_ms",
-                    self.what(),
-                    link.name
-                ))
-            }
-            Ok(_) => Health::Healthy,
+            Ok((_, link)) => self.link_health(&link),
             Err(e @ HardwareError::Missing { .. }) => match &self.spec.device {
                 DeviceMatch::Parent { parent, .. } => match parent_device(parent) {
                     Some(dir) if dir.join("driver").exists() => Health::Healthy,
@@ -405,12 +397,34 @@ impl Controller {
                 |e| tracing::debug!(interface = %self.spec.name, error = %e, "no controller state"),
             )
             .ok()?;
+        Some(self.sample_of(holder, &link))
+    }
+
+    /// The health of the interface as found: bus-off is unhealthy until the controller has
+    /// recovered (by itself after restart_ms, or when restarted).
+    fn link_health(&self, link: &CanLink) -> crate::telemetry::health::Health {
+        use crate::telemetry::health::Health;
+        if link.state == Some(can::CanState::BusOff) {
+            Health::Unhealthy(format!(
+                "{} ({}) is bus-off: check the wiring, termination and the bitrate of every node \
+                 on the bus; it restarts after restart_ms ({} ms, 0: never)",
+                self.what(),
+                link.name,
+                self.spec.settings.restart_ms
+            ))
+        } else {
+            Health::Healthy
+        }
+    }
+
+    /// A scrape's view of the interface as found, held by `holder`.
+    fn sample_of(&self, holder: Option<Holder>, link: &CanLink) -> ControllerSample {
         let (namespace, pod, bus) = match holder {
             Some(Holder::Pod(p)) => (p.namespace, p.name, String::new()),
             Some(Holder::Bus(b)) => (String::new(), String::new(), b),
             None => Default::default(),
         };
-        Some(ControllerSample {
+        ControllerSample {
             controller: self.spec.name.clone(),
             interface: link.name.clone(),
             namespace,
@@ -429,7 +443,7 @@ impl Controller {
                 ]
                 .map(u64::from)
             }),
-        })
+        }
     }
 }
 
@@ -446,5 +460,104 @@ fn link_info(link: &CanLink, up: bool) -> LinkInfo {
         kind: "can".into(),
         mtu: link.mtu,
         up,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::can::{BerrCounter, CanDeviceStats, CanState, OperState};
+    use crate::telemetry::health::Health;
+
+    fn controller() -> Controller {
+        let spec = parse(
+            r#"{"interfaces":[{"name":"bench","device":{"parent":"0000:00:10.0"},"bitrate":500000}]}"#,
+            "hw.json",
+        )
+        .expect("valid")
+        .remove(0);
+        Controller::new(spec, std::path::Path::new("/nonexistent"))
+    }
+
+    /// A controller as the kernel would report one that has gone bus-off: the test-bed's
+    /// emulated controllers never do (no ACK or bit errors on qemu's wire).
+    fn link(state: CanState) -> CanLink {
+        CanLink {
+            index: 7,
+            name: "can0".into(),
+            up: true,
+            operstate: OperState::Up,
+            mtu: 16,
+            parent_bus: Some("pci".into()),
+            parent_dev: Some("0000:00:10.0".into()),
+            state: Some(state),
+            berr: Some(BerrCounter {
+                txerr: 256,
+                rxerr: 17,
+            }),
+            device_stats: Some(CanDeviceStats {
+                bus_error: 40,
+                error_warning: 3,
+                error_passive: 2,
+                bus_off: 1,
+                arbitration_lost: 5,
+                restarts: 1,
+            }),
+            bittiming: None,
+            data_bittiming: None,
+            clock_hz: Some(8_000_000),
+            restart_ms: 100,
+            ctrlmode: 0,
+            stats: None,
+        }
+    }
+
+    #[test]
+    fn bus_off_is_unhealthy_until_the_controller_recovers() {
+        let c = controller();
+        let Health::Unhealthy(why) = c.link_health(&link(CanState::BusOff)) else {
+            panic!("bus-off must be unhealthy");
+        };
+        assert_eq!(
+            why,
+            "hardware interface \"bench\" (can0) is bus-off: check the wiring, termination and \
+             the bitrate of every node on the bus; it restarts after restart_ms (100 ms, 0: never)"
+        );
+        for state in [
+            CanState::ErrorActive,
+            CanState::ErrorWarning,
+            CanState::ErrorPassive,
+            CanState::Stopped,
+        ] {
+            assert_eq!(c.link_health(&link(state)), Health::Healthy, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn a_scrape_shows_the_state_counters_and_holder() {
+        let c = controller();
+        let pod = PodRef {
+            namespace: "default".into(),
+            name: "ecu".into(),
+        };
+        let sample = c.sample_of(Some(Holder::Pod(pod)), &link(CanState::ErrorPassive));
+        assert_eq!(
+            sample,
+            ControllerSample {
+                controller: "bench".into(),
+                interface: "can0".into(),
+                namespace: "default".into(),
+                pod: "ecu".into(),
+                bus: String::new(),
+                state: Some("error_passive"),
+                error_counters: Some((256, 17)),
+                events: Some([40, 3, 2, 1, 5, 1]),
+            }
+        );
+        let on_bus = c.sample_of(Some(Holder::Bus("plant".into())), &link(CanState::BusOff));
+        assert_eq!(
+            (on_bus.bus.as_str(), on_bus.pod.as_str(), on_bus.state),
+            ("plant", "", Some("bus_off"))
+        );
     }
 }
