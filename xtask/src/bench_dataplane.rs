@@ -1,12 +1,13 @@
 //! `cargo xtask bench-dataplane`: the data-plane benchmark of the eBPF CAN counters (flood
 //! overhead, scrape cost with many interfaces), run by the release build of
-//! `vcan-plugin/examples/dataplane_bench.rs` inside the CAN test-bed VM. See BENCHMARKS.md.
+//! `vcan-plugin/examples/dataplane_bench.rs` inside the CAN test-bed VM; `bench-bus` and
+//! `bench-xnode`, the shared-bus benchmarks, run the same way. See BENCHMARKS.md.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{util, vm};
+use crate::{demo, setup, util, vm};
 
 /// The figures file the example writes on the results share.
 const SUMMARY: &str = "dataplane-bench.txt";
@@ -24,6 +25,33 @@ pub fn bench_dataplane(args: &[String], mut vm: vm::VmOptions) -> Result<()> {
 /// and throughput through a bus vs a single vcan. See BENCHMARKS.md.
 pub fn bench_bus(args: &[String], vm: vm::VmOptions) -> Result<()> {
     run_example("bus_bench", "bus-bench.txt", args, vm)
+}
+
+/// `cargo xtask bench-xnode`: a bus across two nodes (`tests/e2e/src/bin/vcan-xnode-bench.rs`),
+/// latency to a member on the same node vs on another, throughput and loss through the tunnel.
+/// It needs the daemon (two instances), containerd and the images, like `cargo xtask bench`.
+pub fn bench_xnode(args: &[String], vm: vm::VmOptions) -> Result<()> {
+    setup::setup().context("installing the Debian packages the build and the VM need failed")?;
+    // Latency is a property of the shipped (release) build; this also builds the images.
+    demo::build("release")?;
+    let dir = util::target_dir().join("release");
+    let path = |bin: &str| -> Result<String> {
+        Ok(util::sh_quote(
+            dir.join(bin).to_str().context("non-UTF-8 target path")?,
+        ))
+    };
+    // The nodes start the daemon of the same build.
+    let mut script = format!(
+        "exec env VCAN_PLUGIN_BIN={} {}",
+        path("vcan-plugin")?,
+        path("vcan-xnode-bench")?
+    );
+    for arg in args {
+        script.push(' ');
+        script.push_str(&util::sh_quote(arg));
+    }
+    script.push('\n');
+    run_and_report("bench-xnode", script, "xnode-bench.txt", vm)
 }
 
 /// Builds the example `example` (release), runs it in the test-bed with `args` and
@@ -44,14 +72,6 @@ fn run_example(example: &str, summary: &str, args: &[String], vm: vm::VmOptions)
     )?;
     let binary = util::target_dir().join("release/examples").join(example);
     let binary = binary.to_str().context("non-UTF-8 target path")?;
-
-    let host = util::output(std::process::Command::new("sh").args([
-        "-c",
-        "echo \"$(date -u +%F), host: $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, \
-         $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)\"",
-    ]))
-    .unwrap_or_default();
-
     let mut script = format!(
         "exec {} --summary \"$VMTEST_RESULTS/{summary}\"",
         util::sh_quote(binary)
@@ -61,11 +81,25 @@ fn run_example(example: &str, summary: &str, args: &[String], vm: vm::VmOptions)
         script.push_str(&util::sh_quote(arg));
     }
     script.push('\n');
+    run_and_report(&example.replace('_', "-"), script, summary, vm)
+}
+
+/// Boots the test-bed for job `name` running `script` (as root, streaming its output), then
+/// prints the host, the host's load before and after, and the figures the job left in the
+/// results share as `summary`. Fails if the script did.
+fn run_and_report(name: &str, script: String, summary: &str, vm: vm::VmOptions) -> Result<()> {
+    let host = util::output(std::process::Command::new("sh").args([
+        "-c",
+        "echo \"$(date -u +%F), host: $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, \
+         $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)\"",
+    ]))
+    .unwrap_or_default();
+
     let job = vm::GuestJob {
         timeout: Duration::from_secs(3600),
         stream: true,
         vm,
-        ..vm::GuestJob::new(example.replace('_', "-"), script)
+        ..vm::GuestJob::new(name, script)
     };
     // Other VMs or builds on the host slow the guest's vCPUs unevenly: say how busy it was.
     let load_before = loadavg();
@@ -84,7 +118,7 @@ fn run_example(example: &str, summary: &str, args: &[String], vm: vm::VmOptions)
     print!("{figures}");
     if outcome.status != 0 {
         bail!(
-            "{example} failed in the VM (exit status {}; console: {})",
+            "{name} failed in the VM (exit status {}; console: {})",
             outcome.status,
             outcome.console_log.display()
         );

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{images, setup, util, vm};
 
-/// Builds the daemon and the e2e binaries in `profile` (`dev` or `release`).
-fn build(profile: &str) -> Result<()> {
+/// Builds the daemon and the e2e binaries in `profile` (`dev` or `release`), and the images.
+pub(crate) fn build(profile: &str) -> Result<()> {
     eprintln!("[xtask] building vcan-plugin and the kubelet stand-in ({profile})");
     util::run(
         util::cargo()

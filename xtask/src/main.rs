@@ -89,6 +89,16 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Buses across nodes in the test-bed: two nodes joined by the UDP tunnel, latency to a
+    /// member on the same node vs on the other, throughput and loss (see BENCHMARKS.md).
+    BenchXnode {
+        /// VM settings.
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// Arguments for the benchmark (e.g. `-- --latency-frames 2000 --flood-frames 20000`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Install the Debian packages the project needs (only those missing).
     Setup,
     /// Setup, fmt, clippy, host tests and VM tests, stopping at the first failure.
@@ -129,6 +139,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench { vm, args } => demo::bench(&args, vm).map(|()| ExitCode::SUCCESS),
         Cmd::BenchBus { vm, args } => {
             bench_dataplane::bench_bus(&args, vm).map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::BenchXnode { vm, args } => {
+            bench_dataplane::bench_xnode(&args, vm).map(|()| ExitCode::SUCCESS)
         }
         Cmd::BenchDataplane { vm, args } => {
             bench_dataplane::bench_dataplane(&args, vm).map(|()| ExitCode::SUCCESS)

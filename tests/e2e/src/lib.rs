@@ -1,6 +1,8 @@
 //! End-to-end harness for vcan-plugin: a real containerd with its CRI service, driven the way
 //! the kubelet drives it, in the CAN test-bed VM.
 //!
+//! - [`cluster`]: two nodes in one VM (a bridge with a namespace per node, netem, dnsmasq for
+//!   the peer service, a plugin instance per node) for buses that span nodes;
 //! - [`containerd`]: starts containerd (CRI plugin, runc, a bridge CNI network, the locally
 //!   built images) inside the guest, restarts it, and cleans up after it;
 //! - [`cri`]: a small CRI client that runs pods and containers with the requests the kubelet
@@ -43,6 +45,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod env;

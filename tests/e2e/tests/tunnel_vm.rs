@@ -6,312 +6,38 @@
 //! through a real DNS server (dnsmasq, the guest's resolver for the test) answering the peer
 //! service's name with both nodes' addresses. One containerd runs the pods of both nodes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vcan_e2e::PodSpec;
+use vcan_e2e::cluster::{
+    ClusterBus, ClusterNode, NODE_A, NODE_B, Network, member, pod_netns, sh, wait_listening,
+};
 use vcan_e2e::containerd::{Containerd, ContainerdOptions};
-use vcan_e2e::cri::Cri;
-use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::{Node, StartedPod};
-use vcan_e2e::plugin::{Plugin, PluginConfig, http_get};
-use vcan_e2e::{ContainerSpec, PodSpec};
-use vcan_test_support::kubelet::Kubelet;
 use vcan_test_support::{require_testbed, run_ok};
 
-const BUS: &str = "socketcan.io/bus-x";
-const PEER_SERVICE: &str = "peers.vcan.test";
-const ROOT: &str = "/run/vcan-xnode";
-const DNS: &str = "10.99.0.254";
-/// Node A, node B and the cannelloni rig, each a namespace on the bridge.
-const NODES: [(&str, &str, &str); 3] = [
-    ("vnode-a", "va", "10.99.0.1"),
-    ("vnode-b", "vb", "10.99.0.2"),
-    ("vnode-c", "vc", "10.99.0.3"),
-];
 const EXIT_TIMEOUT: Duration = Duration::from_secs(180);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(90);
-const BIND_TIMEOUT: Duration = Duration::from_secs(60);
 const DUMP_TIMEOUT: &str = "150";
 
-fn sh(script: &str) {
-    let out = Command::new("sh")
-        .args(["-ec", script])
-        .output()
-        .expect("sh runs");
-    assert!(
-        out.status.success(),
-        "{script}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The bridge, the three namespaces with their addresses, netem towards node B, and dnsmasq
-/// answering the peer service with both nodes; removed on drop.
-struct Network {
-    dnsmasq: Child,
-    resolv: Option<Vec<u8>>,
-}
-
-impl Network {
-    fn start() -> Self {
-        sh("modprobe -a bridge veth sch_netem");
-        sh(&format!(
-            "ip link add br-vcan type bridge && ip addr add {DNS}/24 dev br-vcan && ip link set br-vcan up"
-        ));
-        for (ns, host_end, addr) in NODES {
-            sh(&format!(
-                "ip netns add {ns}
-                 ip link add {host_end} type veth peer name eth0 netns {ns}
-                 ip link set {host_end} master br-vcan up
-                 ip -n {ns} addr add {addr}/24 dev eth0
-                 ip -n {ns} link set eth0 up
-                 ip -n {ns} link set lo up"
-            ));
-        }
-        // The plugins keep the node's mounts (see PluginConfig::netns), so the node's resolver
-        // is theirs: the guest's, for this test.
-        let resolv = std::fs::read("/etc/resolv.conf").ok();
-        std::fs::write("/etc/resolv.conf", format!("nameserver {DNS}\n")).expect("resolv.conf");
-        // What leaves the bridge towards node B is delayed, as across a real network.
-        sh("tc qdisc add dev vb root netem delay 1ms");
-        std::fs::create_dir_all(ROOT).expect("root dir");
-        let hosts = Path::new(ROOT).join("peers.hosts");
-        std::fs::write(
-            &hosts,
-            format!("10.99.0.1 {PEER_SERVICE}\n10.99.0.2 {PEER_SERVICE}\n"),
-        )
-        .expect("hosts file");
-        let dnsmasq = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                &format!("--listen-address={DNS}"),
-                &format!("--addn-hosts={}", hosts.display()),
-                "--pid-file=",
-                "--user=root",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq starts (cargo xtask setup installs dnsmasq-base)");
-        // Both nodes resolve the service to both addresses.
-        let started = Instant::now();
-        loop {
-            let out = Command::new("nsenter")
-                .args([
-                    "--net=/run/netns/vnode-b",
-                    "getent",
-                    "ahostsv4",
-                    PEER_SERVICE,
-                ])
-                .output()
-                .expect("getent");
-            let text = String::from_utf8_lossy(&out.stdout);
-            if text.contains("10.99.0.1") && text.contains("10.99.0.2") {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "dnsmasq does not answer {PEER_SERVICE}: {text}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Network { dnsmasq, resolv }
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = self.dnsmasq.kill();
-        let _ = self.dnsmasq.wait();
-        for (ns, host_end, _) in NODES {
-            let _ = Command::new("ip").args(["link", "del", host_end]).status();
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = Command::new("ip").args(["link", "del", "br-vcan"]).status();
-        match &self.resolv {
-            Some(text) => {
-                let _ = std::fs::write("/etc/resolv.conf", text);
-            }
-            None => {
-                let _ = std::fs::remove_file("/etc/resolv.conf");
-            }
-        }
-    }
-}
-
-fn bus_config() -> PathBuf {
-    let path = Path::new(ROOT).join("buses.json");
-    std::fs::write(
-        &path,
+/// The bus of both nodes, with the rig as an external peer.
+fn bus() -> ClusterBus {
+    ClusterBus::write(
+        "x",
+        4,
         r#"{"buses": [{"name": "x", "fd": true, "members": 4, "interface": "can0",
                        "span": "cluster", "port": 20000, "peers": ["10.99.0.3:20000"]}]}"#,
     )
-    .expect("bus config");
-    path
 }
 
-/// One node: its kubelet stand-in, the shared runtime and its plugin instance in namespace `ns`.
-struct ClusterNode {
-    node: Node,
-    plugin: Plugin,
-    metrics: String,
-}
-
-impl ClusterNode {
-    async fn start(name: &str, ns: &str, addr: &str, containerd: &Containerd) -> Self {
-        let dir = Path::new(ROOT).join(name);
-        std::fs::create_dir_all(&dir).expect("node dir");
-        let device_plugin_dir = dir.join("device-plugins");
-        let pod_resources_socket = dir.join("pod-resources/kubelet.sock");
-        let kubelet = Kubelet::start(&device_plugin_dir, &pod_resources_socket)
-            .await
-            .expect("kubelet stand-in");
-        let metrics = format!("{addr}:9720");
-        let plugin = Plugin::start(&PluginConfig {
-            device_plugin_dir,
-            pod_resources_socket,
-            containerd_socket: containerd.socket().to_path_buf(),
-            metrics_address: metrics.clone(),
-            resource_name: "socketcan.io/vcan".into(),
-            devices: 1,
-            log: dir.join("vcan-plugin.log"),
-            extra_args: vec![
-                "--bus-config".into(),
-                bus_config().display().to_string(),
-                "--peer-service".into(),
-                PEER_SERVICE.into(),
-                "--state-dir".into(),
-                dir.join("state").display().to_string(),
-                "--bpffs-dir".into(),
-                format!("/sys/fs/bpf/vcan-{name}"),
-            ],
-            netns: Some(ns.into()),
-        })
-        .expect("plugin starts");
-        let node = Node {
-            kubelet,
-            cri: Cri::connect(containerd.socket()).await.expect("CRI"),
-            resource: "socketcan.io/vcan".into(),
-        };
-        let this = ClusterNode {
-            node,
-            plugin,
-            metrics,
-        };
-        this.node
-            .kubelet
-            .wait_for_resource(BUS, 4, Duration::from_secs(60))
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e:#}\n{}", this.plugin.log()));
-        this
-    }
-
-    fn metric(&self, series: &str) -> Option<f64> {
-        let (_, body) = http_get(&self.metrics, "/metrics").ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-    }
-
-    async fn wait_peers(&self, n: f64) {
-        let started = Instant::now();
-        while self.metric("vcan_plugin_tunnel_peers{bus=\"x\"}") != Some(n) {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{} never had {n} tunnel peers:\n{}",
-                self.metrics,
-                self.plugin.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn run(&self, spec: &PodSpec) -> StartedPod {
-        let p = self.node.run_pod(spec).await.expect("pod runs");
-        assert_eq!(p.failure, None, "{}\n{}", spec.name, self.plugin.log());
-        p
-    }
-}
-
-impl Drop for ClusterNode {
-    fn drop(&mut self) {
-        // The guest's /run is lost with the VM: keep the plugin's log with the run's results.
-        if let Some(dir) = std::env::var_os("VMTEST_RESULTS") {
-            let name = self.metrics.replace([':', '.'], "-");
-            let _ = std::fs::write(
-                PathBuf::from(dir).join(format!("vcan-plugin-tunnel-{name}.log")),
-                self.plugin.log(),
-            );
-        }
-    }
-}
-
-impl ClusterNode {
-    /// The tunnel's series, for failure messages.
-    fn tunnel_metrics(&self) -> String {
-        http_get(&self.metrics, "/metrics")
-            .map(|(_, body)| {
-                body.lines()
-                    .filter(|l| {
-                        l.starts_with("vcan_plugin_tunnel") || l.starts_with("vcan_plugin_bus")
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_else(|e| format!("no metrics: {e:#}"))
-    }
-}
-
-fn member(name: &str, command: &str) -> PodSpec {
-    let mut c = ContainerSpec::new("app", CANUTILS_IMAGE, ["sh", "-c", command]);
-    c.resources = vec![(BUS.to_string(), 1)];
-    let mut p = PodSpec::new("default", name);
-    p.containers = vec![c];
-    p
-}
-
-fn listener(name: &str, frames: usize) -> PodSpec {
+fn listener(bus: &ClusterBus, name: &str, frames: usize) -> PodSpec {
     member(
+        bus,
         name,
         &format!("timeout {DUMP_TIMEOUT} candump -L -n {frames} can0; rc=$?; sleep 3; exit $rc"),
     )
-}
-
-async fn pod_netns(node: &Node, pod: &StartedPod) -> String {
-    node.cri
-        .netns_path(&pod.sandbox)
-        .await
-        .expect("sandbox status")
-        .expect("own netns")
-        .display()
-        .to_string()
-}
-
-/// Waits until a CAN socket listens on `ifname` in the namespace file or named namespace `ns`.
-fn wait_listening(nsenter_arg: &str, ifname: &str) {
-    let started = Instant::now();
-    loop {
-        let out = Command::new("nsenter")
-            .arg(nsenter_arg)
-            .args(["cat", "/proc/net/can/rcvlist_all"])
-            .output()
-            .expect("nsenter");
-        if String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(ifname))
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < BIND_TIMEOUT,
-            "nobody listens on {ifname} in {nsenter_arg}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 async fn send(node: &Node, pod: &StartedPod, frame: &str) {
@@ -469,21 +195,22 @@ fn seen(frame: &str, ifname: &str) -> String {
 #[ignore = "needs the CAN test-bed VM"]
 async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
     require_testbed();
-    let _network = Network::start();
+    let network = Network::start("delay 1ms");
+    let bus = bus();
     let containerd = Containerd::start(ContainerdOptions::default())
         .await
         .expect("containerd");
-    let a = ClusterNode::start("a", "vnode-a", "10.99.0.1", &containerd).await;
-    let mut b = ClusterNode::start("b", "vnode-b", "10.99.0.2", &containerd).await;
-    let _rig = Rig::start();
+    let a = ClusterNode::start("a", &NODE_A, &containerd, &bus).await;
+    let mut b = ClusterNode::start("b", &NODE_B, &containerd, &bus).await;
+    let rig = Rig::start();
     // Each node's peers: the other node and the rig.
     a.wait_peers(2.0).await;
     b.wait_peers(2.0).await;
 
-    let a1 = a.run(&listener("a1", 9)).await;
-    let a2 = a.run(&listener("a2", 8)).await;
-    let b1 = b.run(&listener("b1", 9)).await;
-    let b2 = b.run(&listener("b2", 9)).await;
+    let a1 = a.run(&listener(&bus, "a1", 9)).await;
+    let a2 = a.run(&listener(&bus, "a2", 8)).await;
+    let b1 = b.run(&listener(&bus, "b1", 9)).await;
+    let b2 = b.run(&listener(&bus, "b2", 9)).await;
     for (node, pod) in [
         (&a.node, &a1),
         (&a.node, &a2),
@@ -522,7 +249,7 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
     b.plugin.restart().expect("plugin B restarts");
     b.node
         .kubelet
-        .wait_for_resource(BUS, 4, Duration::from_secs(60))
+        .wait_for_resource(&bus.resource(), 4, Duration::from_secs(60))
         .await
         .expect("B registered again");
     b.wait_peers(2.0).await;
@@ -548,8 +275,10 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
         );
     }
 
-    loss_is_counted_from_sequence_gaps(&a, &b).await;
+    loss_is_counted_from_sequence_gaps(&network, &bus, &a, &b).await;
     tunnel_panels_draw(&a, &b).await;
+    drop(rig);
+    bad_packets_are_dropped_and_counted(&a).await;
     for pod in [&a1] {
         a.node.delete_pod(pod).await.expect("delete");
     }
@@ -591,11 +320,17 @@ async fn unaccounted(a: &ClusterNode, b: &ClusterNode) -> (f64, f64) {
 
 /// With 1 % loss towards node B, B's count of A's lost packets is exactly what A sent and B did
 /// not receive (no packet goes unaccounted), and nothing crashes.
-async fn loss_is_counted_from_sequence_gaps(a: &ClusterNode, b: &ClusterNode) {
+async fn loss_is_counted_from_sequence_gaps(
+    network: &Network,
+    bus: &ClusterBus,
+    a: &ClusterNode,
+    b: &ClusterNode,
+) {
     let (before, lost_before) = unaccounted(a, b).await;
-    sh("tc qdisc change dev vb root netem delay 1ms loss 1%");
+    network.netem("delay 1ms loss 1%");
     let sender = a
         .run(&member(
+            bus,
             "sender",
             "cangen can0 -g 2 -n 1500 -I 222 -L 8 -D i; sleep 3",
         ))
@@ -607,7 +342,7 @@ async fn loss_is_counted_from_sequence_gaps(a: &ClusterNode, b: &ClusterNode) {
         .await
         .expect("cangen ends");
     assert_eq!(code, 0);
-    sh("tc qdisc change dev vb root netem delay 1ms");
+    network.netem("delay 1ms");
     // A loss is seen when the next packet arrives, at most a heartbeat later.
     let mut last = (0.0, 0.0);
     for _ in 0..10 {
@@ -714,5 +449,72 @@ async fn tunnel_panels_draw(a: &ClusterNode, b: &ClusterNode) {
         "dashboard: all {} queries of row {ROW:?} return data:\n{}",
         panels.queries.len(),
         report.join("\n")
+    );
+}
+
+/// Packets that are not cannelloni's, or not from a peer, are dropped and counted by reason, and
+/// the tunnel carries on. Sent from the rig's namespace once cannelloni is gone, so that the
+/// malformed ones come from the peer address node A knows (10.99.0.3:20000).
+async fn bad_packets_are_dropped_and_counted(a: &ClusterNode) {
+    // Sockets keep the namespace they were made in: bound inside the rig's, used from here.
+    let send = |port: u16, hex: &str| {
+        let rig = vcan_plugin::kernel::netns::Netns::Path("/run/netns/vnode-c".into());
+        let socket = vcan_plugin::kernel::netns::run(&rig, move || {
+            std::net::UdpSocket::bind(("10.99.0.3", port))
+        })
+        .expect("enter the rig's namespace")
+        .expect("bind in the rig's namespace");
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        socket.send_to(&bytes, "10.99.0.1:20000").expect("send");
+    };
+    let dropped = |reason: &str| {
+        a.metric(&format!(
+            "vcan_plugin_tunnel_packets_dropped_total{{bus=\"x\",reason=\"{reason}\"}}"
+        ))
+        .unwrap_or(-1.0)
+    };
+    let before: Vec<f64> = [
+        "unknown_peer",
+        "truncated",
+        "version",
+        "frame_count_overrun",
+    ]
+    .iter()
+    .map(|r| dropped(r))
+    .collect();
+    // A valid packet (one frame 123#AA) from an address that is no peer.
+    send(20001, "02000000010000012301AA");
+    // From the peer's address: cut short, wrong version, a count the bytes cannot hold.
+    send(20000, "020000");
+    send(20000, "01000000010000012301AA");
+    send(20000, "02000000ff00000123");
+    let started = Instant::now();
+    loop {
+        let after: Vec<f64> = [
+            "unknown_peer",
+            "truncated",
+            "version",
+            "frame_count_overrun",
+        ]
+        .iter()
+        .map(|r| dropped(r))
+        .collect();
+        let grew: Vec<f64> = after.iter().zip(&before).map(|(x, y)| x - y).collect();
+        if grew == [1.0, 1.0, 1.0, 1.0] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "drops by reason grew by {grew:?}, expected one each:\n{}",
+            a.tunnel_metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        a.metric("vcan_plugin_tunnel_peers{bus=\"x\"}").is_some(),
+        "the plugin is alive"
     );
 }

@@ -372,6 +372,8 @@ impl Metrics {
     pub fn render(&self, now: &Snapshot) -> String {
         let mut families = self.registry.gather();
         families.extend(state_families(now));
+        // The text encoder refuses a family without series, failing the whole scrape.
+        families.retain(|f| !f.get_metric().is_empty());
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
@@ -637,6 +639,9 @@ fn tunnel_families(tunnels: &[TunnelSample]) -> Vec<prometheus::proto::MetricFam
         families.extend(vec.collect());
     }
     families.extend(last_seen.collect());
+    // A tunnel without peers (yet), or peers never heard from, leave families without series,
+    // which the text encoder refuses (the whole scrape would fail).
+    families.retain(|f| !f.get_metric().is_empty());
     families
 }
 
@@ -888,6 +893,37 @@ mod tests {
         }
         // A driver that reports no state gets no state series (rather than a made-up one).
         assert!(!text.contains("vcan_plugin_can_controller_state{controller=\"wire\""));
+    }
+
+    #[test]
+    fn a_tunnel_without_peers_still_renders() {
+        let m = Metrics::new(&["socketcan.io/bus-x".into()], "clsact");
+        let text = m.render(&Snapshot {
+            tunnels: vec![
+                TunnelSample {
+                    bus: "x".into(),
+                    ..TunnelSample::default()
+                },
+                TunnelSample {
+                    bus: "y".into(),
+                    peers: vec![TunnelPeerSample {
+                        peer: "10.0.0.2:20000".into(),
+                        kind: "instance",
+                        ..TunnelPeerSample::default()
+                    }],
+                    dropped: vec![("truncated", 0)],
+                },
+            ],
+            ..Snapshot::default()
+        });
+        assert!(
+            text.contains("vcan_plugin_tunnel_peers{bus=\"x\"} 0"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("vcan_plugin_tunnel_peer_last_seen_timestamp_seconds{"),
+            "a peer never heard from has no last-seen series:\n{text}"
+        );
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //!
 //! Frames from a peer enter through the tunnel's end of the bus and can-gw never forwards a frame
 //! back out of the end it came in on, so no frame returns to the node that sent it. Each peer gets
-//! its own sequence numbers, so each can count what it lost.
+//! its own sequence numbers, so each can count what it lost and put packets the network reordered
+//! back in order ([`crate::tunnel::reorder`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,6 +22,7 @@ use crate::bus::tunnel_io_name;
 use crate::kernel::can_raw::{CANFD_MTU, RawCanSocket};
 use crate::kernel::netns::Netns;
 use crate::tunnel::peers::PeerSource;
+use crate::tunnel::reorder::Reorder;
 use crate::tunnel::sequence::{Arrival, SequenceTracker};
 use crate::tunnel::wire::{self, DEFAULT_PAYLOAD_LIMIT, Encoder, Frame};
 
@@ -200,11 +202,21 @@ impl Tunnel {
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut buf = vec![0u8; wire::MAX_PACKET_LEN];
         let mut packet = Vec::with_capacity(DEFAULT_PAYLOAD_LIMIT);
+        // Per peer, packets waiting for earlier ones (see `reorder`).
+        let mut reorders: HashMap<SocketAddr, Reorder> = HashMap::new();
         loop {
             let flush_at = deadline;
+            let held_until = reorders
+                .values()
+                .filter_map(Reorder::deadline)
+                .min()
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                _ = resolve.tick() => self.update_peers(&mut peers).await,
+                _ = resolve.tick() => {
+                    self.update_peers(&mut peers).await;
+                    reorders.retain(|addr, _| peers.iter().any(|p| p.addr == *addr));
+                }
                 _ = reopen.tick(), if can.is_none() => {
                     can = self.open_can().await;
                 }
@@ -226,17 +238,38 @@ impl Tunnel {
                     }
                 }
                 received = udp.recv_from(&mut buf) => {
-                    if let Ok((n, from)) = received {
-                        let relayed = self.receive(&buf[..n], from, &peers, can.as_ref());
-                        if relayed > 0 && deadline.is_none() {
-                            deadline = Some(tokio::time::Instant::now() + self.spec.batch);
+                    let Ok((n, from)) = received else { continue };
+                    let Some((seq, external)) = self.accept(&buf[..n], from, &peers) else {
+                        continue;
+                    };
+                    let ready = reorders
+                        .entry(from)
+                        .or_default()
+                        .push(seq, buf[..n].to_vec(), Instant::now());
+                    for packet in ready {
+                        relay.extend(self.deliver(&packet, external, can.as_ref()));
+                    }
+                    if !relay.is_empty() && deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + self.spec.batch);
+                    }
+                    if batch_is_full(&relay) {
+                        deadline = Some(tokio::time::Instant::now());
+                    }
+                }
+                () = sleep_until(held_until) => {
+                    // Packets held for missing ones waited long enough: the missing are lost.
+                    let now = Instant::now();
+                    let kinds = self.kinds(&peers);
+                    for (from, reorder) in reorders.iter_mut() {
+                        if reorder.deadline().is_some_and(|d| d <= now) {
+                            let external = kinds.get(from) == Some(&PeerKind::External);
+                            for packet in reorder.flush() {
+                                relay.extend(self.deliver(&packet, external, can.as_ref()));
+                            }
                         }
-                        if relayed > 0 {
-                            relay.extend(self.relayed(&buf[..n]));
-                        }
-                        if batch_is_full(&relay) {
-                            deadline = Some(tokio::time::Instant::now());
-                        }
+                    }
+                    if !relay.is_empty() && deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + self.spec.batch);
                     }
                 }
                 readable = readable(can.as_ref()) => {
@@ -342,66 +375,63 @@ impl Tunnel {
         }
     }
 
-    /// The frames of a packet already checked by [`Tunnel::receive`].
-    fn relayed(&self, bytes: &[u8]) -> Vec<Frame> {
-        wire::decode(bytes)
-            .map(|p| p.frames().collect())
-            .unwrap_or_default()
-    }
-
-    /// A packet from `from`: checked, counted and its frames put on the bus. Returns how many
-    /// frames are to be relayed to the plugin's other instances: those of an external peer, which
-    /// (like cannelloni) talks to one node only, while the instances talk to each other and to
-    /// every external peer directly — so every frame reaches every node once.
-    fn receive(
-        &self,
-        bytes: &[u8],
-        from: SocketAddr,
-        peers: &[Peer],
-        can: Option<&AsyncFd<RawCanSocket>>,
-    ) -> usize {
+    /// A packet from `from`: checked and counted. Returns its sequence number and whether it
+    /// came from an external peer, if it is to be delivered.
+    fn accept(&self, bytes: &[u8], from: SocketAddr, peers: &[Peer]) -> Option<(u8, bool)> {
         if !peers.iter().any(|p| p.addr == from) {
             self.drop_one(UNKNOWN_PEER);
-            return 0;
+            return None;
         }
         let packet = match wire::decode(bytes) {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(bus = %self.bus, peer = %from, error = %e, "malformed packet dropped");
                 self.drop_one(e.label());
-                return 0;
+                return None;
             }
         };
-        let mut frames = 0u64;
-        let mut bytes_in = 0u64;
+        let frames = packet.len() as u64;
+        let bytes_in: u64 = packet.frames().map(|f| f.len() as u64).sum();
+        let mut stats = self.lock_stats();
+        let peer = stats.peers.get_mut(&from)?;
+        if peer.sequence.record(packet.seq()) == Arrival::Restart {
+            tracing::info!(bus = %self.bus, peer = %from, "tunnel peer restarted its numbering");
+        }
+        peer.rx_frames += frames;
+        peer.rx_bytes += bytes_in;
+        peer.last_seen = Some(SystemTime::now());
+        Some((packet.seq(), peer.kind == PeerKind::External))
+    }
+
+    /// Puts the frames of an accepted packet on the bus. Returns them when they are to be
+    /// relayed to the plugin's other instances: those of an external peer, which (like
+    /// cannelloni) talks to one node only, while the instances talk to each other and to every
+    /// external peer directly — so every frame reaches every node once.
+    fn deliver(
+        &self,
+        bytes: &[u8],
+        external: bool,
+        can: Option<&AsyncFd<RawCanSocket>>,
+    ) -> Vec<Frame> {
+        let Ok(packet) = wire::decode(bytes) else {
+            return Vec::new();
+        };
         let mut full = 0u64;
         let mut raw = [0u8; CANFD_MTU];
         for frame in packet.frames() {
-            frames += 1;
-            bytes_in += frame.len() as u64;
-            let Some(can) = can else {
-                full += 1;
-                continue;
-            };
-            if can.get_ref().send(frame.to_kernel(&mut raw)).is_err() {
-                full += 1;
+            match can {
+                Some(can) if can.get_ref().send(frame.to_kernel(&mut raw)).is_ok() => {}
+                _ => full += 1,
             }
         }
-        let mut stats = self.lock_stats();
         if full > 0 {
-            *stats.dropped.entry(QUEUE_FULL).or_default() += full;
+            *self.lock_stats().dropped.entry(QUEUE_FULL).or_default() += full;
         }
-        let mut external = false;
-        if let Some(peer) = stats.peers.get_mut(&from) {
-            if peer.sequence.record(packet.seq()) == Arrival::Restart {
-                tracing::info!(bus = %self.bus, peer = %from, "tunnel peer restarted its numbering");
-            }
-            peer.rx_frames += frames;
-            peer.rx_bytes += bytes_in;
-            peer.last_seen = Some(SystemTime::now());
-            external = peer.kind == PeerKind::External;
+        if external {
+            packet.frames().collect()
+        } else {
+            Vec::new()
         }
-        if external { packet.len() } else { 0 }
     }
 
     /// Sends the batch to every peer (of kind `only`, if given), in as many packets as it takes.
