@@ -154,7 +154,7 @@ GAUGES = {
     "vcan_plugin_bus_members",
     "vcan_plugin_can_controller_info",
     "vcan_plugin_can_controller_state",
-    "vcan_plugin_can_controller_error_counter",
+    "vcan_plugin_can_controller_error_level",
     "vcan_plugin_tunnel_peers",
     "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds",
 }
@@ -201,7 +201,7 @@ METRIC_LABELS: dict[str, set[str]] = {
     # Physical CAN controllers: `controller` is the name in the hardware configuration.
     "vcan_plugin_can_controller_info": {"controller", "interface", "namespace", "pod", "bus"},
     "vcan_plugin_can_controller_state": {"controller", "state"},
-    "vcan_plugin_can_controller_error_counter": {"controller", "direction"},
+    "vcan_plugin_can_controller_error_level": {"controller", "direction"},
     "vcan_plugin_can_controller_events_total": {"controller", "event"},
     # Buses across nodes (vcan-plugin/src/telemetry/metrics.rs, tunnel_families): `peer` is the
     # peer's address:port, `kind` instance (the plugin on another node) or external.

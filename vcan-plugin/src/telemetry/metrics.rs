@@ -483,7 +483,7 @@ fn controller_families(controllers: &[ControllerSample]) -> Vec<prometheus::prot
     .expect("valid metric");
     let errors = GaugeVec::new(
         Opts::new(
-            name("can_controller_error_counter"),
+            name("can_controller_error_level"),
             "The controller's transmit/receive error counter (error-passive from 128, bus-off \
              at transmit 256).",
         ),
@@ -875,8 +875,8 @@ mod tests {
             "vcan_plugin_can_controller_info{bus=\"plant\",controller=\"wire\",interface=\"uplink\",namespace=\"\",pod=\"\"} 1",
             "vcan_plugin_can_controller_state{controller=\"bench\",state=\"bus_off\"} 1",
             "vcan_plugin_can_controller_state{controller=\"bench\",state=\"error_active\"} 0",
-            "vcan_plugin_can_controller_error_counter{controller=\"bench\",direction=\"tx\"} 256",
-            "vcan_plugin_can_controller_error_counter{controller=\"bench\",direction=\"rx\"} 17",
+            "vcan_plugin_can_controller_error_level{controller=\"bench\",direction=\"tx\"} 256",
+            "vcan_plugin_can_controller_error_level{controller=\"bench\",direction=\"rx\"} 17",
             "vcan_plugin_can_controller_events_total{controller=\"bench\",event=\"bus_error\"} 40",
             "vcan_plugin_can_controller_events_total{controller=\"bench\",event=\"restarts\"} 1",
             "# TYPE vcan_plugin_can_controller_events_total counter",

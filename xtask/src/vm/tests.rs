@@ -26,7 +26,7 @@ pub struct VmTestArgs {
     pub packages: Vec<String>,
     /// Limit for the VM run, boot included, in seconds (the end-to-end tests start well over a
     /// hundred pods under emulation).
-    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 3000, value_name = "SECONDS")]
     pub timeout: u64,
     /// Extra libtest arguments for every test binary (e.g. `-- --exact`).
     #[arg(last = true)]
