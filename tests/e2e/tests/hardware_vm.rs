@@ -293,6 +293,7 @@ async fn physical_interfaces_pass_through_and_uplink_a_shared_bus() {
     require_testbed();
     load_controllers();
     let bench_name = netdev(BENCH_PCI).expect("bench controller");
+    let wire_name = netdev(UPLINK_PCI).expect("uplink controller");
     let (hardware, buses) = configs();
     let mut t = TestNode::start_with(
         2,
@@ -332,6 +333,30 @@ async fn physical_interfaces_pass_through_and_uplink_a_shared_bus() {
     bad_bitrates_fail_the_pod_and_leave_nothing(&mut t, &bench_name).await;
     an_unbound_driver_makes_the_device_unhealthy(&t, &bench_name).await;
     uplink_connects_members_and_the_wire(&t).await;
+    // A bus with an uplink keeps it in its namespace for good. Other tests in this VM want every
+    // controller back on the node: stop the plugin and remove the bus namespace, whose
+    // destruction hands the controller back, and give it its name again.
+    drop(t);
+    let bus_ns = std::path::Path::new(STATE_DIR).join("buses/plant");
+    run_ok("umount", &[&bus_ns.display().to_string()]);
+    std::fs::remove_file(&bus_ns).expect("remove the bus namespace file");
+    let started = Instant::now();
+    let returned = loop {
+        if let Some(name) = netdev(UPLINK_PCI) {
+            break name;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the uplink never came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = Command::new("ip")
+        .args(["link", "set", &returned, "down"])
+        .status();
+    if returned != wire_name {
+        run_ok("ip", &["link", "set", &returned, "name", &wire_name]);
+    }
 }
 
 async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode, home: &str) {
