@@ -18,15 +18,6 @@ pub struct ResourceName {
 #[error("invalid resource name {0:?}: {1}")]
 pub struct ResourceNameError(String, &'static str);
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 impl FromStr for ResourceName {
     type Err = ResourceNameError;
 
@@ -35,7 +26,10 @@ impl FromStr for ResourceName {
         let (domain, name) = s
             .split_once('/')
             .ok_or_else(|| err("expected domain/name, e.g. socketcan.io/vcan"))?;
-        if domain.len() > 253 || !domain.split('.').all(is_dns_label) || !domain.contains('.') {
+        if domain.len() > 253
+            || !domain.split('.').all(|label| is_dns_label(label, 63))
+            || !domain.contains('.')
+        {
             return Err(err(
                 "the domain must be a DNS subdomain with a dot, e.g. socketcan.io",
             ));
@@ -43,7 +37,7 @@ impl FromStr for ResourceName {
         if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") {
             return Err(err("the kubernetes.io domain is reserved"));
         }
-        if !is_dns_label(name) {
+        if !is_dns_label(name, 63) {
             return Err(err(
                 "the name must be lowercase letters, digits and '-', at most 63 characters",
             ));
@@ -121,6 +115,18 @@ impl DeviceSet {
             .and_then(|n| n.parse::<usize>().ok())
             .is_some_and(|n| n < self.count)
     }
+}
+
+/// Whether `s` is a DNS label of at most `max_len` characters (lowercase letters, digits and
+/// '-', not at either end): what names in the configurations become part of resource names and
+/// annotation keys with.
+pub fn is_dns_label(s: &str, max_len: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max_len
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 #[cfg(test)]

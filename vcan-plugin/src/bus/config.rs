@@ -143,12 +143,7 @@ struct RawBus {
 
 /// Whether `s` can name a bus: a DNS label of at most 53 characters.
 pub(crate) fn is_bus_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    crate::resource::is_dns_label(s, MAX_NAME_LEN)
 }
 
 /// Parses a bus configuration, JSON (`path` only names it in errors). `fd` defaults to true,

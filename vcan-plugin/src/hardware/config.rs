@@ -218,16 +218,6 @@ fn sample_point(value: f64) -> Result<u32, String> {
     }
 }
 
-/// Whether `s` can name a hardware interface: a DNS label.
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// Parses a hardware configuration, JSON (`path` only names it in errors).
 pub fn parse(text: &str, path: &str) -> Result<Vec<HardwareSpec>, HardwareConfigError> {
     let raw: RawFile = serde_json::from_str(text).map_err(|e| HardwareConfigError::Syntax {
@@ -242,7 +232,7 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<HardwareSpec>, HardwareConfig
             field,
             message,
         };
-        if !is_name(&raw.name) {
+        if !crate::resource::is_dns_label(&raw.name, MAX_NAME_LEN) {
             return Err(field(
                 "name",
                 format!(
