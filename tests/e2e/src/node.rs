@@ -119,4 +119,36 @@ impl Node {
         self.kubelet.forget(&pod.spec.namespace, &pod.spec.name);
         Ok(())
     }
+
+    /// Runs `cansend IFNAME FRAME` in `pod`'s container `app`; panics with the output unless it
+    /// succeeds within `timeout`.
+    pub async fn cansend(&self, pod: &StartedPod, ifname: &str, frame: &str, timeout: Duration) {
+        let out = self
+            .cri
+            .exec(pod.container("app"), &["cansend", ifname, frame], timeout)
+            .await
+            .unwrap_or_else(|e| panic!("exec in {}: {e:#}", pod.spec.name));
+        assert_eq!(
+            out.exit_code, 0,
+            "cansend {frame} in {}: {}{}",
+            pod.spec.name, out.stdout, out.stderr
+        );
+    }
+
+    /// The frames a listener pod's container `app` dumped with `candump -L` (timestamps cut),
+    /// once it has exited; panics unless it exited 0 within `timeout`.
+    pub async fn dumped(&self, pod: &StartedPod, timeout: Duration) -> Vec<String> {
+        let code = self
+            .cri
+            .wait_exit(pod.container("app"), timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:#}", pod.spec.name));
+        let log = self.cri.logs(&pod.spec, "app").await.expect("logs");
+        let frames: Vec<String> = log
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
+            .collect();
+        assert_eq!(code, 0, "{} missed frames; got {frames:?}", pod.spec.name);
+        frames
+    }
 }

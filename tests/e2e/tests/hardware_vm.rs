@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vcan_e2e::cluster::{pod_netns, wait_listening};
 use vcan_e2e::env::TestNode;
 use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::StartedPod;
@@ -186,72 +187,22 @@ fn pod(name: &str, resource: &str, frames: usize) -> PodSpec {
 }
 
 async fn netns(t: &TestNode, pod: &StartedPod) -> String {
-    t.node
-        .cri
-        .netns_path(&pod.sandbox)
-        .await
-        .expect("sandbox status")
-        .expect("pod has its own netns")
-        .display()
-        .to_string()
+    pod_netns(&t.node, pod).await
 }
 
 async fn wait_bound(t: &TestNode, pod: &StartedPod) {
     let ns = netns(t, pod).await;
-    let started = Instant::now();
-    loop {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={ns}"))
-            .args(["cat", "/proc/net/can/rcvlist_all"])
-            .output()
-            .expect("nsenter");
-        if String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some("can0"))
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < BIND_TIMEOUT,
-            "{} never listened",
-            pod.spec.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::task::spawn_blocking(move || wait_listening(&format!("--net={ns}"), "can0"))
+        .await
+        .expect("wait for the listener");
 }
 
 async fn send(t: &TestNode, pod: &StartedPod, frame: &str) {
-    let out = t
-        .node
-        .cri
-        .exec(
-            pod.container("app"),
-            &["cansend", "can0", frame],
-            EXEC_TIMEOUT,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("exec in {}: {e:#}", pod.spec.name));
-    assert_eq!(
-        out.exit_code, 0,
-        "cansend {frame} in {}: {}{}",
-        pod.spec.name, out.stdout, out.stderr
-    );
+    t.node.cansend(pod, "can0", frame, EXEC_TIMEOUT).await;
 }
 
 async fn dumped(t: &TestNode, pod: &StartedPod) -> Vec<String> {
-    let code = t
-        .node
-        .cri
-        .wait_exit(pod.container("app"), EXIT_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("{}: {e:#}", pod.spec.name));
-    let log = t.node.cri.logs(&pod.spec, "app").await.expect("logs");
-    let frames: Vec<String> = log
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
-        .collect();
-    assert_eq!(code, 0, "{} missed frames; got {frames:?}", pod.spec.name);
-    frames
+    t.node.dumped(pod, EXIT_TIMEOUT).await
 }
 
 fn metric(t: &TestNode, series: &str) -> Option<f64> {

@@ -41,35 +41,11 @@ fn listener(bus: &ClusterBus, name: &str, frames: usize) -> PodSpec {
 }
 
 async fn send(node: &Node, pod: &StartedPod, frame: &str) {
-    let out = node
-        .cri
-        .exec(
-            pod.container("app"),
-            &["cansend", "can0", frame],
-            EXEC_TIMEOUT,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("exec in {}: {e:#}", pod.spec.name));
-    assert_eq!(
-        out.exit_code, 0,
-        "cansend {frame} in {}: {}{}",
-        pod.spec.name, out.stdout, out.stderr
-    );
+    node.cansend(pod, "can0", frame, EXEC_TIMEOUT).await;
 }
 
 async fn dumped(node: &Node, pod: &StartedPod) -> Vec<String> {
-    let code = node
-        .cri
-        .wait_exit(pod.container("app"), EXIT_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("{}: {e:#}", pod.spec.name));
-    let log = node.cri.logs(&pod.spec, "app").await.expect("logs");
-    let frames: Vec<String> = log
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
-        .collect();
-    assert_eq!(code, 0, "{} missed frames; got {frames:?}", pod.spec.name);
-    frames
+    node.dumped(pod, EXIT_TIMEOUT).await
 }
 
 /// The rig: cannelloni on vcan0 in namespace vnode-c, talking to node A only (as a bench rig
