@@ -74,9 +74,16 @@ pub struct Config {
 
     /// DNS name that resolves to every plugin instance (a headless Service), for buses that
     /// span nodes ("span": "cluster" in the bus configuration), e.g.
-    /// vcan-plugin-peers.vcan-plugin.svc.cluster.local. Re-resolved every 10 s.
+    /// vcan-plugin-peers.vcan-plugin.svc.cluster.local. (a final dot skips the resolver's search
+    /// domains). Re-resolved every 10 s, and early when an unknown address sends to a tunnel.
     #[arg(long, env = "VCAN_PEER_SERVICE")]
     pub peer_service: Option<String>,
+
+    /// File holding the key the plugin's instances authenticate their tunnel packets with (at
+    /// least 16 bytes; mount it from a Secret). Required by buses that span nodes: packets from
+    /// instances without a valid tag are dropped.
+    #[arg(long, env = "VCAN_TUNNEL_KEY_FILE")]
+    pub tunnel_key_file: Option<PathBuf>,
 
     /// Directory for state that must outlive the plugin: the buses' network namespaces are
     /// bind-mounted under <state-dir>/buses/. Must be a host directory with Bidirectional mount

@@ -87,6 +87,22 @@ pub enum DaemonError {
         /// The bus.
         bus: String,
     },
+    /// A bus spans the cluster but no tunnel key is set.
+    #[error(
+        "bus {bus} spans the cluster (\"span\": \"cluster\") but --tunnel-key-file \
+         (VCAN_TUNNEL_KEY_FILE) is not set: the plugin's instances authenticate their packets with \
+         a key shared through a Secret (see README, \"Buses across nodes\")"
+    )]
+    NoTunnelKey {
+        /// The bus.
+        bus: String,
+    },
+    /// The tunnel key could not be read.
+    #[error(transparent)]
+    TunnelKey(#[from] crate::tunnel::auth::KeyError),
+    /// The namespace of the tunnels' I/O ends could not be made.
+    #[error("cannot make the namespace of the bus tunnels' I/O ends: {0}")]
+    TunnelNamespace(#[source] crate::kernel::netns::NetnsError),
     /// A bus tunnel failed.
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::endpoint::TunnelError),
@@ -180,6 +196,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         health: vcan_health.clone(),
     }];
     let bus_health = (!specs.is_empty()).then(|| health::watch_probe(health::Probe::Bus, interval));
+    let tunnel_key = match &config.tunnel_key_file {
+        Some(path) => Some(crate::tunnel::auth::TunnelKey::load(path)?),
+        None => None,
+    };
+    // One namespace of the process's own for every tunnel's I/O end (see bus::tunnel_io_name).
+    let tunnel_io = if specs.iter().any(|s| s.tunnel.is_some()) {
+        Some(crate::kernel::netns::process_private().map_err(DaemonError::TunnelNamespace)?)
+    } else {
+        None
+    };
     let mut buses = Vec::new();
     let mut hardware = Vec::new();
     let mut tunnels = Vec::new();
@@ -192,6 +218,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 source,
             })?
             .with_uplink(uplink);
+        let bus = match &tunnel_io {
+            Some(ns) => bus.with_tunnel_io(ns.clone()),
+            None => bus,
+        };
         if bus.resource() == &config.resource_name {
             return Err(DaemonError::BusResourceTaken {
                 bus: name,
@@ -212,10 +242,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             if spec.span == bus::config::Span::Cluster && config.peer_service.is_none() {
                 return Err(DaemonError::NoPeerService { bus: name });
             }
+            if spec.span == bus::config::Span::Cluster && tunnel_key.is_none() {
+                return Err(DaemonError::NoTunnelKey { bus: name });
+            }
+            let Some(io_ns) = tunnel_io.clone() else {
+                unreachable!("a namespace is made whenever a bus has a tunnel");
+            };
             tunnels.push(Arc::new(Tunnel::new(
                 &bus.spec().name,
                 spec.clone(),
                 config.peer_service.clone(),
+                tunnel_key.clone(),
+                io_ns,
             )));
         }
         if let Some(uplink) = bus.uplink() {

@@ -59,10 +59,20 @@ pub struct TunnelSpec {
     pub span: Span,
     /// The UDP port of the bus's tunnel, the same on every node.
     pub port: u16,
-    /// External peers by address (e.g. a bench rig running cannelloni).
-    pub peers: Vec<std::net::SocketAddr>,
+    /// External peers (e.g. a bench rig running cannelloni).
+    pub peers: Vec<ExternalPeer>,
     /// The longest a frame waits for others to share its packet.
     pub batch: std::time::Duration,
+}
+
+/// A peer that is not the plugin (cannelloni on a bench rig).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalPeer {
+    /// Where it listens.
+    pub address: std::net::SocketAddr,
+    /// The plugin instance's address it sends to (cannelloni's `-R`): that instance serves it
+    /// from the start. Without it, the instance it first sends to serves it from then on.
+    pub via: Option<std::net::IpAddr>,
 }
 
 impl BusSpec {
@@ -136,9 +146,26 @@ struct RawBus {
     #[serde(default)]
     port: Option<i64>,
     #[serde(default)]
-    peers: Vec<String>,
+    peers: Vec<RawPeer>,
     #[serde(default)]
     batch_us: Option<i64>,
+}
+
+/// An external peer as written: `"192.0.2.10:20000"` or
+/// `{"address": "192.0.2.10:20000", "via": "10.0.0.1"}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPeer {
+    Address(String),
+    Full(RawPeerFields),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeerFields {
+    address: String,
+    #[serde(default)]
+    via: Option<String>,
 }
 
 /// Whether `s` can name a bus: a DNS label of at most 53 characters.
@@ -209,12 +236,42 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
             .peers
             .iter()
             .map(|p| {
-                p.parse::<std::net::SocketAddr>().map_err(|_| {
+                let (address, via) = match p {
+                    RawPeer::Address(a) => (a, None),
+                    RawPeer::Full(RawPeerFields { address, via }) => (address, via.as_ref()),
+                };
+                let address = address.parse::<std::net::SocketAddr>().map_err(|_| {
                     field(
                         "peers",
-                        format!("{p:?} is not an address with a port, e.g. \"192.0.2.10:20000\""),
+                        format!(
+                            "{address:?} is not an address with a port, e.g. \"192.0.2.10:20000\""
+                        ),
                     )
-                })
+                })?;
+                if address.is_ipv6() {
+                    return Err(field(
+                        "peers",
+                        format!(
+                            "\"{address}\" is an IPv6 address: the tunnel speaks IPv4 only (run \
+                             the peer's cannelloni with -4 and give its IPv4 address)"
+                        ),
+                    ));
+                }
+                let via = via
+                    .map(|v| {
+                        v.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                            field(
+                                "peers",
+                                format!(
+                                    "via {v:?} is not an IPv4 address: give the address of the \
+                                     plugin instance the peer sends to (cannelloni's -R)"
+                                ),
+                            )
+                        })
+                    })
+                    .transpose()?
+                    .map(std::net::IpAddr::V4);
+                Ok(ExternalPeer { address, via })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let tunnel = if span == Span::Cluster || !peers.is_empty() {
@@ -463,6 +520,15 @@ mod tests {
             (
                 r#"{"buses":[{"name":"a","peers":["rig:20000"]}]}"#,
                 "buses[0].peers: \"rig:20000\" is not an address with a port",
+            ),
+            (
+                r#"{"buses":[{"name":"a","peers":["[2001:db8::10]:20000"]}]}"#,
+                "buses[0].peers: \"[2001:db8::10]:20000\" is an IPv6 address: the tunnel speaks \
+                 IPv4 only",
+            ),
+            (
+                r#"{"buses":[{"name":"a","peers":[{"address":"192.0.2.10:20000","via":"node-a"}]}]}"#,
+                "buses[0].peers: via \"node-a\" is not an IPv4 address",
             ),
             (
                 r#"{"buses":[{"name":"a","span":"cluster"},{"name":"b","span":"cluster"}]}"#,

@@ -56,10 +56,12 @@ use topology::rules_between;
 pub const UPLINK_NAME: &str = "uplink";
 /// The tunnel's end of the bus in the bus namespace: a vxcan end joined by can-gw like a member's.
 pub const TUNNEL_END: &str = "tunnel";
-/// The name of the other end of bus `bus`'s tunnel pair, in the plugin's own network namespace,
-/// where the tunnel reads and writes frames: `vcant` and a hash of the bus's name, as bus names
-/// are longer than interface names may be. (A vxcan pair joins two namespaces; the plugin's is
-/// the natural other one, and the tunnel is down whenever the plugin is anyway.)
+/// The name of the other end of bus `bus`'s tunnel pair, where the tunnel reads and writes
+/// frames: `vcant` and a hash of the bus's name, as bus names are longer than interface names
+/// may be. That end lives in a namespace private to the plugin process
+/// ([`netns::process_private`]), never in the node's (where, under hostNetwork, any host process
+/// could read and write the cluster-wide bus): it goes, and the pair with it, when the process
+/// does, and the next process makes a new one.
 pub fn tunnel_io_name(bus: &str) -> String {
     // FNV-1a: stable across builds and platforms, unlike std's hasher.
     let hash = bus.bytes().fold(0x811c_9dc5_u32, |h, b| {
@@ -187,6 +189,8 @@ pub struct Bus {
     counted: Mutex<Counted>,
     /// The physical interface connecting the bus to a wire, kept in the bus namespace.
     uplink: Option<Arc<Controller>>,
+    /// Where the tunnel's I/O end lives (a bus with a tunnel only).
+    tunnel_io: Option<Netns>,
 }
 impl Bus {
     /// Bus `spec` under `domain`, with its namespace file in `<state_dir>/buses/`.
@@ -201,7 +205,14 @@ impl Bus {
             creating: Mutex::new(()),
             counted: Mutex::new(Counted::default()),
             uplink: None,
+            tunnel_io: None,
         })
+    }
+
+    /// The bus with its tunnel's I/O end in `ns` (for a bus with a tunnel).
+    pub fn with_tunnel_io(mut self, ns: Netns) -> Self {
+        self.tunnel_io = Some(ns);
+        self
     }
 
     /// The bus with `uplink` connecting it to a physical CAN wire.
@@ -377,20 +388,37 @@ impl Bus {
                     source: Box::new(source),
                 })?;
         }
-        if self.spec.tunnel.is_some() {
+        if self.spec.tunnel.is_some()
+            && let Some(io_ns) = &self.tunnel_io
+        {
+            let vxcan_error = |source| BusError::Vxcan {
+                bus: self.spec.name.clone(),
+                source,
+            };
+            let io_name = tunnel_io_name(&self.spec.name);
+            // A tunnel end without our I/O end is a previous process's (its namespace, and the
+            // I/O end with it, may still be going away) or one whose other end is elsewhere:
+            // replaced, so the pair joins this process's namespace.
+            let ours = Links::open(io_ns)
+                .and_then(|mut l| l.get(&io_name))
+                .map_err(|source| BusError::Link {
+                    bus: self.spec.name.clone(),
+                    source,
+                })?
+                .is_some();
+            if !ours && vxcan::delete(&self.ns(), TUNNEL_END).map_err(vxcan_error)? {
+                tracing::info!(bus = %self.spec.name, "stale tunnel end replaced");
+            }
             vxcan::ensure(
-                &Netns::Pid(std::process::id()),
+                io_ns,
                 &self.ns(),
                 &VxcanSpec {
-                    name: tunnel_io_name(&self.spec.name),
+                    name: io_name,
                     peer_name: TUNNEL_END.into(),
                     mtu: self.spec.mtu(),
                 },
             )
-            .map_err(|source| BusError::Vxcan {
-                bus: self.spec.name.clone(),
-                source,
-            })?;
+            .map_err(vxcan_error)?;
         }
         Ok(())
     }

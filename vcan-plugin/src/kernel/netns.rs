@@ -172,6 +172,44 @@ where
         .map_err(|_| NetnsError::Thread("the worker panicked".into()))?
 }
 
+/// A new, empty network namespace that lives exactly as long as this process: a parked thread
+/// holds it, and the kernel destroys it (with every link in it, and a vxcan's peer with its end)
+/// when the process exits, however it exits. Nothing in it is reachable from the node's namespace
+/// or outlives an uninstall.
+pub fn process_private() -> Result<Netns, NetnsError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("netns-private".into())
+        .spawn(move || {
+            // SAFETY: unshare only changes this thread's network namespace.
+            let entered = if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+                // SAFETY: gettid has no preconditions.
+                Ok(unsafe { libc::gettid() })
+            } else {
+                Err(io::Error::last_os_error())
+            };
+            let ok = entered.is_ok();
+            let _ = tx.send(entered);
+            if ok {
+                loop {
+                    std::thread::park();
+                }
+            }
+        })
+        .map_err(|e| NetnsError::Thread(e.to_string()))?;
+    let tid = rx
+        .recv()
+        .map_err(|e| NetnsError::Thread(e.to_string()))?
+        .map_err(|source| NetnsError::Enter {
+            ns: "a new namespace".into(),
+            source,
+        })?;
+    Ok(Netns::Path(PathBuf::from(format!(
+        "/proc/{}/task/{tid}/ns/net",
+        std::process::id()
+    ))))
+}
+
 /// Makes `path` name a network namespace that outlives the plugin: reuses the namespace already
 /// bind-mounted there, or creates a new, empty one and bind-mounts it onto `path` (what
 /// `ip netns add` does). Returns whether a namespace was created.

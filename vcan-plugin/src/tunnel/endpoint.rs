@@ -1,27 +1,39 @@
 //! One bus's tunnel end: frames the bus's members send leave the bus namespace through the
-//! tunnel's vxcan pair, whose other end is in the plugin's own namespace, and go, batched into
-//! cannelloni packets, to every peer; packets from peers come back as frames onto the bus, which
-//! can-gw hands to every local member.
+//! tunnel's vxcan pair, whose other end is in a namespace private to the plugin process, and go,
+//! batched into cannelloni packets, to the peers; packets from peers come back as frames onto the
+//! bus, which can-gw hands to every local member.
 //!
 //! Frames from a peer enter through the tunnel's end of the bus and can-gw never forwards a frame
 //! back out of the end it came in on, so no frame returns to the node that sent it. Each peer gets
 //! its own sequence numbers, so each can count what it lost and put packets the network reordered
 //! back in order ([`crate::tunnel::reorder`]).
+//!
+//! **Who sends what to whom.** The instances send every local frame to each other, each packet
+//! authenticated ([`crate::tunnel::auth`]). An external peer (cannelloni) talks to one address
+//! and, by default, accepts packets from that address only, so each is *served* by one instance:
+//! the one it sends to (on a bus of one node, that node's from the start). The serving instance
+//! sends it the local frames and those it receives from the other instances, and relays the
+//! peer's frames to the other instances and to the other external peers it serves; the others
+//! never send to it. Every frame thus reaches every node and every external peer once, and two
+//! rigs talking to two different nodes hear each other.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::bus::config::TunnelSpec;
+use crate::bus::config::{Span, TunnelSpec};
 use crate::bus::tunnel_io_name;
 use crate::kernel::can_raw::{CANFD_MTU, RawCanSocket};
 use crate::kernel::netns::Netns;
-use crate::tunnel::peers::PeerSource;
+use crate::tunnel::auth::{Freshness, ReplayWindow, TRAILER_LEN, TunnelKey};
+use crate::tunnel::peers::spawn_resolver;
 use crate::tunnel::reorder::Reorder;
 use crate::tunnel::sequence::{Arrival, SequenceTracker};
 use crate::tunnel::wire::{self, DEFAULT_PAYLOAD_LIMIT, Encoder, Frame};
@@ -35,6 +47,16 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const UNKNOWN_PEER: &str = "unknown_peer";
 /// Why a received frame was dropped when the bus's queue was full.
 pub const QUEUE_FULL: &str = "queue_full";
+/// Why a packet was dropped that claimed to come from an instance without a valid tag.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+/// Why a packet was dropped that had been delivered already (duplicated by the network, or
+/// replayed).
+pub const DUPLICATE: &str = "duplicate";
+/// How long an instance the peer service no longer lists stays a peer while it keeps sending
+/// authenticated packets (DNS lags behind a replaced plugin pod).
+pub const UNLISTED_GRACE: Duration = Duration::from_secs(10);
+/// A peer silent this long may have restarted: its numbering and loss accounting start over.
+pub const RESTART_SILENCE: Duration = Duration::from_secs(2);
 
 /// What a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +119,7 @@ pub struct TunnelStats {
     /// Current peers.
     pub peers: BTreeMap<SocketAddr, PeerStats>,
     /// Packets or frames dropped, by reason ([`wire::WireError::label`], [`UNKNOWN_PEER`],
-    /// [`QUEUE_FULL`]).
+    /// [`QUEUE_FULL`], [`UNAUTHENTICATED`], [`DUPLICATE`]).
     pub dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -121,38 +143,105 @@ pub enum TunnelError {
 pub struct Tunnel {
     bus: String,
     spec: TunnelSpec,
-    source: PeerSource,
+    service: Option<String>,
+    key: Option<TunnelKey>,
+    io_ns: Netns,
     stats: Mutex<TunnelStats>,
 }
 
+/// Where a frame waiting to be sent came from, which decides who gets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A member on this node.
+    Local,
+    /// Another instance.
+    Instance,
+    /// An external peer served here.
+    External(SocketAddr),
+}
+
+/// A peer as the tunnel's loop knows it.
+#[derive(Debug)]
 struct Peer {
-    addr: SocketAddr,
+    kind: PeerKind,
+    /// cannelloni's sequence number of the next packet to it.
     seq: u8,
     last_sent: Instant,
+    /// Listed by the peer service (instances) or configured (external peers).
+    listed: bool,
+    last_heard: Option<Instant>,
+    /// Served by this instance whatever it sends (an external peer whose `via` is here).
+    pinned: bool,
+    /// Authenticated packets accepted from it (instances).
+    replay: ReplayWindow,
+    /// Its packets that arrived out of order.
+    reorder: Reorder,
+}
+
+impl Peer {
+    fn new(kind: PeerKind, listed: bool) -> Self {
+        Peer {
+            kind,
+            seq: 0,
+            last_sent: Instant::now() - HEARTBEAT_INTERVAL,
+            listed,
+            last_heard: None,
+            pinned: false,
+            replay: ReplayWindow::default(),
+            reorder: Reorder::default(),
+        }
+    }
+}
+
+/// Which frames of a batch go to a peer.
+fn wanted(origin: Origin, to: SocketAddr, kind: PeerKind) -> bool {
+    match (kind, origin) {
+        (PeerKind::Instance, Origin::Local | Origin::External(_)) => true,
+        (PeerKind::Instance, Origin::Instance) => false,
+        (PeerKind::External, Origin::External(from)) => from != to,
+        (PeerKind::External, _) => true,
+    }
+}
+
+/// What the loop carries between events.
+struct State {
+    peers: BTreeMap<SocketAddr, Peer>,
+    /// Frames waiting to be sent, in arrival order, with where they came from.
+    out: Vec<(Frame, Origin)>,
+    deadline: Option<tokio::time::Instant>,
+    can: Option<AsyncFd<RawCanSocket>>,
+    /// This run of the tunnel, for the instances' replay windows: its start time.
+    epoch: u64,
+    /// Authenticated packets sent so far.
+    counter: u64,
 }
 
 impl Tunnel {
     /// The tunnel of bus `bus`, with peers from `service` (the plugin's other instances, when the
-    /// bus spans the cluster) and the configured ones.
-    pub fn new(bus: &str, spec: TunnelSpec, service: Option<String>) -> Self {
-        let source = PeerSource {
-            service: match spec.span {
-                crate::bus::config::Span::Cluster => service,
-                crate::bus::config::Span::Node => None,
-            },
-            port: spec.port,
-            fixed: spec.peers.clone(),
-        };
+    /// bus spans the cluster; their packets are authenticated with `key`) and the configured
+    /// ones; its I/O end is in `io_ns`.
+    pub fn new(
+        bus: &str,
+        spec: TunnelSpec,
+        service: Option<String>,
+        key: Option<TunnelKey>,
+        io_ns: Netns,
+    ) -> Self {
         Tunnel {
             bus: bus.to_string(),
+            service: match spec.span {
+                Span::Cluster => service,
+                Span::Node => None,
+            },
             spec,
-            source,
+            key,
+            io_ns,
             // Every reason starts at zero, so the first drop of a kind is an increase.
             stats: Mutex::new(TunnelStats {
                 peers: BTreeMap::new(),
                 dropped: wire::WireError::LABELS
                     .iter()
-                    .chain(&[UNKNOWN_PEER, QUEUE_FULL])
+                    .chain(&[UNKNOWN_PEER, QUEUE_FULL, UNAUTHENTICATED, DUPLICATE])
                     .map(|r| (*r, 0))
                     .collect(),
             }),
@@ -178,9 +267,24 @@ impl Tunnel {
         *self.lock_stats().dropped.entry(reason).or_default() += 1;
     }
 
+    /// Whether this instance sends to peer `p`: to every instance; to an external peer on a bus
+    /// of one node always, else if its `via` is this instance or once it has talked to this
+    /// instance.
+    fn serves(&self, p: &Peer) -> bool {
+        p.kind == PeerKind::Instance
+            || self.spec.span == Span::Node
+            || p.pinned
+            || p.last_heard.is_some()
+    }
+
     /// Binds the UDP port and carries frames until `shutdown`. The tunnel's CAN end is opened
     /// once its pair exists (the reconcile pass makes it) and again if it goes away.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), TunnelError> {
+        let span = tracing::info_span!("tunnel", bus = %self.bus, port = self.spec.port);
+        self.run_loop(shutdown).instrument(span).await
+    }
+
+    async fn run_loop(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), TunnelError> {
         let udp = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], self.spec.port)))
             .await
             .map_err(|source| TunnelError::Bind {
@@ -188,126 +292,164 @@ impl Tunnel {
                 port: self.spec.port,
                 source,
             })?;
-        tracing::info!(bus = %self.bus, port = self.spec.port, "bus tunnel listening");
-        let mut peers: Vec<Peer> = Vec::new();
-        let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
+        tracing::info!("bus tunnel listening");
+        let early = Arc::new(Notify::new());
+        let mut resolved = self.service.clone().map(|service| {
+            spawn_resolver(
+                self.bus.clone(),
+                service,
+                self.spec.port,
+                RESOLVE_INTERVAL,
+                early.clone(),
+                shutdown.child_token(),
+            )
+        });
+        let mut state = State {
+            peers: BTreeMap::new(),
+            out: Vec::new(),
+            deadline: None,
+            can: None,
+            epoch: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            counter: 0,
+        };
+        for external in &self.spec.peers {
+            let mut peer = Peer::new(PeerKind::External, true);
+            peer.pinned = external.via.is_some_and(crate::tunnel::peers::is_local);
+            state.peers.insert(external.address, peer);
+        }
+        self.sync_stats(&state.peers);
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        let mut can: Option<AsyncFd<RawCanSocket>> = None;
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reopen = tokio::time::interval(Duration::from_millis(500));
-        let encoder = Encoder::new(DEFAULT_PAYLOAD_LIMIT)
-            .unwrap_or_else(|_| unreachable!("the default payload limit holds the largest frame"));
-        let mut batch: Vec<Frame> = Vec::new();
-        // Frames from external peers, for the plugin's other instances (see `receive`).
-        let mut relay: Vec<Frame> = Vec::new();
-        let mut deadline: Option<tokio::time::Instant> = None;
+        reopen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Room for the trailer of the instances' packets, so every packet fits the path MTU.
+        let encoder = Encoder::new(DEFAULT_PAYLOAD_LIMIT - TRAILER_LEN)
+            .unwrap_or_else(|_| unreachable!("the payload limit holds the largest frame"));
         let mut buf = vec![0u8; wire::MAX_PACKET_LEN];
         let mut packet = Vec::with_capacity(DEFAULT_PAYLOAD_LIMIT);
-        // Per peer, packets waiting for earlier ones (see `reorder`).
-        let mut reorders: HashMap<SocketAddr, Reorder> = HashMap::new();
         loop {
-            let flush_at = deadline;
-            let held_until = reorders
+            let flush_at = state.deadline;
+            let held_until = state
+                .peers
                 .values()
-                .filter_map(Reorder::deadline)
+                .filter_map(|p| p.reorder.deadline())
                 .min()
                 .map(tokio::time::Instant::from_std);
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                _ = resolve.tick() => {
-                    self.update_peers(&mut peers).await;
-                    reorders.retain(|addr, _| peers.iter().any(|p| p.addr == *addr));
-                }
-                _ = reopen.tick(), if can.is_none() => {
-                    can = self.open_can().await;
+                answer = next_answer(resolved.as_mut()) => match answer {
+                    Some(found) => self.update_instances(&mut state.peers, found),
+                    None => resolved = None,
+                },
+                _ = reopen.tick(), if state.can.is_none() => {
+                    state.can = self.open_can().await;
                 }
                 _ = heartbeat.tick() => {
-                    let now = Instant::now();
-                    let kinds = self.kinds(&peers);
-                    for p in peers.iter_mut().filter(|p| {
-                        kinds.get(&p.addr) == Some(&PeerKind::Instance)
-                            && now.duration_since(p.last_sent) >= HEARTBEAT_INTERVAL
-                    }) {
-                        encoder.encode(p.seq, &[], &mut packet);
-                        if udp.send_to(&packet, p.addr).await.is_ok() {
-                            p.seq = p.seq.wrapping_add(1);
-                            p.last_sent = now;
-                            if let Some(s) = self.lock_stats().peers.get_mut(&p.addr) {
-                                s.tx_packets += 1;
-                            }
-                        }
-                    }
+                    self.heartbeat(&udp, &encoder, &mut state, &mut packet).await;
                 }
                 received = udp.recv_from(&mut buf) => {
                     let Ok((n, from)) = received else { continue };
-                    let Some((seq, external)) = self.accept(&buf[..n], from, &peers) else {
-                        continue;
-                    };
-                    let ready = reorders
-                        .entry(from)
-                        .or_default()
-                        .push(seq, buf[..n].to_vec(), Instant::now());
-                    for packet in ready {
-                        relay.extend(self.deliver(&packet, external, can.as_ref()));
-                    }
-                    if !relay.is_empty() && deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + self.spec.batch);
-                    }
-                    if batch_is_full(&relay) {
-                        deadline = Some(tokio::time::Instant::now());
-                    }
+                    self.receive(&buf[..n], from, &mut state, &early);
                 }
                 () = sleep_until(held_until) => {
                     // Packets held for missing ones waited long enough: the missing are lost.
                     let now = Instant::now();
-                    let kinds = self.kinds(&peers);
-                    for (from, reorder) in reorders.iter_mut() {
-                        if reorder.deadline().is_some_and(|d| d <= now) {
-                            let external = kinds.get(from) == Some(&PeerKind::External);
-                            for packet in reorder.flush() {
-                                relay.extend(self.deliver(&packet, external, can.as_ref()));
-                            }
+                    let mut ready = Vec::new();
+                    for (from, peer) in state.peers.iter_mut() {
+                        if peer.reorder.deadline().is_some_and(|d| d <= now) {
+                            let origin = origin_of(*from, peer.kind);
+                            ready.extend(peer.reorder.flush().into_iter().map(|p| (p, origin)));
                         }
                     }
-                    if !relay.is_empty() && deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + self.spec.batch);
+                    for (p, origin) in ready {
+                        self.deliver(&p, origin, &mut state);
                     }
                 }
-                readable = readable(can.as_ref()) => {
+                readable = readable(state.can.as_ref()) => {
                     match readable {
                         Ok(frames) => {
-                            if !frames.is_empty() && deadline.is_none() {
-                                deadline = Some(tokio::time::Instant::now() + self.spec.batch);
-                            }
-                            batch.extend(frames);
+                            state.out.extend(frames.into_iter().map(|f| (f, Origin::Local)));
+                            self.schedule(&mut state);
                         }
                         Err(e) => {
-                            tracing::warn!(bus = %self.bus, error = %e, "the tunnel's CAN end failed; reopening");
-                            can = None;
+                            tracing::warn!(error = %e, "the tunnel's CAN end failed; reopening");
+                            state.can = None;
                         }
-                    }
-                    if batch_is_full(&batch) {
-                        deadline = Some(tokio::time::Instant::now());
                     }
                 }
                 () = sleep_until(flush_at) => {
-                    deadline = None;
-                    self.send(&udp, &encoder, &mut peers, &mut batch, &mut packet, None).await;
-                    self.send(&udp, &encoder, &mut peers, &mut relay, &mut packet, Some(PeerKind::Instance)).await;
+                    state.deadline = None;
+                    self.send(&udp, &encoder, &mut state, &mut packet).await;
                 }
             }
         }
     }
 
-    fn kinds(&self, peers: &[Peer]) -> BTreeMap<SocketAddr, PeerKind> {
-        let stats = self.lock_stats();
-        peers
-            .iter()
-            .filter_map(|p| stats.peers.get(&p.addr).map(|s| (p.addr, s.kind)))
-            .collect()
+    /// Sets when the waiting frames go out: after the batch time, or now if they fill a packet.
+    fn schedule(&self, state: &mut State) {
+        if state.out.is_empty() {
+            return;
+        }
+        if state.deadline.is_none() {
+            state.deadline = Some(tokio::time::Instant::now() + self.spec.batch);
+        }
+        let size: usize = wire::HEADER_LEN
+            + TRAILER_LEN
+            + state.out.iter().map(|(f, _)| f.wire_len()).sum::<usize>();
+        if size + wire::MAX_FRAME_WIRE_LEN > DEFAULT_PAYLOAD_LIMIT {
+            state.deadline = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// The peers as a scrape sees them: one entry per current peer.
+    fn sync_stats(&self, peers: &BTreeMap<SocketAddr, Peer>) {
+        let mut stats = self.lock_stats();
+        stats.peers.retain(|a, _| peers.contains_key(a));
+        for (addr, p) in peers {
+            stats
+                .peers
+                .entry(*addr)
+                .or_insert_with(|| PeerStats::new(p.kind));
+        }
+    }
+
+    /// The service's latest answer: new instances become peers; instances it no longer lists
+    /// stay while they keep talking (DNS lags behind a replaced pod), and go otherwise.
+    fn update_instances(
+        &self,
+        peers: &mut BTreeMap<SocketAddr, Peer>,
+        found: BTreeSet<SocketAddr>,
+    ) {
+        let now = Instant::now();
+        for addr in &found {
+            match peers.get_mut(addr) {
+                Some(p) => p.listed = true,
+                None => {
+                    tracing::info!(peer = %addr, "tunnel peer joined");
+                    peers.insert(*addr, Peer::new(PeerKind::Instance, true));
+                }
+            }
+        }
+        peers.retain(|addr, p| {
+            if p.kind == PeerKind::External || found.contains(addr) {
+                return true;
+            }
+            p.listed = false;
+            let talking = p
+                .last_heard
+                .is_some_and(|t| now.duration_since(t) < UNLISTED_GRACE);
+            if !talking {
+                tracing::info!(peer = %addr, "tunnel peer left");
+            }
+            talking
+        });
+        self.sync_stats(peers);
     }
 
     async fn open_can(&self) -> Option<AsyncFd<RawCanSocket>> {
-        let ns = Netns::Pid(std::process::id());
+        let ns = self.io_ns.clone();
         let name = tunnel_io_name(&self.bus);
         let opened = tokio::task::spawn_blocking(move || RawCanSocket::open(&ns, &name))
             .await
@@ -317,109 +459,122 @@ impl Tunnel {
             // open until it is dropped with the AsyncFd.
             Ok(socket) => match unsafe { AsyncFd::register(socket) } {
                 Ok(fd) => {
-                    tracing::info!(bus = %self.bus, "tunnel connected to the bus");
+                    tracing::info!("tunnel connected to the bus");
                     Some(fd)
                 }
                 Err(e) => {
-                    tracing::warn!(bus = %self.bus, error = %e, "cannot poll the tunnel's CAN end");
+                    tracing::warn!(error = %e, "cannot poll the tunnel's CAN end");
                     None
                 }
             },
             Err(e) => {
-                tracing::debug!(bus = %self.bus, error = %e, "the tunnel's CAN end is not there yet");
+                tracing::debug!(error = %e, "the tunnel's CAN end is not there yet");
                 None
             }
         }
     }
 
-    async fn update_peers(&self, peers: &mut Vec<Peer>) {
-        let (found, error) = self.source.resolve().await;
-        if let Some(e) = error {
-            tracing::warn!(bus = %self.bus, error = %e, "peers not updated");
-            if peers.iter().any(|p| !self.spec.peers.contains(&p.addr)) {
-                // A failing resolver proves nothing about the instances found before.
-                return;
-            }
-        }
-        let before: BTreeSet<SocketAddr> = peers.iter().map(|p| p.addr).collect();
-        if before == found {
-            return;
-        }
-        for added in found.difference(&before) {
-            tracing::info!(bus = %self.bus, peer = %added, "tunnel peer joined");
-        }
-        for gone in before.difference(&found) {
-            tracing::info!(bus = %self.bus, peer = %gone, "tunnel peer left");
-        }
-        peers.retain(|p| found.contains(&p.addr));
+    /// A packet from `from`: authenticated (instances), checked, counted, put in order and
+    /// delivered.
+    fn receive(&self, bytes: &[u8], from: SocketAddr, state: &mut State, early: &Notify) {
         let now = Instant::now();
-        for addr in found.difference(&before) {
-            peers.push(Peer {
-                addr: *addr,
-                seq: 0,
-                last_sent: now - HEARTBEAT_INTERVAL,
-            });
-        }
-        let mut stats = self.lock_stats();
-        stats.peers.retain(|a, _| found.contains(a));
-        for addr in &found {
-            let kind = if self.spec.peers.contains(addr) {
-                PeerKind::External
-            } else {
-                PeerKind::Instance
-            };
-            stats
-                .peers
-                .entry(*addr)
-                .or_insert_with(|| PeerStats::new(kind));
-        }
-    }
-
-    /// A packet from `from`: checked and counted. Returns its sequence number and whether it
-    /// came from an external peer, if it is to be delivered.
-    fn accept(&self, bytes: &[u8], from: SocketAddr, peers: &[Peer]) -> Option<(u8, bool)> {
-        if !peers.iter().any(|p| p.addr == from) {
-            self.drop_one(UNKNOWN_PEER);
-            return None;
-        }
-        let packet = match wire::decode(bytes) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(bus = %self.bus, peer = %from, error = %e, "malformed packet dropped");
-                self.drop_one(e.label());
-                return None;
+        let known = state.peers.get(&from).map(|p| p.kind);
+        let (inner, sealed) = if known == Some(PeerKind::External) {
+            (bytes, None)
+        } else {
+            match self.key.as_ref().and_then(|k| k.open(&self.bus, bytes)) {
+                Some((inner, sealed)) => (inner, Some(sealed)),
+                None if known.is_some() => {
+                    tracing::debug!(peer = %from, "unauthenticated packet dropped");
+                    self.drop_one(UNAUTHENTICATED);
+                    return;
+                }
+                None => {
+                    // Perhaps a peer the service lists by now: ask again (rate-limited).
+                    self.drop_one(UNKNOWN_PEER);
+                    early.notify_one();
+                    return;
+                }
             }
         };
-        let frames = packet.len() as u64;
-        let bytes_in: u64 = packet.frames().map(|f| f.len() as u64).sum();
-        let mut stats = self.lock_stats();
-        let peer = stats.peers.get_mut(&from)?;
-        if peer.sequence.record(packet.seq()) == Arrival::Restart {
-            tracing::info!(bus = %self.bus, peer = %from, "tunnel peer restarted its numbering");
+        let packet = match wire::decode(inner) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(peer = %from, error = %e, "malformed packet dropped");
+                self.drop_one(e.label());
+                return;
+            }
+        };
+        if known.is_none() {
+            // Authenticated by the cluster's key: an instance the service does not list yet (a
+            // replaced plugin pod with a new address). It is a peer from now on.
+            tracing::info!(peer = %from, "tunnel peer joined (authenticated, not yet listed by the peer service)");
+            state
+                .peers
+                .insert(from, Peer::new(PeerKind::Instance, false));
+            self.sync_stats(&state.peers);
+            early.notify_one();
         }
-        peer.rx_frames += frames;
-        peer.rx_bytes += bytes_in;
-        peer.last_seen = Some(SystemTime::now());
-        Some((packet.seq(), peer.kind == PeerKind::External))
+        let Some(peer) = state.peers.get_mut(&from) else {
+            return;
+        };
+        let mut restarted = Vec::new();
+        let mut restart = false;
+        if let Some(sealed) = sealed {
+            match peer.replay.check(sealed) {
+                Freshness::Replayed => {
+                    self.drop_one(DUPLICATE);
+                    return;
+                }
+                Freshness::NewEpoch => restart = true,
+                Freshness::Fresh => {}
+            }
+        } else if peer
+            .last_heard
+            .is_some_and(|t| now.duration_since(t) >= RESTART_SILENCE)
+        {
+            restart = true;
+        }
+        if restart {
+            tracing::info!(peer = %from, "tunnel peer started over: its numbering and loss accounting reset");
+            restarted = peer.reorder.reset();
+        }
+        peer.last_heard = Some(now);
+        let kind = peer.kind;
+        {
+            let mut stats = self.lock_stats();
+            if let Some(s) = stats.peers.get_mut(&from) {
+                if restart {
+                    s.sequence.reset();
+                }
+                if s.sequence.record(packet.seq()) == Arrival::Restart {
+                    tracing::info!(peer = %from, "tunnel peer restarted its numbering");
+                }
+                s.rx_frames += packet.len() as u64;
+                s.rx_bytes += packet.frames().map(|f| f.len() as u64).sum::<u64>();
+                s.last_seen = Some(SystemTime::now());
+            }
+        }
+        let pushed = peer.reorder.push_checked(packet.seq(), inner.to_vec(), now);
+        if pushed.duplicate {
+            self.drop_one(DUPLICATE);
+        }
+        let origin = origin_of(from, kind);
+        for p in restarted.into_iter().chain(pushed.ready) {
+            self.deliver(&p, origin, state);
+        }
     }
 
-    /// Puts the frames of an accepted packet on the bus. Returns them when they are to be
-    /// relayed to the plugin's other instances: those of an external peer, which (like
-    /// cannelloni) talks to one node only, while the instances talk to each other and to every
-    /// external peer directly — so every frame reaches every node once.
-    fn deliver(
-        &self,
-        bytes: &[u8],
-        external: bool,
-        can: Option<&AsyncFd<RawCanSocket>>,
-    ) -> Vec<Frame> {
+    /// Puts the frames of an accepted packet on the bus, and queues them for the peers that get
+    /// them from here (see the module).
+    fn deliver(&self, bytes: &[u8], origin: Origin, state: &mut State) {
         let Ok(packet) = wire::decode(bytes) else {
-            return Vec::new();
+            return;
         };
         let mut full = 0u64;
         let mut raw = [0u8; CANFD_MTU];
         for frame in packet.frames() {
-            match can {
+            match &state.can {
                 Some(can) if can.get_ref().send(frame.to_kernel(&mut raw)).is_ok() => {}
                 _ => full += 1,
             }
@@ -427,55 +582,138 @@ impl Tunnel {
         if full > 0 {
             *self.lock_stats().dropped.entry(QUEUE_FULL).or_default() += full;
         }
-        if external {
-            packet.frames().collect()
-        } else {
-            Vec::new()
+        let onward = state
+            .peers
+            .iter()
+            .any(|(addr, p)| self.serves(p) && wanted(origin, *addr, p.kind));
+        if onward {
+            state.out.extend(packet.frames().map(|f| (f, origin)));
+            self.schedule(state);
         }
     }
 
-    /// Sends the batch to every peer (of kind `only`, if given), in as many packets as it takes.
+    /// An empty packet to every instance not sent to for a heartbeat interval (cannelloni
+    /// ignores empty packets; instances learn the sender is alive).
+    async fn heartbeat(
+        &self,
+        udp: &UdpSocket,
+        encoder: &Encoder,
+        state: &mut State,
+        packet: &mut Vec<u8>,
+    ) {
+        let now = Instant::now();
+        let due: Vec<SocketAddr> = state
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.kind == PeerKind::Instance
+                    && now.duration_since(p.last_sent) >= HEARTBEAT_INTERVAL
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in due {
+            let Some(p) = state.peers.get_mut(&addr) else {
+                continue;
+            };
+            encoder.encode(p.seq, &[], packet);
+            self.seal(PeerKind::Instance, state.epoch, &mut state.counter, packet);
+            if udp.send_to(packet, addr).await.is_ok() {
+                p.seq = p.seq.wrapping_add(1);
+                p.last_sent = now;
+                if let Some(s) = self.lock_stats().peers.get_mut(&addr) {
+                    s.tx_packets += 1;
+                }
+            }
+        }
+    }
+
+    /// Appends the trailer to a packet for an instance.
+    fn seal(&self, kind: PeerKind, epoch: u64, counter: &mut u64, packet: &mut Vec<u8>) {
+        if kind == PeerKind::Instance
+            && let Some(key) = &self.key
+        {
+            key.seal(&self.bus, epoch, *counter, packet);
+            *counter += 1;
+        }
+    }
+
+    /// Sends the waiting frames to every peer that gets them from here, in as many packets as
+    /// it takes.
     async fn send(
         &self,
         udp: &UdpSocket,
         encoder: &Encoder,
-        peers: &mut [Peer],
-        batch: &mut Vec<Frame>,
+        state: &mut State,
         packet: &mut Vec<u8>,
-        only: Option<PeerKind>,
     ) {
-        if batch.is_empty() {
+        if state.out.is_empty() {
             return;
         }
-        let frames = batch.len() as u64;
-        let bytes: u64 = batch.iter().map(|f| f.len() as u64).sum();
-        let kinds = self.kinds(peers);
-        for peer in peers
-            .iter_mut()
-            .filter(|p| only.is_none() || kinds.get(&p.addr).copied() == only)
-        {
-            let mut rest: &[Frame] = batch;
+        let out = std::mem::take(&mut state.out);
+        let targets: Vec<(SocketAddr, PeerKind)> = state
+            .peers
+            .iter()
+            .filter(|(_, p)| self.serves(p))
+            .map(|(a, p)| (*a, p.kind))
+            .collect();
+        let mut frames: Vec<Frame> = Vec::with_capacity(out.len());
+        for (addr, kind) in targets {
+            frames.clear();
+            frames.extend(
+                out.iter()
+                    .filter(|(_, o)| wanted(*o, addr, kind))
+                    .map(|(f, _)| *f),
+            );
+            if frames.is_empty() {
+                continue;
+            }
+            let Some(peer) = state.peers.get_mut(&addr) else {
+                continue;
+            };
+            let mut rest: &[Frame] = &frames;
             let mut packets = 0u64;
             while !rest.is_empty() {
                 let n = encoder.encode(peer.seq, rest, packet);
                 if n == 0 {
                     break;
                 }
-                if let Err(e) = udp.send_to(packet, peer.addr).await {
-                    tracing::debug!(bus = %self.bus, peer = %peer.addr, error = %e, "tunnel send failed");
+                self.seal(kind, state.epoch, &mut state.counter, packet);
+                if let Err(e) = udp.send_to(packet, addr).await {
+                    tracing::debug!(peer = %addr, error = %e, "tunnel send failed");
                 }
                 peer.seq = peer.seq.wrapping_add(1);
                 packets += 1;
                 rest = &rest[n..];
             }
             peer.last_sent = Instant::now();
-            if let Some(s) = self.lock_stats().peers.get_mut(&peer.addr) {
-                s.tx_frames += frames;
-                s.tx_bytes += bytes;
+            if let Some(s) = self.lock_stats().peers.get_mut(&addr) {
+                s.tx_frames += frames.len() as u64;
+                s.tx_bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>();
                 s.tx_packets += packets;
             }
         }
-        batch.clear();
+    }
+}
+
+fn origin_of(from: SocketAddr, kind: PeerKind) -> Origin {
+    match kind {
+        PeerKind::Instance => Origin::Instance,
+        PeerKind::External => Origin::External(from),
+    }
+}
+
+/// The resolver's next answer; `None` once it is gone. Pending forever without a resolver.
+async fn next_answer(
+    resolved: Option<&mut watch::Receiver<Option<BTreeSet<SocketAddr>>>>,
+) -> Option<BTreeSet<SocketAddr>> {
+    let Some(rx) = resolved else {
+        return std::future::pending().await;
+    };
+    loop {
+        rx.changed().await.ok()?;
+        if let Some(found) = rx.borrow_and_update().clone() {
+            return Some(found);
+        }
     }
 }
 
@@ -505,12 +743,6 @@ async fn readable(can: Option<&AsyncFd<RawCanSocket>>) -> std::io::Result<Vec<Fr
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Whether the batch fills a packet already, so waiting longer gains nothing.
-fn batch_is_full(batch: &[Frame]) -> bool {
-    let size: usize = wire::HEADER_LEN + batch.iter().map(Frame::wire_len).sum::<usize>();
-    size + wire::MAX_FRAME_WIRE_LEN > DEFAULT_PAYLOAD_LIMIT
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -1,9 +1,23 @@
 //! Who a bus tunnel talks to: the plugin's other instances, found through a headless Service
 //! whose DNS name resolves to every plugin pod's address, plus fixed external peers (a bench rig
 //! running cannelloni), re-resolved periodically so nodes join and leave without restarts.
+//!
+//! Resolution runs in a task of its own ([`spawn_resolver`]) with a deadline, so a resolver that
+//! hangs or is down never holds up the frames: the tunnel keeps its known peers and gets a new
+//! set only from an answer.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+/// The longest one resolution may take; beyond it the attempt counts as failed.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The shortest time between two resolutions, however often one is asked for early.
+pub const MIN_RESOLVE_GAP: Duration = Duration::from_secs(1);
 
 /// Where a tunnel's peers come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +43,58 @@ pub struct ResolveError {
     pub source: std::io::Error,
 }
 
+/// Resolves `service` (port `port`) every `interval`, and early — at most once per
+/// [`MIN_RESOLVE_GAP`] — whenever `early` is notified, until `shutdown`. Each answer is
+/// published as the set of instance addresses (this one's own left out); failures and timeouts
+/// are logged and publish nothing, so the known peers stay as they are.
+pub fn spawn_resolver(
+    bus: String,
+    service: String,
+    port: u16,
+    interval: Duration,
+    early: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Option<BTreeSet<SocketAddr>>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        loop {
+            let started = tokio::time::Instant::now();
+            let source = PeerSource {
+                service: Some(service.clone()),
+                port,
+                fixed: Vec::new(),
+            };
+            let attempt = tokio::time::timeout(RESOLVE_TIMEOUT, source.resolve());
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = attempt => match result {
+                    Ok((found, None)) => {
+                        tx.send_replace(Some(found));
+                    }
+                    Ok((_, Some(e))) => {
+                        tracing::warn!(bus = %bus, error = %e, "peers not updated");
+                    }
+                    Err(_) => {
+                        tracing::warn!(bus = %bus, service = %service, timeout = ?RESOLVE_TIMEOUT, "peer service resolution timed out; peers not updated");
+                    }
+                },
+            }
+            // Wait for the next regular pass or an early request, never sooner than the gap.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(started + interval) => {}
+                () = early.notified() => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep_until(started + MIN_RESOLVE_GAP) => {}
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
 impl PeerSource {
     /// The current peers: the fixed ones and every address the service resolves to, except this
     /// instance's own. Resolution failures leave the fixed peers and return the error beside.
@@ -39,7 +105,9 @@ impl PeerSource {
         };
         match tokio::net::lookup_host((service.as_str(), self.port)).await {
             Ok(found) => {
-                peers.extend(found.filter(|a| !is_local(a.ip())));
+                // The tunnel's socket is IPv4 (as are cannelloni's defaults); a dual-stack
+                // Service's IPv6 addresses name the same instances.
+                peers.extend(found.filter(|a| a.is_ipv4() && !is_local(a.ip())));
                 (peers, None)
             }
             Err(source) => (
@@ -89,6 +157,30 @@ mod tests {
                 .starts_with("cannot resolve the peer service no-such-service.invalid"),
             "{error}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_resolver_publishes_answers_and_answers_early_requests() {
+        let early = Arc::new(Notify::new());
+        let shutdown = CancellationToken::new();
+        let mut rx = spawn_resolver(
+            "x".into(),
+            "localhost".into(),
+            20000,
+            Duration::from_secs(3600),
+            early.clone(),
+            shutdown.clone(),
+        );
+        rx.changed().await.expect("a first answer");
+        assert_eq!(rx.borrow_and_update().clone(), Some(BTreeSet::new()));
+        let asked = tokio::time::Instant::now();
+        early.notify_one();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("an early answer, long before the interval")
+            .expect("resolver alive");
+        assert!(asked.elapsed() < Duration::from_secs(5));
+        shutdown.cancel();
     }
 
     #[test]

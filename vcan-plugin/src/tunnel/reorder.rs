@@ -5,6 +5,11 @@
 //! the order they were sent, so a packet that arrives ahead of the one expected next is held, at
 //! most [`HOLD`], until the missing ones arrive; then whatever is held goes out in sequence order
 //! and the missing ones are given up as lost (the sequence tracker counts them).
+//!
+//! A packet that arrives again (UDP may duplicate) is delivered once: the numbers delivered
+//! behind the expected one are remembered. Two such repeats with consecutive numbers mean the
+//! peer started its numbering again without a pause (a pause is handled by its owner calling
+//! [`Reorder::reset`]): the second is delivered and followed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -24,40 +29,118 @@ pub struct Reorder {
     held: BTreeMap<u8, Vec<u8>>,
     /// When the oldest held packet arrived.
     since: Option<Instant>,
+    /// Bit `i` set: number `next - 1 - i` was delivered.
+    delivered: u128,
+    /// The previous arrival's number, if it was a repeat (see the module's restart rule).
+    last_repeat: Option<u8>,
+}
+
+/// How far behind the expected number a packet counts as late or repeated rather than the
+/// start of a new numbering.
+const LATE: u8 = 64;
+
+/// What [`Reorder::push`] made of a packet.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pushed {
+    /// Packets to deliver now, in order.
+    pub ready: Vec<Vec<u8>>,
+    /// The packet had been delivered already and was dropped.
+    pub duplicate: bool,
 }
 
 impl Reorder {
     /// A packet numbered `seq` arrived at `now`: returns the packets to deliver now, in order.
     pub fn push(&mut self, seq: u8, packet: Vec<u8>, now: Instant) -> Vec<Vec<u8>> {
+        self.push_checked(seq, packet, now).ready
+    }
+
+    /// Like [`Reorder::push`], also saying whether the packet was a duplicate.
+    pub fn push_checked(&mut self, seq: u8, packet: Vec<u8>, now: Instant) -> Pushed {
+        let last_repeat = self.last_repeat.take();
         let Some(next) = self.next else {
-            self.next = Some(seq.wrapping_add(1));
-            return vec![packet];
+            self.start(seq);
+            return Pushed {
+                ready: vec![packet],
+                duplicate: false,
+            };
         };
         let ahead = seq.wrapping_sub(next);
         if ahead == 0 {
             let mut out = vec![packet];
-            self.next = Some(seq.wrapping_add(1));
+            self.advance(seq);
             self.release_in_order(&mut out);
-            return out;
+            return Pushed {
+                ready: out,
+                duplicate: false,
+            };
         }
         if ahead < 128 {
             self.held.insert(seq, packet);
             self.since.get_or_insert(now);
             if self.held.len() > MAX_HELD {
-                return self.flush();
+                return Pushed {
+                    ready: self.flush(),
+                    duplicate: false,
+                };
             }
-            return Vec::new();
+            return Pushed::default();
         }
-        // Behind what is expected: a late packet already given up (deliver it now rather than
-        // never), or a peer that started its numbering again (follow it).
         let behind = next.wrapping_sub(seq);
-        let mut out = Vec::new();
-        if usize::from(behind) > MAX_HELD {
-            out = self.flush();
-            self.next = Some(seq.wrapping_add(1));
+        if behind > LATE {
+            // Far behind: the peer started its numbering again; follow it.
+            let mut out = self.flush();
+            self.start(seq);
+            out.push(packet);
+            return Pushed {
+                ready: out,
+                duplicate: false,
+            };
         }
-        out.push(packet);
+        let bit = 1u128 << (behind - 1);
+        if self.delivered & bit == 0 {
+            // Late, after it was given up: deliver it now rather than never.
+            self.delivered |= bit;
+            return Pushed {
+                ready: vec![packet],
+                duplicate: false,
+            };
+        }
+        if last_repeat == Some(seq.wrapping_sub(1)) {
+            // Repeats in sequence: a peer numbering again from a little behind.
+            let mut out = self.flush();
+            self.start(seq);
+            out.push(packet);
+            return Pushed {
+                ready: out,
+                duplicate: false,
+            };
+        }
+        self.last_repeat = Some(seq);
+        Pushed {
+            ready: Vec::new(),
+            duplicate: true,
+        }
+    }
+
+    /// Forgets the peer's numbering (it was silent long enough to have restarted); nothing is
+    /// held after a flush, so nothing is lost.
+    pub fn reset(&mut self) -> Vec<Vec<u8>> {
+        let out = self.flush();
+        *self = Reorder::default();
         out
+    }
+
+    fn start(&mut self, seq: u8) {
+        self.next = Some(seq.wrapping_add(1));
+        self.delivered = 1;
+        self.held.clear();
+        self.since = None;
+    }
+
+    /// `seq`, the number expected, was delivered.
+    fn advance(&mut self, seq: u8) {
+        self.next = Some(seq.wrapping_add(1));
+        self.delivered = (self.delivered << 1) | 1;
     }
 
     /// When the held packets must go out even if the missing ones never arrive.
@@ -73,6 +156,17 @@ impl Reorder {
         let mut held: Vec<(u8, Vec<u8>)> = std::mem::take(&mut self.held).into_iter().collect();
         held.sort_by_key(|(seq, _)| seq.wrapping_sub(next));
         if let Some((last, _)) = held.last() {
+            // Everything up to the last held one is behind now: the held ones delivered, the
+            // missing ones not.
+            let mut expected = next;
+            for (seq, _) in &held {
+                while expected != *seq {
+                    self.delivered <<= 1;
+                    expected = expected.wrapping_add(1);
+                }
+                self.advance(*seq);
+                expected = seq.wrapping_add(1);
+            }
             self.next = Some(last.wrapping_add(1));
         }
         self.since = None;
@@ -84,7 +178,7 @@ impl Reorder {
             && let Some(p) = self.held.remove(&next)
         {
             out.push(p);
-            self.next = Some(next.wrapping_add(1));
+            self.advance(next);
         }
         if self.held.is_empty() {
             self.since = None;
@@ -146,6 +240,51 @@ mod tests {
         r.push(200, p(200), now);
         assert!(r.push(0, p(0), now).is_empty());
         assert_eq!(seqs(r.flush()), [0]);
+        assert_eq!(seqs(r.push(1, p(1), now)), [1]);
+    }
+
+    #[test]
+    fn duplicates_are_delivered_once() {
+        let now = Instant::now();
+        let mut r = Reorder::default();
+        assert_eq!(seqs(r.push(10, p(10), now)), [10]);
+        assert!(r.push_checked(10, p(10), now).duplicate);
+        assert_eq!(seqs(r.push(12, p(12), now)), Vec::<u8>::new());
+        assert!(r.push(12, p(12), now).is_empty(), "held once");
+        assert_eq!(seqs(r.push(11, p(11), now)), [11, 12]);
+        // (Repeats with consecutive numbers would be a restart: see the next test.)
+        for s in [12, 10] {
+            let pushed = r.push_checked(s, p(s), now);
+            assert!(pushed.duplicate && pushed.ready.is_empty(), "{s}");
+        }
+        // Given up, then late: delivered once.
+        assert!(r.push(15, p(15), now).is_empty());
+        assert_eq!(seqs(r.flush()), [15]);
+        assert_eq!(seqs(r.push(13, p(13), now)), [13]);
+        assert!(r.push_checked(13, p(13), now).duplicate);
+        assert!(r.push_checked(15, p(15), now).duplicate);
+        assert_eq!(seqs(r.push(16, p(16), now)), [16]);
+    }
+
+    #[test]
+    fn a_peer_restarting_a_little_behind_is_followed_in_order() {
+        let now = Instant::now();
+        let mut r = Reorder::default();
+        for s in 0..30u8 {
+            r.push(s, p(s), now);
+        }
+        // Numbering again from 0 without a pause: 0 looks like a duplicate, 1 shows the restart.
+        assert!(r.push_checked(0, p(0), now).duplicate);
+        assert_eq!(seqs(r.push(1, p(1), now)), [1]);
+        assert_eq!(seqs(r.push(3, p(3), now)), Vec::<u8>::new());
+        assert_eq!(seqs(r.push(2, p(2), now)), [2, 3], "in order");
+        // After a pause the owner resets: nothing is taken for a duplicate.
+        let mut r = Reorder::default();
+        for s in 0..30u8 {
+            r.push(s, p(s), now);
+        }
+        assert!(r.reset().is_empty());
+        assert_eq!(seqs(r.push(0, p(0), now)), [0]);
         assert_eq!(seqs(r.push(1, p(1), now)), [1]);
     }
 
