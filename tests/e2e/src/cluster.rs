@@ -83,8 +83,17 @@ pub const RIG: Host = Host {
     veth: "vc",
     addr: "10.99.0.3",
 };
+/// A fourth namespace for a second bench rig.
+pub const RIG2: Host = Host {
+    ns: "vnode-d",
+    veth: "vd",
+    addr: "10.99.0.4",
+};
 /// Every namespace [`Network`] creates.
-pub const HOSTS: [Host; 3] = [NODE_A, NODE_B, RIG];
+pub const HOSTS: [Host; 4] = [NODE_A, NODE_B, RIG, RIG2];
+/// The key the nodes' plugins authenticate their tunnel packets with (`--tunnel-key-file`), as
+/// a Secret would hold it.
+pub const TUNNEL_KEY: &str = "dGVzdC1iZWQga2V5IG9mIHRoZSB0d28gbm9kZXMsIDMyIGJ5dGVz";
 
 /// Runs `script` with `sh -ec`; panics with its output unless it succeeds.
 pub fn sh(script: &str) {
@@ -137,14 +146,7 @@ impl Network {
         ));
         std::fs::create_dir_all(ROOT).expect("root dir");
         let hosts = Path::new(ROOT).join("peers.hosts");
-        std::fs::write(
-            &hosts,
-            format!(
-                "{} {PEER_SERVICE}\n{} {PEER_SERVICE}\n",
-                NODE_A.addr, NODE_B.addr
-            ),
-        )
-        .expect("hosts file");
+        write_hosts(&[NODE_A.addr, NODE_B.addr]);
         let dnsmasq = Command::new("dnsmasq")
             .args([
                 "--keep-in-foreground",
@@ -189,6 +191,42 @@ impl Network {
             NODE_B.veth
         ));
     }
+
+    /// Stops the DNS server as a hung resolver: queries go unanswered until [`Self::resume_dns`].
+    pub fn pause_dns(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.dnsmasq.id() as libc::pid_t, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets the DNS server answer again.
+    pub fn resume_dns(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.dnsmasq.id() as libc::pid_t, libc::SIGCONT);
+        }
+    }
+
+    /// Makes the peer service answer with `addrs` from now on, as a headless Service's
+    /// endpoints change.
+    pub fn set_service(&self, addrs: &[&str]) {
+        write_hosts(addrs);
+        // dnsmasq reads its hosts files again on SIGHUP.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.dnsmasq.id() as libc::pid_t, libc::SIGHUP);
+        }
+    }
+}
+
+/// The peer service's answers, as dnsmasq reads them.
+fn write_hosts(addrs: &[&str]) {
+    let text: String = addrs
+        .iter()
+        .map(|a| format!("{a} {PEER_SERVICE}\n"))
+        .collect();
+    std::fs::write(Path::new(ROOT).join("peers.hosts"), text).expect("hosts file");
 }
 
 impl Drop for Network {
@@ -254,6 +292,10 @@ pub struct ClusterNode {
     pub metrics: String,
     /// The bus's name, for its metrics' labels.
     bus: String,
+    /// How the plugin was started.
+    config: PluginConfig,
+    /// The bus, for waiting on its registration.
+    cluster_bus: ClusterBus,
 }
 
 impl ClusterNode {
@@ -269,7 +311,9 @@ impl ClusterNode {
             .await
             .expect("kubelet stand-in");
         let metrics = format!("{}:9720", host.addr);
-        let plugin = Plugin::start(&PluginConfig {
+        let key = Path::new(ROOT).join("tunnel.key");
+        std::fs::write(&key, format!("{TUNNEL_KEY}\n")).expect("tunnel key");
+        let config = PluginConfig {
             device_plugin_dir,
             pod_resources_socket,
             containerd_socket: containerd.socket().to_path_buf(),
@@ -286,10 +330,12 @@ impl ClusterNode {
                 dir.join("state").display().to_string(),
                 "--bpffs-dir".into(),
                 format!("/sys/fs/bpf/vcan-{name}"),
+                "--tunnel-key-file".into(),
+                key.display().to_string(),
             ],
             netns: Some(host.ns.into()),
-        })
-        .expect("plugin starts");
+        };
+        let plugin = Plugin::start(&config).expect("plugin starts");
         let node = Node {
             kubelet,
             cri: Cri::connect(containerd.socket()).await.expect("CRI"),
@@ -300,6 +346,8 @@ impl ClusterNode {
             plugin,
             metrics,
             bus: bus.name.clone(),
+            config,
+            cluster_bus: bus.clone(),
         };
         this.node
             .kubelet
@@ -307,6 +355,70 @@ impl ClusterNode {
             .await
             .unwrap_or_else(|e| panic!("{name}: {e:#}\n{}", this.plugin.log()));
         this
+    }
+
+    /// Replaces the node's plugin as a DaemonSet rollout does when the new pod gets a new
+    /// address: the plugin stops, the node's namespace `host` changes its address to `addr`,
+    /// and a new plugin starts there (metrics on the new address). Waits until the bus is
+    /// registered again; panics with the plugin's log if it is not.
+    pub async fn replace_at(&mut self, host: &Host, addr: &str) {
+        self.plugin.stop().expect("plugin stops");
+        sh(&format!(
+            "ip -n {ns} addr flush dev eth0 && ip -n {ns} addr add {addr}/24 dev eth0",
+            ns = host.ns
+        ));
+        self.metrics = format!("{addr}:9720");
+        self.config.metrics_address = self.metrics.clone();
+        self.plugin = Plugin::start(&self.config).expect("plugin starts");
+        let bus = &self.cluster_bus;
+        self.node
+            .kubelet
+            .wait_for_resource(&bus.resource(), bus.members, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.plugin.log()));
+    }
+
+    /// Waits up to 60 s until the plugin's log has `n` lines containing `needle`; panics with
+    /// the log if it does not.
+    pub async fn wait_log(&self, needle: &str, n: usize) {
+        let started = Instant::now();
+        loop {
+            let log = self.plugin.log();
+            if log.lines().filter(|l| l.contains(needle)).count() >= n {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{}: never {n} lines with {needle:?}:\n{log}",
+                self.metrics
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many lines of the plugin's log contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.plugin
+            .log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// The sum of every series of `family` whose labels include all of `labels` (each
+    /// `name="value"`), if the metrics answer.
+    pub fn metric_sum(&self, family: &str, labels: &[&str]) -> Option<f64> {
+        let (_, body) = http_get(&self.metrics, "/metrics").ok()?;
+        Some(
+            body.lines()
+                .filter(|l| {
+                    l.strip_prefix(family)
+                        .is_some_and(|rest| rest.starts_with('{'))
+                        && labels.iter().all(|want| l.contains(want))
+                })
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .sum(),
+        )
     }
 
     /// The value of the plugin's series `series` (name and labels exactly as exported), if it

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use vcan_e2e::PodSpec;
 use vcan_e2e::cluster::{
-    ClusterBus, ClusterNode, NODE_A, NODE_B, Network, member, pod_netns, sh, wait_listening,
+    ClusterBus, ClusterNode, Host, NODE_A, NODE_B, Network, RIG, RIG2, member, pod_netns, sh,
+    wait_listening,
 };
 use vcan_e2e::containerd::{Containerd, ContainerdOptions};
 use vcan_e2e::node::{Node, StartedPod};
@@ -22,13 +23,16 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(180);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(90);
 const DUMP_TIMEOUT: &str = "150";
 
-/// The bus of both nodes, with the rig as an external peer.
+/// The bus of both nodes, with two rigs as external peers: the first names the instance it
+/// sends to (`via`), the second is served by the instance it first sends to.
 fn bus() -> ClusterBus {
     ClusterBus::write(
         "x",
         4,
         r#"{"buses": [{"name": "x", "fd": true, "members": 4, "interface": "can0",
-                       "span": "cluster", "port": 20000, "peers": ["10.99.0.3:20000"]}]}"#,
+                       "span": "cluster", "port": 20000,
+                       "peers": [{"address": "10.99.0.3:20000", "via": "10.99.0.1"},
+                                 "10.99.0.4:20000"]}]}"#,
     )
 }
 
@@ -48,15 +52,16 @@ async fn dumped(node: &Node, pod: &StartedPod) -> Vec<String> {
     node.dumped(pod, EXIT_TIMEOUT).await
 }
 
-/// The rig: cannelloni on vcan0 in namespace vnode-c, talking to node A only (as a bench rig
-/// configured with one remote would), accepting packets from any address (`-p`), since node B
-/// sends its members' frames to it directly.
+/// A bench rig: the real cannelloni on vcan0 in its own namespace, configured the way its users
+/// configure it — one remote (a node's address), its default peer check (packets from any other
+/// address are dropped), the default ports.
 struct Rig {
+    host: Host,
     cannelloni: Child,
 }
 
 impl Rig {
-    fn start() -> Self {
+    fn start(host: Host, remote: &str) -> Self {
         let binary =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/cannelloni/cannelloni");
         assert!(
@@ -64,23 +69,15 @@ impl Rig {
             "{} is missing: `cargo xtask vm-test` builds it (needs cmake and g++)",
             binary.display()
         );
-        sh(
-            "modprobe vcan; ip -n vnode-c link add vcan0 type vcan; ip -n vnode-c link set vcan0 up",
-        );
+        sh(&format!(
+            "modprobe vcan; ip -n {ns} link add vcan0 type vcan; ip -n {ns} link set vcan0 up",
+            ns = host.ns
+        ));
         let cannelloni = Command::new("ip")
-            .args(["netns", "exec", "vnode-c"])
+            .args(["netns", "exec", host.ns])
             .arg(&binary)
             .args([
-                "-4",
-                "-I",
-                "vcan0",
-                "-R",
-                "10.99.0.1",
-                "-r",
-                "20000",
-                "-l",
-                "20000",
-                "-p",
+                "-4", "-I", "vcan0", "-R", remote, "-r", "20000", "-l", "20000",
             ])
             .args(["-t", "1000"])
             .env(
@@ -91,16 +88,16 @@ impl Rig {
             .stderr(Stdio::null())
             .spawn()
             .expect("cannelloni starts");
-        Rig { cannelloni }
+        Rig { host, cannelloni }
     }
 
     /// A candump of the rig's vcan0 waiting for `frames` frames.
-    fn dump(frames: usize) -> Child {
+    fn dump(&self, frames: usize) -> Child {
         let child = Command::new("ip")
             .args([
                 "netns",
                 "exec",
-                "vnode-c",
+                self.host.ns,
                 "timeout",
                 DUMP_TIMEOUT,
                 "candump",
@@ -110,18 +107,18 @@ impl Rig {
             .stdout(Stdio::piped())
             .spawn()
             .expect("candump");
-        wait_listening("--net=/run/netns/vnode-c", "vcan0");
+        wait_listening(&format!("--net=/run/netns/{}", self.host.ns), "vcan0");
         child
     }
 
-    fn send(frame: &str) {
+    fn send(&self, frame: &str) {
         run_ok(
             "ip",
-            &["netns", "exec", "vnode-c", "cansend", "vcan0", frame],
+            &["netns", "exec", self.host.ns, "cansend", "vcan0", frame],
         );
     }
 
-    fn frames(dump: Child) -> Vec<String> {
+    fn frames(&self, dump: Child) -> Vec<String> {
         let out = dump.wait_with_output().expect("candump ends");
         let frames: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -129,7 +126,8 @@ impl Rig {
             .collect();
         assert!(
             out.status.success(),
-            "the rig missed frames; got {frames:?}"
+            "rig {} missed frames; got {frames:?}",
+            self.host.ns
         );
         frames
     }
@@ -142,15 +140,18 @@ impl Drop for Rig {
     }
 }
 
-/// How the frames look in candump -L on the pods' `can0` and the rig's `vcan0`. The kernel adds
-/// CANFD_FDF (4) to the flags of an FD frame it passes on.
-const SENT: [(&str, &str); 8] = [
+/// How the frames look in candump -L on the pods' `can0` and the rigs' `vcan0`. The kernel adds
+/// CANFD_FDF (4) to the flags of an FD frame it passes on. The second rig speaks first: the
+/// node it sends to serves it from then on.
+const SENT: [(&str, &str); 10] = [
+    ("rig2", "1A0#D1"),
     ("a1", "101#A1"),
     ("a2", "10000102#A2A2"),
     ("b1", "103##1.00112233445566778899AABB"),
     ("b2", "104#R"),
     ("rig", "105#C1C2C3C4C5C6C7C8"),
     ("rig", "1ABCDEF0#C3"),
+    ("rig2", "1A1#D2D2"),
     ("rig", "106#R3"),
     ("rig", "107##3.0102030405060708090A0B0C"),
 ];
@@ -167,9 +168,62 @@ fn seen(frame: &str, ifname: &str) -> String {
     format!("{ifname} {shown}")
 }
 
+/// Frames each receiver has had so far, as the plugins count them: the four members' received
+/// frames (eBPF counters) and the frames node A sent to rig 1 and node B to rig 2.
+fn received(a: &ClusterNode, b: &ClusterNode) -> [f64; 6] {
+    let rx = |node: &ClusterNode, pod: &str| {
+        node.metric_sum(
+            "vcan_plugin_can_frames_total",
+            &[&format!("pod=\"{pod}\""), "direction=\"rx\""],
+        )
+        .unwrap_or(-1.0)
+    };
+    let to = |node: &ClusterNode, peer: &str| {
+        node.metric_sum(
+            "vcan_plugin_tunnel_frames_total",
+            &["direction=\"tx\"", &format!("peer=\"{peer}\"")],
+        )
+        .unwrap_or(-1.0)
+    };
+    [
+        rx(a, "a1"),
+        rx(a, "a2"),
+        rx(b, "b1"),
+        rx(b, "b2"),
+        to(a, "10.99.0.3:20000"),
+        to(b, "10.99.0.4:20000"),
+    ]
+}
+
+/// Waits until a frame sent by `sender` after `before` was taken has reached every other
+/// receiver, so that the next sender's frame cannot overtake it anywhere.
+async fn wait_delivered(a: &ClusterNode, b: &ClusterNode, sender: &str, before: [f64; 6]) {
+    let names = ["a1", "a2", "b1", "b2", "rig", "rig2"];
+    let started = Instant::now();
+    loop {
+        let now = received(a, b);
+        let missing: Vec<&str> = names
+            .iter()
+            .zip(now.iter().zip(before))
+            .filter(|(name, (n, b))| **name != sender && **n < b + 1.0)
+            .map(|(name, _)| *name)
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{sender}'s frame never reached {missing:?}\nnode A:\n{}\nnode B:\n{}",
+            a.tunnel_metrics(),
+            b.tunnel_metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the CAN test-bed VM"]
-async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
+async fn a_bus_spans_two_nodes_and_two_cannelloni_rigs() {
     require_testbed();
     let network = Network::start("delay 1ms");
     let bus = bus();
@@ -178,15 +232,33 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
         .expect("containerd");
     let a = ClusterNode::start("a", &NODE_A, &containerd, &bus).await;
     let mut b = ClusterNode::start("b", &NODE_B, &containerd, &bus).await;
-    let rig = Rig::start();
-    // Each node's peers: the other node and the rig.
-    a.wait_peers(2.0).await;
-    b.wait_peers(2.0).await;
+    let rig = Rig::start(RIG, NODE_A.addr);
+    let rig2 = Rig::start(RIG2, NODE_B.addr);
+    // Each node's peers: the other node and both rigs.
+    a.wait_peers(3.0).await;
+    b.wait_peers(3.0).await;
+    // The tunnels' I/O ends live in namespaces of the plugins' own, not in the nodes'.
+    for host in [NODE_A, NODE_B] {
+        let links = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-n", host.ns, "-o", "link"])
+                .output()
+                .expect("ip link")
+                .stdout,
+        )
+        .to_string();
+        assert!(
+            !links.contains("vcant"),
+            "a tunnel end in node {}'s namespace:\n{links}",
+            host.ns
+        );
+    }
 
-    let a1 = a.run(&listener(&bus, "a1", 9)).await;
-    let a2 = a.run(&listener(&bus, "a2", 8)).await;
-    let b1 = b.run(&listener(&bus, "b1", 9)).await;
-    let b2 = b.run(&listener(&bus, "b2", 9)).await;
+    let total = SENT.len();
+    let a1 = a.run(&listener(&bus, "a1", total + 1)).await;
+    let a2 = a.run(&listener(&bus, "a2", total)).await;
+    let b1 = b.run(&listener(&bus, "b1", total + 1)).await;
+    let b2 = b.run(&listener(&bus, "b2", total + 1)).await;
     for (node, pod) in [
         (&a.node, &a1),
         (&a.node, &a2),
@@ -196,19 +268,22 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
         let ns = pod_netns(node, pod).await;
         wait_listening(&format!("--net={ns}"), "can0");
     }
-    let rig_dump = Rig::dump(9);
+    let rig_dump = rig.dump(total + 1);
+    let rig2_dump = rig2.dump(total + 1);
 
-    // Every frame, from a member on either node or from the rig, reaches everyone else once, in
+    // Every frame, from a member on either node or from a rig, reaches everyone else once, in
     // order (and the sender's own candump sees its echo).
     for (sender, frame) in SENT {
+        let before = received(&a, &b);
         match sender {
             "a1" => send(&a.node, &a1, frame).await,
             "a2" => send(&a.node, &a2, frame).await,
             "b1" => send(&b.node, &b1, frame).await,
             "b2" => send(&b.node, &b2, frame).await,
-            _ => Rig::send(frame),
+            "rig" => rig.send(frame),
+            _ => rig2.send(frame),
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_delivered(&a, &b, sender, before).await;
     }
     let expected: Vec<String> = SENT.iter().map(|(_, f)| seen(f, "can0")).collect();
     let got = dumped(&a.node, &a2).await;
@@ -220,16 +295,21 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
         b.tunnel_metrics()
     );
 
-    // A member leaves node A and node B's plugin restarts: the others carry on.
+    // A member leaves node A and node B's plugin restarts: the others carry on once B's new
+    // process has adopted its members and connected its tunnel again.
     a.node.delete_pod(&a2).await.expect("delete a2");
+    let connected = b.log_count("tunnel connected to the bus");
     b.plugin.restart().expect("plugin B restarts");
     b.node
         .kubelet
         .wait_for_resource(&bus.resource(), 4, Duration::from_secs(60))
         .await
         .expect("B registered again");
-    b.wait_peers(2.0).await;
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    b.wait_peers(3.0).await;
+    b.wait_log("tunnel connected to the bus", connected + 1)
+        .await;
+    wait_served(&b, 2.0).await;
+    spoofed_packets_inject_nothing(&a).await;
     send(&b.node, &b2, "108#B2").await;
     let mut expected_all = expected.clone();
     expected_all.push(seen("108#B2", "can0"));
@@ -240,7 +320,8 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
         .iter()
         .map(|f| f.replacen("can0", "vcan0", 1))
         .collect();
-    assert_eq!(Rig::frames(rig_dump), rig_expected, "the rig");
+    assert_eq!(rig.frames(rig_dump), rig_expected, "rig 1");
+    assert_eq!(rig2.frames(rig2_dump), rig_expected, "rig 2");
     for node in [&a, &b] {
         assert_eq!(
             node.metric(
@@ -252,14 +333,33 @@ async fn a_bus_spans_two_nodes_and_a_cannelloni_rig() {
     }
 
     loss_is_counted_from_sequence_gaps(&network, &bus, &a, &b).await;
+    duplicates_are_delivered_once(&network, &bus, &a, &b).await;
     tunnel_panels_draw(&a, &b).await;
     drop(rig);
+    drop(rig2);
     bad_packets_are_dropped_and_counted(&a).await;
     for pod in [&a1] {
         a.node.delete_pod(pod).await.expect("delete");
     }
     for pod in [&b1, &b2] {
         b.node.delete_pod(pod).await.expect("delete");
+    }
+    a_resolver_down_for_a_minute_changes_nothing(&network, &bus, &a, &b).await;
+    a_replaced_plugin_with_a_new_address_carries_frames_at_once(&network, &bus, &a, &mut b).await;
+}
+
+/// Waits until `node`'s plugin serves `n` members of the bus (adopted after a restart).
+async fn wait_served(node: &ClusterNode, n: f64) {
+    let series = "vcan_plugin_pods_served{resource=\"socketcan.io/bus-x\"}";
+    let started = Instant::now();
+    while node.metric(series) != Some(n) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} never served {n} members:\n{}",
+            node.metrics,
+            node.plugin.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -493,4 +593,235 @@ async fn bad_packets_are_dropped_and_counted(a: &ClusterNode) {
         a.metric("vcan_plugin_tunnel_peers{bus=\"x\"}").is_some(),
         "the plugin is alive"
     );
+}
+
+/// The drops of node `node` for `reason`.
+fn dropped(node: &ClusterNode, reason: &str) -> f64 {
+    node.metric(&format!(
+        "vcan_plugin_tunnel_packets_dropped_total{{bus=\"x\",reason=\"{reason}\"}}"
+    ))
+    .unwrap_or(-1.0)
+}
+
+/// Runs `scripts/udp_spoof.py` with `args`; returns what it printed.
+fn spoof(args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/udp_spoof.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "udp_spoof.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Packets that claim to come from node B, sent with a raw socket as any pod with NET_RAW
+/// could: a forged cannelloni packet without the instances' tag, one with a made-up tag, and a
+/// real packet of B's captured on the wire and sent again. None reaches a member (a1's candump
+/// would show it before the next frame); each is dropped and counted.
+async fn spoofed_packets_inject_nothing(a: &ClusterNode) {
+    let (unauthenticated, duplicate) = (dropped(a, "unauthenticated"), dropped(a, "duplicate"));
+    // One frame 666#DEADBEEF; then the same with 32 bytes where the trailer would be.
+    let forged = "02000000010000066604DEADBEEF";
+    let from_b = format!("{}:20000", NODE_B.addr);
+    let to_a = format!("{}:20000", NODE_A.addr);
+    spoof(&["forge", &from_b, &to_a, forged]);
+    spoof(&[
+        "forge",
+        &from_b,
+        &to_a,
+        &format!("{forged}{}", "5A".repeat(32)),
+    ]);
+    let len = spoof(&["replay", NODE_A.veth, NODE_B.addr, &to_a]);
+    eprintln!("replayed one of B's packets ({len} bytes of payload)");
+    let started = Instant::now();
+    loop {
+        let grew = (
+            dropped(a, "unauthenticated") - unauthenticated,
+            dropped(a, "duplicate") - duplicate,
+        );
+        if grew == (2.0, 1.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "spoofed packets: unauthenticated and duplicate drops grew by {grew:?}, expected \
+             (2, 1):\n{}",
+            a.tunnel_metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With the network duplicating every packet towards node B, B's members get each of A's
+/// frames once, and B counts the copies it dropped.
+async fn duplicates_are_delivered_once(
+    network: &Network,
+    bus: &ClusterBus,
+    a: &ClusterNode,
+    b: &ClusterNode,
+) {
+    const FRAMES: usize = 50;
+    let listener_pod = b.run(&listener(bus, "dup-rx", FRAMES)).await;
+    let ns = pod_netns(&b.node, &listener_pod).await;
+    wait_listening(&format!("--net={ns}"), "can0");
+    let copies = dropped(b, "duplicate");
+    network.netem("delay 1ms duplicate 100%");
+    let sender = a
+        .run(&member(
+            bus,
+            "dup-tx",
+            &format!("cangen can0 -g 5 -n {FRAMES} -I 333 -L 2 -D i; sleep 3"),
+        ))
+        .await;
+    let got = dumped(&b.node, &listener_pod).await;
+    network.netem("delay 1ms");
+    let expected: Vec<String> = (0..FRAMES)
+        .map(|i| format!("can0 333#{:02X}{:02X}", i & 0xff, 0))
+        .collect();
+    assert_eq!(got, expected, "each frame once, in order");
+    let dropped_copies = dropped(b, "duplicate") - copies;
+    assert!(
+        dropped_copies >= 1.0,
+        "the network's copies were not dropped as duplicates:\n{}",
+        b.tunnel_metrics()
+    );
+    eprintln!("netem duplicate 100 %: {dropped_copies} copies dropped at B, {FRAMES} frames once");
+    a.node.delete_pod(&sender).await.expect("delete");
+    b.node.delete_pod(&listener_pod).await.expect("delete");
+}
+
+/// The cluster's DNS stops answering for a minute (queries hang, as with CoreDNS down): the
+/// known peers stay, and heartbeats and frames keep flowing all the while — the tunnel never
+/// waits for the resolver.
+async fn a_resolver_down_for_a_minute_changes_nothing(
+    network: &Network,
+    bus: &ClusterBus,
+    a: &ClusterNode,
+    b: &ClusterNode,
+) {
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let listener_pod = b.run(&listener(bus, "dns-rx", 6)).await;
+    let ns = pod_netns(&b.node, &listener_pod).await;
+    wait_listening(&format!("--net={ns}"), "can0");
+    let sender = a.run(&member(bus, "dns-tx", "sleep 100000")).await;
+    let timeouts = a.log_count("peer service resolution timed out");
+    let peers = (
+        a.metric("vcan_plugin_tunnel_peers{bus=\"x\"}"),
+        b.metric("vcan_plugin_tunnel_peers{bus=\"x\"}"),
+    );
+    network.pause_dns();
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut stalest = 0.0f64;
+    while started.elapsed() < OUTAGE {
+        // B's view of A: A's heartbeats arrive every second unless A's tunnel stalls.
+        let last_seen = b
+            .metric(&format!(
+                "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds{A_AT_B}"
+            ))
+            .expect("A is still B's peer");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        stalest = stalest.max(now - last_seen);
+        assert_eq!(
+            (
+                a.metric("vcan_plugin_tunnel_peers{bus=\"x\"}"),
+                b.metric("vcan_plugin_tunnel_peers{bus=\"x\"}"),
+            ),
+            peers,
+            "peers changed while the resolver was down"
+        );
+        if started.elapsed() >= OUTAGE / 6 * sent as u32 && sent < 6 {
+            send(&a.node, &sender, &format!("1D{sent}#0{sent}")).await;
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        a.log_count("peer service resolution timed out") > timeouts,
+        "the resolver was not asked during the outage:\n{}",
+        a.plugin.log()
+    );
+    network.resume_dns();
+    let expected: Vec<String> = (0..6).map(|i| format!("can0 1D{i}#0{i}")).collect();
+    assert_eq!(dumped(&b.node, &listener_pod).await, expected);
+    // Heartbeats are a second apart; a tunnel that waited for the resolver (5 s per attempt)
+    // would leave gaps of several seconds.
+    assert!(
+        stalest < 4.0,
+        "A's heartbeats stalled for {stalest:.1} s while the resolver was down"
+    );
+    eprintln!(
+        "resolver down for {OUTAGE:?}: peers unchanged, {sent} frames crossed, longest silence \
+         of A at B {stalest:.1} s"
+    );
+    a.node.delete_pod(&sender).await.expect("delete");
+    b.node.delete_pod(&listener_pod).await.expect("delete");
+}
+
+/// A DaemonSet rollout replaces node B's plugin pod, and the new one comes up under a new
+/// address while the cluster's DNS still lists the old one: the new instance's authenticated
+/// packets make it node A's peer at once, so frames cross both ways before DNS catches up; once
+/// it does, the old address is dropped.
+async fn a_replaced_plugin_with_a_new_address_carries_frames_at_once(
+    network: &Network,
+    bus: &ClusterBus,
+    a: &ClusterNode,
+    b: &mut ClusterNode,
+) {
+    const NEW_B: &str = "10.99.0.5";
+    let a_rx = a.run(&listener(bus, "ip-a", 1)).await;
+    let ns = pod_netns(&a.node, &a_rx).await;
+    wait_listening(&format!("--net={ns}"), "can0");
+    let started = Instant::now();
+    let connected = b.log_count("tunnel connected to the bus");
+    b.replace_at(&NODE_B, NEW_B).await;
+    b.wait_log("tunnel connected to the bus", connected + 1)
+        .await;
+    let b_rx = b.run(&listener(bus, "ip-b", 1)).await;
+    let ns = pod_netns(&b.node, &b_rx).await;
+    wait_listening(&format!("--net={ns}"), "can0");
+    let b_tx = b.run(&member(bus, "ip-tx", "sleep 100000")).await;
+    send(&b.node, &b_tx, "1E0#E0").await;
+    assert_eq!(dumped(&a.node, &a_rx).await, ["can0 1E0#E0"], "B to A");
+    let a_tx = a.run(&member(bus, "ip-a-tx", "sleep 100000")).await;
+    send(&a.node, &a_tx, "1E1#E1").await;
+    assert_eq!(dumped(&b.node, &b_rx).await, ["can0 1E1#E1"], "A to B");
+    eprintln!(
+        "plugin B replaced under a new address: frames both ways {:?} after its restart began, \
+         DNS still listing the old address",
+        started.elapsed()
+    );
+    assert!(
+        a.metric(&format!(
+            "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds{{bus=\"x\",kind=\"instance\",peer=\"{NEW_B}:20000\"}}"
+        ))
+        .is_some(),
+        "A knows B's new address:\n{}",
+        a.tunnel_metrics()
+    );
+    network.set_service(&[NODE_A.addr, NEW_B]);
+    let old = format!("peer=\"{}:20000\"", NODE_B.addr);
+    let waited = Instant::now();
+    while a.tunnel_metrics().contains(&old) {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "A kept B's old address:\n{}",
+            a.tunnel_metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for pod in [&a_rx, &a_tx] {
+        a.node.delete_pod(pod).await.expect("delete");
+    }
+    for pod in [&b_rx, &b_tx] {
+        b.node.delete_pod(pod).await.expect("delete");
+    }
 }

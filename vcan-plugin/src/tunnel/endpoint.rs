@@ -55,8 +55,10 @@ pub const DUPLICATE: &str = "duplicate";
 /// How long an instance the peer service no longer lists stays a peer while it keeps sending
 /// authenticated packets (DNS lags behind a replaced plugin pod).
 pub const UNLISTED_GRACE: Duration = Duration::from_secs(10);
-/// A peer silent this long may have restarted: its numbering and loss accounting start over.
-pub const RESTART_SILENCE: Duration = Duration::from_secs(2);
+/// A peer silent this long may have restarted, or its numbers wrapped meanwhile: its numbering
+/// and loss accounting start over. Instances send a heartbeat every second, so only a peer that
+/// was down or cut off is this silent.
+pub const RESTART_SILENCE: Duration = Duration::from_secs(5);
 
 /// What a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,7 +531,8 @@ impl Tunnel {
                 Freshness::NewEpoch => restart = true,
                 Freshness::Fresh => {}
             }
-        } else if peer
+        }
+        if peer
             .last_heard
             .is_some_and(|t| now.duration_since(t) >= RESTART_SILENCE)
         {
