@@ -36,14 +36,18 @@ def parse(addr: str):
 
 def replay(iface: str, src: str, dst: str) -> None:
     dip, dport = parse(dst)
-    with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800)) as s:
-        s.bind((iface, 0x0800))
+    # ETH_P_ALL: a socket bound to one protocol sees only what the interface receives, and on a
+    # bridge port the packets towards the node are sent.
+    with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003)) as s:
+        s.bind((iface, 0x0003))
         s.settimeout(1.0)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                packet = s.recv(65535)
+                packet, (_, proto, *_) = s.recvfrom(65535)
             except socket.timeout:
+                continue
+            if proto != 0x0800 or len(packet) < 28:
                 continue
             ihl = (packet[0] & 0x0F) * 4
             if packet[9] != socket.IPPROTO_UDP:

@@ -17,7 +17,7 @@ pub const DEFAULT_INTERFACE: &str = "can0";
 pub const RESOURCE_PREFIX: &str = "bus-";
 /// Longest bus name. Kubernetes allows 63 characters after the domain: the device IDs
 /// `bus-<name>-NNNN` would allow 54, and the annotation `interface.<name>` 53.
-const MAX_NAME_LEN: usize = 63 - annotations::BUS_INTERFACE_OPTION.len();
+const MAX_NAME_LEN: usize = annotations::MAX_KEY_LEN - annotations::BUS_INTERFACE_OPTION.len();
 
 /// One bus as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -39,7 +39,6 @@ use crate::pod::annotations;
 use crate::pod::resources::PodRef;
 use crate::resource::{ResourceName, ResourceNameError};
 
-pub(crate) use config::is_bus_name;
 pub use config::{
     BusConfigError, BusSpec, CapacityError, DEFAULT_INTERFACE, DEFAULT_MEMBERS, RESOURCE_PREFIX,
     check_capacity, load, parse, slots_needed,

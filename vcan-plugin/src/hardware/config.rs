@@ -15,7 +15,8 @@ pub const RESOURCE_PREFIX: &str = "hw-";
 pub const DEFAULT_INTERFACE: &str = "can0";
 /// Longest interface name: Kubernetes allows 63 characters after the domain, less `hw-`, less
 /// the `bitrate.` of the annotation that picks a bitrate.
-const MAX_NAME_LEN: usize = 63 - "bitrate.".len();
+const MAX_NAME_LEN: usize =
+    crate::pod::annotations::MAX_KEY_LEN - crate::pod::annotations::BITRATE_OPTION.len();
 
 /// How the plugin finds the netdev of a configured interface.
 ///

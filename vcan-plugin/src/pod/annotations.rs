@@ -9,6 +9,7 @@
 //! `<domain>/interface.<bus>`, checked here as well so that a typo in any option under the domain
 //! is an error whichever resource the pod holds.
 
+use crate::resource::is_dns_label;
 use std::collections::{BTreeSet, HashMap};
 
 use crate::kernel::link::{self, CanMtu, VcanSpec};
@@ -28,6 +29,9 @@ pub const BUS_INTERFACE_OPTION: &str = "interface.";
 /// configuration: `<domain>/bitrate.<interface>`.
 pub const BITRATE_OPTION: &str = "bitrate.";
 
+/// The longest name part of an annotation key (after `<domain>/`), as Kubernetes allows it.
+pub const MAX_KEY_LEN: usize = 63;
+
 /// The annotation key of the member interface's name for bus `bus` under `domain`.
 pub fn bus_interface_key(domain: &str, bus: &str) -> String {
     format!("{domain}/{BUS_INTERFACE_OPTION}{bus}")
@@ -38,10 +42,10 @@ fn known_option(option: &str) -> bool {
     OPTIONS.contains(&option)
         || option
             .strip_prefix(BUS_INTERFACE_OPTION)
-            .is_some_and(crate::bus::is_bus_name)
+            .is_some_and(|bus| is_dns_label(bus, MAX_KEY_LEN - BUS_INTERFACE_OPTION.len()))
         || option
             .strip_prefix(BITRATE_OPTION)
-            .is_some_and(crate::bus::is_bus_name)
+            .is_some_and(|name| is_dns_label(name, MAX_KEY_LEN - BITRATE_OPTION.len()))
 }
 
 /// Fails on the first (in sorted order) annotation under `domain` that names no option the

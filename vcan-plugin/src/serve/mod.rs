@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tonic::Code;
 
@@ -28,6 +28,7 @@ use crate::pod::annotations::PodConfigError;
 use crate::pod::resources::{self, PodDevices, PodRef, PodResources, PodResourcesError};
 use crate::pod::runtime::{RuntimeError, Sandbox, SandboxLookup};
 use crate::resource::{DeviceSet, ResourceName};
+pub use crate::telemetry::metrics::PreStartTimings;
 
 /// The environment variable that lists a container's interface names.
 pub const INTERFACES_ENV: &str = "VCAN_INTERFACES";
@@ -47,19 +48,6 @@ pub struct ServedPod {
     pub interfaces: Vec<LinkInfo>,
     /// Frame counters attached to the interfaces (empty when counting is unavailable).
     pub attachments: Vec<Attachment>,
-}
-
-/// How long each part of a PreStart took.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct PreStartTimings {
-    /// Finding the pod in PodResources.
-    pub pod_lookup: Duration,
-    /// Finding its sandbox and namespace in the runtime.
-    pub namespace_lookup: Duration,
-    /// Creating the links (and, for buses, the rules).
-    pub link_creation: Duration,
-    /// Attaching the frame counters.
-    pub bpf_attach: Duration,
 }
 
 /// Why a PreStart (or Allocate) failed; the message is what the pod's events show.

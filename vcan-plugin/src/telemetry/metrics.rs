@@ -12,7 +12,18 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::serve::PreStartTimings;
+/// How long each part of a PreStart took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PreStartTimings {
+    /// Finding the pod in PodResources.
+    pub pod_lookup: Duration,
+    /// Finding its sandbox and namespace in the runtime.
+    pub namespace_lookup: Duration,
+    /// Creating the links (and, for buses, the rules).
+    pub link_creation: Duration,
+    /// Attaching the frame counters.
+    pub bpf_attach: Duration,
+}
 
 /// Prefix of every metric.
 pub const PREFIX: &str = "vcan_plugin";
@@ -593,7 +604,8 @@ fn tunnel_families(tunnels: &[TunnelSample]) -> Vec<prometheus::proto::MetricFam
     let dropped = counter(
         "tunnel_packets_dropped_total",
         "Packets (frames, for queue_full) a bus's tunnel dropped, by reason: malformed packets \
-         by what is wrong, unknown_peer, queue_full.",
+         by what is wrong, unknown_peer, unauthenticated (an instance's packet without a valid \
+         tag), duplicate (delivered before: a network copy or a replay), queue_full.",
         &["bus", "reason"],
     );
     let last_seen = GaugeVec::new(
