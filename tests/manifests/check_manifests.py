@@ -17,7 +17,9 @@ Checks, each reported as PASS, FAIL or SKIP, then a summary line:
   * least privilege and coherence of the DaemonSet, per runtime flavour
   * buses across nodes: the peer Service is headless and selects the plugin pods, every tunnel port
     is a UDP containerPort, a Service port and admitted by a NetworkPolicy only from plugin pods
-    and ipBlocks (and let out again), and the bus configuration's tunnel ports and peers match
+    and ipBlocks (and let out again), the bus configuration's tunnel ports and peers (IPv4,
+    "address:port" or {"address", "via"}) match, and the tunnel key (VCAN_TUNNEL_KEY_FILE) comes
+    from a read-only Secret volume
   * promtool check rules / test rules, every alert unit-tested, the PrometheusRule matches the
     plain rules file, runbook links point at real README sections
   * the Grafana dashboard's structure, every expression parses (promtool), the bus-load formula
@@ -602,7 +604,12 @@ def check_daemonset(objects: list[dict[str, Any]], flavour: str, base_source: st
     for v in volumes.values():
         host = v.get("hostPath")
         if host is None:
-            allowed = {"name", "emptyDir"} | ({"configMap"} if buses or hardware else set())
+            allowed = (
+                {"name", "emptyDir"}
+                | ({"configMap"} if buses or hardware else set())
+                # The tunnel key of buses across nodes (check_cross_node checks its mount).
+                | ({"secret"} if "VCAN_TUNNEL_KEY_FILE" in plugin_env else set())
+            )
             if set(v) - allowed:
                 p.append(f"volume {v['name']}: only hostPath directories and emptyDir are expected")
             continue
@@ -947,6 +954,100 @@ def ip_blocks_cover(rules: list[dict[str, Any]], direction: str, address: str, n
     return False
 
 
+def peer_entry(entry: Any) -> tuple[str | None, list[str]]:
+    """The address of a bus's `peers` entry, "192.0.2.10:20000" or {"address": ..., "via": ...}
+    (vcan-plugin/src/bus/config.rs, RawPeer), and what is wrong with the entry's form."""
+    if isinstance(entry, str):
+        return entry, []
+    if not isinstance(entry, dict):
+        return None, [f"peer {entry!r} is neither \"address:port\" nor an object with \"address\" (and \"via\")"]
+    p = []
+    unknown = sorted(set(entry) - {"address", "via"})
+    if unknown:
+        p.append(f"peer {json.dumps(entry)}: unknown field {', '.join(unknown)} (a peer object has \"address\" and optionally \"via\")")
+    address = entry.get("address")
+    if not isinstance(address, str):
+        p.append(f"peer {json.dumps(entry)} has no \"address\" (\"address:port\", e.g. \"192.0.2.10:20000\")")
+        address = None
+    if "via" in entry:
+        via = entry["via"]
+        try:
+            if not isinstance(via, str):
+                raise TypeError(via)
+            ipaddress.IPv4Address(via)
+        except (ipaddress.AddressValueError, TypeError):
+            p.append(
+                f"peer {json.dumps(entry)}: via {via!r} is not an IPv4 address: give the address of the "
+                "plugin instance the peer sends to (cannelloni's -R)"
+            )
+    return address, p
+
+
+def peer_host(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, int | None]:
+    """The IP and port of "192.0.2.10:20000" or "[2001:db8::10]:20000"; (None, None) if it is not
+    an address with a port (like Rust's SocketAddr)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        return None, None
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return None, None
+    if bracketed != (ip.version == 6):
+        return None, None
+    return ip, int(port)
+
+
+def tunnel_key_problems(env: dict[str, str], volumes: dict[str, Any], mounts: dict[str, Any], why: str | None) -> list[str]:
+    """The tunnel key (VCAN_TUNNEL_KEY_FILE) must be a file in a read-only mount of a Secret
+    volume, one that is not optional; `why` says what needs it (None: nothing does, but a key
+    that is set must still be readable)."""
+    path = env.get("VCAN_TUNNEL_KEY_FILE")
+    if path is None:
+        if why is None:
+            return []
+        return [
+            f"{why} but VCAN_TUNNEL_KEY_FILE is not set: the plugin refuses to start without the tunnel "
+            "key its instances authenticate their packets with; add VCAN_TUNNEL_KEY_FILE=<dir>/key and a "
+            "read-only volumeMount at <dir> of a Secret volume holding it (components/cross-node-buses "
+            "mounts Secret vcan-plugin-tunnel-key at /etc/vcan-plugin-tunnel-key)"
+        ]
+    best = None
+    for mount_path, m in mounts.items():
+        if path.startswith(mount_path.rstrip("/") + "/") and (best is None or len(mount_path) > len(best["mountPath"])):
+            best = m
+    if best is None:
+        return [
+            f"VCAN_TUNNEL_KEY_FILE {path} is inside no volumeMount: add a read-only volumeMount at its "
+            "directory of a Secret volume holding the key"
+        ]
+    volume = volumes.get(best["name"]) or {}
+    secret = volume.get("secret")
+    if secret is None:
+        return [
+            f"VCAN_TUNNEL_KEY_FILE {path} is in the mount {best['mountPath']} of volume {best['name']}, "
+            "which is no Secret volume: mount the key from a Secret (never a ConfigMap or the image, "
+            "where everyone who can read them has it)"
+        ]
+    p = []
+    if best.get("readOnly") is not True:
+        p.append(f"the tunnel key mount {best['mountPath']} must be read-only")
+    if secret.get("optional") is True:
+        p.append(
+            f"the tunnel key's Secret volume {best['name']} is optional: without the Secret the pod "
+            "would start and the plugin refuse to; leave it required so the pod waits for the Secret"
+        )
+    relative = path[len(best["mountPath"].rstrip("/")) + 1:]
+    items = secret.get("items")
+    if items and relative not in {i.get("path") for i in items}:
+        p.append(
+            f"VCAN_TUNNEL_KEY_FILE {path}: the Secret volume {best['name']} holds only "
+            f"{', '.join(sorted(str(i.get('path')) for i in items))}, not {relative}"
+        )
+    return p
+
+
 def tunnel_buses(objects: list[dict[str, Any]], env: dict[str, str], volumes: dict[str, Any], mounts: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """The buses of the rendered bus configuration that have a tunnel (span cluster or peers)."""
     config = env.get("VCAN_BUS_CONFIG")
@@ -975,7 +1076,9 @@ def check_cross_node(objects: list[dict[str, Any]]) -> list[str]:
     the same number, which the NetworkPolicies admit only from the plugin's pods and narrow
     ipBlocks, from the plugin's pods at least, and let out to them again (with DNS) when the pods
     are isolated for egress. The bus configuration's tunnels must have those ports, and their
-    external peers must be admitted.
+    external peers ("address:port" or {"address", "via"}, IPv4 only) must be admitted. With a bus
+    that spans the cluster, or VCAN_PEER_SERVICE (which only such buses use), VCAN_TUNNEL_KEY_FILE
+    must point into a read-only mount of a Secret volume.
     """
     p: list[str] = []
     ds = one(objects, "DaemonSet")
@@ -1065,6 +1168,15 @@ def check_cross_node(objects: list[dict[str, Any]]) -> list[str]:
             p.append(f"bus {name}: {describe(service)} has no port {port}")
         tunnels.setdefault(port, bus)
 
+    cluster_buses = [b.get("name", "?") for b in buses if b.get("span") == "cluster"]
+    if cluster_buses:
+        why = f"bus {cluster_buses[0]} spans the cluster"
+    elif service_name is not None:
+        why = "VCAN_PEER_SERVICE is set (for buses that span the cluster)"
+    else:
+        why = None
+    p += tunnel_key_problems(env, volumes, mounts, why)
+
     if not tunnels:
         return p
     policies = [
@@ -1108,17 +1220,26 @@ def check_cross_node(objects: list[dict[str, Any]]) -> list[str]:
         p.append("the plugin pods are isolated for egress and no rule lets DNS (53/UDP) out: VCAN_PEER_SERVICE cannot be resolved")
     for bus in buses:
         port = bus.get("port", TUNNEL_DEFAULT_PORT)
-        for address in bus.get("peers") or []:
-            host, _, peer_port = str(address).rpartition(":")
-            host = host.strip("[]")
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                p.append(f"bus {bus.get('name', '?')}: peer {address!r} is not an address with a port")
+        peers = bus.get("peers") or []
+        if not isinstance(peers, list):
+            p.append(f"bus {bus.get('name', '?')}: peers must be a list")
+            continue
+        for entry in peers:
+            address, entry_problems = peer_entry(entry)
+            p += [f"bus {bus.get('name', '?')}: {problem}" for problem in entry_problems]
+            if address is None:
                 continue
+            ip, peer_port = peer_host(address)
+            if ip is None or peer_port is None:
+                p.append(f"bus {bus.get('name', '?')}: peer {address!r} is not an address with a port, e.g. \"192.0.2.10:20000\"")
+                continue
+            if ip.version != 4:
+                p.append(f"bus {bus.get('name', '?')}: peer {address!r} is an IPv6 address: the tunnel speaks IPv4 only")
+                continue
+            host = str(ip)
             if policies and not ip_blocks_cover([r for _, _, r in ingress], "from", host, port, named):
                 p.append(f"bus {bus.get('name', '?')}: no NetworkPolicy ipBlock admits its peer {host} on port {port}/UDP")
-            if egress_isolated and peer_port.isdigit() and not ip_blocks_cover(egress, "to", host, int(peer_port), named):
+            if egress_isolated and not ip_blocks_cover(egress, "to", host, peer_port, named):
                 p.append(f"bus {bus.get('name', '?')}: no NetworkPolicy ipBlock lets its frames out to the peer {address}")
     return p
 

@@ -340,6 +340,15 @@ class CrossNodeBuses(unittest.TestCase):
                 plugin = self.plugin(objects)
                 self.assertIn({"name": "tunnel-20000", "containerPort": 20000, "protocol": "UDP"}, plugin["ports"])
                 self.assertEqual(cm.env_of(plugin)["VCAN_PEER_SERVICE"], "vcan-plugin-peers.vcan-plugin.svc.cluster.local")
+                self.assertEqual(cm.env_of(plugin)["VCAN_TUNNEL_KEY_FILE"], "/etc/vcan-plugin-tunnel-key/key")
+                self.assertIn({"name": "tunnel-key", "mountPath": "/etc/vcan-plugin-tunnel-key", "readOnly": True}, plugin["volumeMounts"])
+                spec = cm.one(objects, "DaemonSet")["spec"]["template"]["spec"]
+                key = next(v for v in spec["volumes"] if v["name"] == "tunnel-key")
+                self.assertEqual(key["secret"]["secretName"], "vcan-plugin-tunnel-key")
+                self.assertEqual(key["secret"]["defaultMode"], 0o400)
+                self.assertIs(key["secret"]["optional"], False)
+                # No key ships with the manifests: every install would share it.
+                self.assertEqual(cm.objects_of(objects, "Secret"), [])
 
     def test_a_cluster_bus_on_the_shipped_port_passes(self) -> None:
         def change(objects):
@@ -460,6 +469,132 @@ class CrossNodeBuses(unittest.TestCase):
         self.assertIn("bus body: no NetworkPolicy ipBlock admits its peer 198.51.100.7 on port 20001/UDP", problems)
         self.assertIn("bus body: no NetworkPolicy ipBlock lets its frames out to the peer 198.51.100.7:20001", problems)
         self.assertNotIn("powertrain", problems)
+
+    # The tunnel key: instances authenticate their packets with a key from a Secret.
+
+    @staticmethod
+    def spec(objects: list[dict]) -> dict:
+        return cm.one(objects, "DaemonSet")["spec"]["template"]["spec"]
+
+    def cluster_bus(self, objects: list[dict]) -> None:
+        self.set_buses(objects, [{"name": "powertrain", "span": "cluster"}])
+
+    def test_a_cluster_bus_needs_the_tunnel_key(self) -> None:
+        def no_env(objects):
+            self.cluster_bus(objects)
+            env = self.plugin(objects)["env"]
+            env[:] = [e for e in env if e["name"] != "VCAN_TUNNEL_KEY_FILE"]
+        problems = self.problems(no_env)
+        self.assertIn("bus powertrain spans the cluster but VCAN_TUNNEL_KEY_FILE is not set", problems)
+        self.assertIn("a read-only volumeMount at <dir> of a Secret volume", problems)
+
+    def test_the_peer_service_alone_needs_the_tunnel_key(self) -> None:
+        # The shipped bus configuration has no cluster bus; the component is for them.
+        def no_env(objects):
+            env = self.plugin(objects)["env"]
+            env[:] = [e for e in env if e["name"] != "VCAN_TUNNEL_KEY_FILE"]
+        self.assertIn("VCAN_PEER_SERVICE is set (for buses that span the cluster) but VCAN_TUNNEL_KEY_FILE is not set", self.problems(no_env))
+
+    def test_node_buses_need_no_tunnel_key(self) -> None:
+        objects = build_with("shared-buses")
+        self.set_buses(objects, [{"name": "body", "peers": ["192.0.2.10:20000"]}])
+        self.assertNotIn("VCAN_TUNNEL_KEY_FILE", "\n".join(cm.check_objects(objects)))
+
+    def test_the_tunnel_key_must_come_from_a_secret(self) -> None:
+        def no_volume(objects):
+            self.cluster_bus(objects)
+            spec = self.spec(objects)
+            spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "tunnel-key"]
+            mounts = self.plugin(objects)["volumeMounts"]
+            mounts[:] = [m for m in mounts if m["name"] != "tunnel-key"]
+        self.assertIn(
+            "VCAN_TUNNEL_KEY_FILE /etc/vcan-plugin-tunnel-key/key is inside no volumeMount",
+            self.problems(no_volume),
+        )
+
+        def outside_mounts(objects):
+            self.cluster_bus(objects)
+            self.set_env(objects, "VCAN_TUNNEL_KEY_FILE", "/tunnel.key")
+        self.assertIn("VCAN_TUNNEL_KEY_FILE /tunnel.key is inside no volumeMount", self.problems(outside_mounts))
+
+        def config_map(objects):
+            self.cluster_bus(objects)
+            volume = next(v for v in self.spec(objects)["volumes"] if v["name"] == "tunnel-key")
+            volume.pop("secret")
+            volume["configMap"] = {"name": "vcan-plugin-tunnel-key"}
+        self.assertIn("of volume tunnel-key, which is no Secret volume", self.problems(config_map))
+
+    def test_the_tunnel_key_mount(self) -> None:
+        def writable(objects):
+            next(m for m in self.plugin(objects)["volumeMounts"] if m["name"] == "tunnel-key").pop("readOnly")
+        self.assertIn("the tunnel key mount /etc/vcan-plugin-tunnel-key must be read-only", self.problems(writable))
+
+        def optional(objects):
+            next(v for v in self.spec(objects)["volumes"] if v["name"] == "tunnel-key")["secret"]["optional"] = True
+        self.assertIn("the tunnel key's Secret volume tunnel-key is optional", self.problems(optional))
+
+        def other_file(objects):
+            self.set_env(objects, "VCAN_TUNNEL_KEY_FILE", "/etc/vcan-plugin-tunnel-key/tunnel.key")
+        self.assertIn("the Secret volume tunnel-key holds only key, not tunnel.key", self.problems(other_file))
+
+    def test_a_secret_volume_only_for_the_tunnel_key(self) -> None:
+        # Without a tunnel key, a Secret volume stays unexpected.
+        objects = build_with("shared-buses")
+        self.spec(objects)["volumes"].append({"name": "other", "secret": {"secretName": "other"}})
+        problems = "\n".join(cm.check_daemonset(objects, "containerd", BASE_SOURCE))
+        self.assertIn("volume other: only hostPath directories and emptyDir are expected", problems)
+        self.assertEqual(cm.check_daemonset(self.cross, "containerd", BASE_SOURCE), [])
+
+    # Peers: "address:port" or {"address": ..., "via": ...}, IPv4 only.
+
+    def test_an_object_peer_is_accepted_and_checked(self) -> None:
+        def admitted(objects):
+            self.set_buses(objects, [
+                {"name": "powertrain", "span": "cluster", "peers": [{"address": "192.0.2.10:20000", "via": "10.0.0.1"}]},
+            ])
+        self.assertEqual(self.problems(admitted), "")
+
+        def without_via(objects):
+            self.set_buses(objects, [{"name": "powertrain", "span": "cluster", "peers": [{"address": "192.0.2.10:20000"}]}])
+        self.assertEqual(self.problems(without_via), "")
+
+        def not_admitted(objects):
+            self.set_buses(objects, [
+                {"name": "powertrain", "span": "cluster", "peers": [{"address": "198.51.100.7:20000", "via": "10.0.0.1"}]},
+            ])
+        problems = self.problems(not_admitted)
+        self.assertIn("bus powertrain: no NetworkPolicy ipBlock admits its peer 198.51.100.7 on port 20000/UDP", problems)
+        self.assertIn("bus powertrain: no NetworkPolicy ipBlock lets its frames out to the peer 198.51.100.7:20000", problems)
+
+    def test_bad_peers_are_refused(self) -> None:
+        cases = (
+            ({"address": "192.0.2.10"}, "peer '192.0.2.10' is not an address with a port"),
+            ("192.0.2.10:", "peer '192.0.2.10:' is not an address with a port"),
+            ({"via": "10.0.0.1"}, 'peer {"via": "10.0.0.1"} has no "address"'),
+            ({"address": "192.0.2.10:20000", "via": "node-a"}, "via 'node-a' is not an IPv4 address: give the address of the plugin instance"),
+            ({"address": "192.0.2.10:20000", "via": "2001:db8::1"}, "via '2001:db8::1' is not an IPv4 address"),
+            ({"address": "192.0.2.10:20000", "port": 20000}, "unknown field port"),
+            (20000, "peer 20000 is neither"),
+            ("[2001:db8::10]:20000", "peer '[2001:db8::10]:20000' is an IPv6 address: the tunnel speaks IPv4 only"),
+            ({"address": "[2001:db8::10]:20000"}, "is an IPv6 address: the tunnel speaks IPv4 only"),
+        )
+        for peer, expected in cases:
+            with self.subTest(peer=peer):
+                def change(objects, peer=peer):
+                    self.set_buses(objects, [{"name": "powertrain", "span": "cluster", "peers": [peer]}])
+                problems = self.problems(change)
+                self.assertIn(expected, problems)
+                self.assertTrue(problems.startswith("bus powertrain: peer "), problems)
+
+    def test_ipv6_peers_are_refused_even_when_admitted(self) -> None:
+        def change(objects):
+            self.set_buses(objects, [{"name": "powertrain", "span": "cluster", "peers": ["[2001:db8::10]:20000"]}])
+            policy = self.tunnel_policy(objects)["spec"]
+            policy["ingress"][1]["from"].append({"ipBlock": {"cidr": "2001:db8::10/128"}})
+            policy["egress"][1]["to"].append({"ipBlock": {"cidr": "2001:db8::10/128"}})
+        problems = self.problems(change)
+        self.assertIn("the tunnel speaks IPv4 only", problems)
+        self.assertNotIn("no NetworkPolicy ipBlock", problems)
 
     def test_buses_cannot_share_a_port(self) -> None:
         def change(objects):

@@ -248,13 +248,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             let Some(io_ns) = tunnel_io.clone() else {
                 unreachable!("a namespace is made whenever a bus has a tunnel");
             };
-            tunnels.push(Arc::new(Tunnel::new(
-                &bus.spec().name,
-                spec.clone(),
-                config.peer_service.clone(),
-                tunnel_key.clone(),
-                io_ns,
-            )));
+            tunnels.push(Arc::new(
+                Tunnel::new(
+                    &bus.spec().name,
+                    spec.clone(),
+                    config.peer_service.clone(),
+                    tunnel_key.clone(),
+                    io_ns,
+                )
+                .with_state_dir(&config.state_dir),
+            ));
         }
         if let Some(uplink) = bus.uplink() {
             tracing::info!(bus = %bus.spec().name, uplink = %uplink.spec().name, device = %uplink.spec().device, "bus connected to a physical CAN interface");

@@ -14,10 +14,8 @@ pub const FILTER_OPTION: &str = "filter";
 /// (two on an FD bus), so filters multiply the bus's rules; and the overlap check compares every
 /// two filters of a member, which stays cheap up to this count.
 pub const MAX_FILTERS: usize = 64;
-/// `CAN_EFF_FLAG`: the identifier is extended (29 bits).
-pub(super) const CAN_EFF_FLAG: u32 = 0x8000_0000;
-const CAN_SFF_MASK: u32 = 0x7FF;
-const CAN_EFF_MASK: u32 = 0x1FFF_FFFF;
+pub(super) use crate::kernel::frame::{CAN_EFF_FLAG, CAN_EFF_MASK, CAN_SFF_MASK};
+
 /// What a member pod asks for by annotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberConfig {
@@ -187,7 +185,7 @@ mod tests {
             parse_filter("123:7FF"),
             Some(Filter {
                 id: 0x123,
-                mask: 0x7FF | CAN_EFF_FLAG
+                mask: CAN_SFF_MASK | CAN_EFF_FLAG
             })
         );
         assert_eq!(

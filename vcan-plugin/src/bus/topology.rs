@@ -32,7 +32,7 @@ pub(super) fn rules_between(src: &Member, dst: &Member, mtu: CanMtu) -> Vec<Rule
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::member::CAN_EFF_FLAG;
+    use crate::kernel::frame::{CAN_EFF_FLAG, CAN_SFF_MASK};
     use crate::pod::resources::PodRef;
 
     #[test]
@@ -50,7 +50,7 @@ mod tests {
         let a = member(2, vec![]);
         let f = Filter {
             id: 0x123,
-            mask: 0x7FF | CAN_EFF_FLAG,
+            mask: CAN_SFF_MASK | CAN_EFF_FLAG,
         };
         let b = member(3, vec![f]);
         assert_eq!(

@@ -16,10 +16,7 @@ const CAN_RAW: libc::c_int = 1;
 const SOL_CAN_RAW: libc::c_int = 101;
 /// `CAN_RAW_FD_FRAMES`: also pass CAN FD frames (72 bytes).
 const CAN_RAW_FD_FRAMES: libc::c_int = 5;
-/// `struct can_frame`'s size: what a classic frame reads and writes as.
-pub const CAN_MTU: usize = 16;
-/// `struct canfd_frame`'s size.
-pub const CANFD_MTU: usize = 72;
+pub use crate::kernel::frame::{CAN_MTU, CANFD_MTU};
 
 /// `struct sockaddr_can` up to the interface index (the address union is unused for CAN_RAW).
 #[repr(C)]

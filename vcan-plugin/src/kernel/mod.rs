@@ -1,11 +1,12 @@
 //! The kernel's CAN plumbing, over our own rtnetlink: namespaces ([`netns`]), netlink messages
 //! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]),
-//! can-gw rules ([`cangw`]), physical CAN controllers ([`can`]) and CAN_RAW sockets
-//! ([`can_raw`]).
+//! can-gw rules ([`cangw`]), physical CAN controllers ([`can`]), CAN_RAW sockets ([`can_raw`])
+//! and the frame constants they all share ([`frame`]).
 
 pub mod can;
 pub mod can_raw;
 pub mod cangw;
+pub mod frame;
 pub mod link;
 pub mod netlink;
 pub mod netns;

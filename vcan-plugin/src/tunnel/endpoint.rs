@@ -148,6 +148,9 @@ pub struct Tunnel {
     service: Option<String>,
     key: Option<TunnelKey>,
     io_ns: Netns,
+    /// The external peers this instance serves because they talked to it, kept across
+    /// restarts (a restarted instance must go on serving a rig that only talks now and then).
+    served_file: Option<std::path::PathBuf>,
     stats: Mutex<TunnelStats>,
 }
 
@@ -238,6 +241,7 @@ impl Tunnel {
             spec,
             key,
             io_ns,
+            served_file: None,
             // Every reason starts at zero, so the first drop of a kind is an increase.
             stats: Mutex::new(TunnelStats {
                 peers: BTreeMap::new(),
@@ -247,6 +251,48 @@ impl Tunnel {
                     .map(|r| (*r, 0))
                     .collect(),
             }),
+        }
+    }
+
+    /// The tunnel, keeping the external peers it serves in `<state_dir>/tunnels/<bus>.served`.
+    pub fn with_state_dir(mut self, state_dir: &std::path::Path) -> Self {
+        self.served_file = Some(
+            state_dir
+                .join("tunnels")
+                .join(format!("{}.served", self.bus)),
+        );
+        self
+    }
+
+    /// The external peers served because they talked to this instance, as recorded.
+    fn recorded_served(&self) -> BTreeSet<SocketAddr> {
+        let Some(path) = &self.served_file else {
+            return BTreeSet::new();
+        };
+        std::fs::read_to_string(path)
+            .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records the external peers served because they talked to this instance (best effort: a
+    /// failure only means a restarted instance waits for the peer's next packet).
+    fn record_served(&self, peers: &BTreeMap<SocketAddr, Peer>) {
+        let Some(path) = &self.served_file else {
+            return;
+        };
+        let text: String = peers
+            .iter()
+            .filter(|(_, p)| p.kind == PeerKind::External && p.pinned)
+            .map(|(a, _)| format!("{a}\n"))
+            .collect();
+        let tmp = path.with_extension("served.tmp");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "cannot record the external peers served here");
         }
     }
 
@@ -271,12 +317,9 @@ impl Tunnel {
 
     /// Whether this instance sends to peer `p`: to every instance; to an external peer on a bus
     /// of one node always, else if its `via` is this instance or once it has talked to this
-    /// instance.
+    /// instance (or to an earlier run of it).
     fn serves(&self, p: &Peer) -> bool {
-        p.kind == PeerKind::Instance
-            || self.spec.span == Span::Node
-            || p.pinned
-            || p.last_heard.is_some()
+        p.kind == PeerKind::Instance || self.spec.span == Span::Node || p.pinned
     }
 
     /// Binds the UDP port and carries frames until `shutdown`. The tunnel's CAN end is opened
@@ -316,9 +359,13 @@ impl Tunnel {
                 .map_or(0, |d| d.as_nanos() as u64),
             counter: 0,
         };
+        let served = self.recorded_served();
         for external in &self.spec.peers {
             let mut peer = Peer::new(PeerKind::External, true);
-            peer.pinned = external.via.is_some_and(crate::tunnel::peers::is_local);
+            peer.pinned = match external.via {
+                Some(via) => crate::tunnel::peers::is_local(via),
+                None => served.contains(&external.address),
+            };
             state.peers.insert(external.address, peer);
         }
         self.sync_stats(&state.peers);
@@ -544,6 +591,13 @@ impl Tunnel {
         }
         peer.last_heard = Some(now);
         let kind = peer.kind;
+        let newly_served =
+            kind == PeerKind::External && !peer.pinned && self.spec.span == Span::Cluster;
+        if newly_served {
+            // It talks to this instance: served from here on, also after a restart.
+            tracing::info!(peer = %from, "external peer served by this instance from now on");
+            peer.pinned = true;
+        }
         {
             let mut stats = self.lock_stats();
             if let Some(s) = stats.peers.get_mut(&from) {
@@ -565,6 +619,9 @@ impl Tunnel {
         let origin = origin_of(from, kind);
         for p in restarted.into_iter().chain(pushed.ready) {
             self.deliver(&p, origin, state);
+        }
+        if newly_served {
+            self.record_served(&state.peers);
         }
     }
 
@@ -752,5 +809,63 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::config::ExternalPeer;
+
+    fn tunnel(state_dir: &std::path::Path) -> Tunnel {
+        let rig: SocketAddr = "192.0.2.10:20000".parse().expect("address");
+        let spec = TunnelSpec {
+            span: Span::Cluster,
+            port: 20000,
+            peers: vec![ExternalPeer {
+                address: rig,
+                via: None,
+            }],
+            batch: Duration::from_millis(1),
+        };
+        Tunnel::new("x", spec, None, None, Netns::Pid(std::process::id())).with_state_dir(state_dir)
+    }
+
+    #[test]
+    fn served_peers_are_remembered_across_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = tunnel(dir.path());
+        assert!(t.recorded_served().is_empty());
+        let rig: SocketAddr = "192.0.2.10:20000".parse().expect("address");
+        let other: SocketAddr = "192.0.2.11:20000".parse().expect("address");
+        let mut peers = BTreeMap::new();
+        let mut served = Peer::new(PeerKind::External, true);
+        served.pinned = true;
+        peers.insert(rig, served);
+        peers.insert(other, Peer::new(PeerKind::External, true));
+        peers.insert(
+            "10.0.0.2:20000".parse().expect("address"),
+            Peer::new(PeerKind::Instance, true),
+        );
+        t.record_served(&peers);
+        let again = tunnel(dir.path());
+        assert_eq!(again.recorded_served(), BTreeSet::from([rig]));
+    }
+
+    #[test]
+    fn frames_go_where_they_are_wanted() {
+        let rig: SocketAddr = "192.0.2.10:20000".parse().expect("address");
+        let rig2: SocketAddr = "192.0.2.11:20000".parse().expect("address");
+        let node: SocketAddr = "10.0.0.2:20000".parse().expect("address");
+        // Instances get local frames and the rigs' (which they cannot get elsewhere), never
+        // other instances' (each instance sends its own to everyone).
+        assert!(wanted(Origin::Local, node, PeerKind::Instance));
+        assert!(wanted(Origin::External(rig), node, PeerKind::Instance));
+        assert!(!wanted(Origin::Instance, node, PeerKind::Instance));
+        // A served rig gets everything but its own frames.
+        assert!(wanted(Origin::Local, rig, PeerKind::External));
+        assert!(wanted(Origin::Instance, rig, PeerKind::External));
+        assert!(wanted(Origin::External(rig2), rig, PeerKind::External));
+        assert!(!wanted(Origin::External(rig), rig, PeerKind::External));
     }
 }

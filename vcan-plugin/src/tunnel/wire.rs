@@ -44,26 +44,10 @@ pub const DEFAULT_PAYLOAD_LIMIT: usize = 1500 - 20 - 8;
 /// bounds nothing useful here: 65535 frames of 70 bytes would be 4.5 MB.
 pub const MAX_PACKET_LEN: usize = 65_535 - 8;
 
-/// `canid_t` flag: extended (29-bit) identifier.
-pub const CAN_EFF_FLAG: u32 = 0x8000_0000;
-/// `canid_t` flag: remote transmission request.
-pub const CAN_RTR_FLAG: u32 = 0x4000_0000;
-/// `canid_t` flag: error message frame.
-pub const CAN_ERR_FLAG: u32 = 0x2000_0000;
-/// CAN FD flag: bit rate switch.
-pub const CANFD_BRS: u8 = 0x01;
-/// CAN FD flag: error state indicator.
-pub const CANFD_ESI: u8 = 0x02;
-/// Most data bytes of a classic frame.
-pub const CAN_MAX_DLEN: usize = 8;
-/// Most data bytes of a CAN FD frame.
-pub const CANFD_MAX_DLEN: usize = 64;
-/// Size of the kernel's `struct can_frame`, what a CAN_RAW socket reads and writes for classic
-/// frames.
-pub const CAN_MTU: usize = 16;
-/// Size of the kernel's `struct canfd_frame`, what a CAN_RAW socket with `CAN_RAW_FD_FRAMES`
-/// reads and writes for CAN FD frames.
-pub const CANFD_MTU: usize = 72;
+pub use crate::kernel::frame::{
+    CAN_EFF_FLAG, CAN_ERR_FLAG, CAN_MAX_DLEN, CAN_MTU, CAN_RTR_FLAG, CANFD_BRS, CANFD_ESI,
+    CANFD_MAX_DLEN, CANFD_MTU,
+};
 
 // Offsets shared by both kernel structs: can_id (host order), len, then flags (FD only) or
 // padding, two reserved bytes, and the data at 8 (the data is 8-byte aligned).
