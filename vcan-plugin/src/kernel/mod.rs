@@ -1,7 +1,7 @@
 //! The kernel's CAN plumbing, over our own rtnetlink: namespaces ([`netns`]), netlink messages
 //! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]),
 //! can-gw rules ([`cangw`]), physical CAN controllers ([`can`]), CAN_RAW sockets ([`can_raw`])
-//! and the frame constants they all share ([`frame`]).
+//! the frame constants they all share ([`frame`]) and traffic-control filters ([`tc`]).
 
 pub mod can;
 pub mod can_raw;
@@ -10,4 +10,5 @@ pub mod frame;
 pub mod link;
 pub mod netlink;
 pub mod netns;
+pub mod tc;
 pub mod vxcan;
