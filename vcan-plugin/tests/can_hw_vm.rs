@@ -6,7 +6,6 @@
 //! at a time and every test leaves every controller in the node's namespace, down, under its
 //! original name.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -37,10 +36,6 @@ fn node() -> Netns {
 /// The test process's own namespace (the node's, in the VM): the other way to name it.
 fn own() -> Netns {
     Netns::Pid(std::process::id())
-}
-
-fn netns_of(fx: &NetnsFixture) -> Netns {
-    Netns::Path(PathBuf::from("/run/netns").join(fx.name()))
 }
 
 /// Holds the lock and puts the controllers back when the test ends, passed or failed.
@@ -340,7 +335,7 @@ fn controllers_are_found_by_parent_device_and_configured() {
 fn a_controller_moves_into_a_namespace_renamed_carries_frames_and_moves_back() {
     let _bed = Testbed::take();
     let fx = NetnsFixture::new();
-    let pod = netns_of(&fx);
+    let pod = Netns::Path(fx.path());
     let can0 = controller("0000:00:10.0");
     let can1 = controller("0000:00:11.0");
     can::configure(&node(), can0.index, &settings_500k()).expect("configure can0");
@@ -448,7 +443,7 @@ fn a_controller_moves_into_a_namespace_renamed_carries_frames_and_moves_back() {
 fn a_destroyed_namespace_returns_its_controller_under_the_name_it_had_inside() {
     let _bed = Testbed::take();
     let fx = NetnsFixture::new();
-    let pod = netns_of(&fx);
+    let pod = Netns::Path(fx.path());
     // The controller's own name is taken in the pod: the kernel then uses the new name as its
     // fallback, the other path through the same request.
     fx.ip(&["link", "add", "can2", "type", "dummy"]);

@@ -4,7 +4,6 @@
 //! This unloads `can_gw` and `vxcan`, so it lives in its own test binary: the test-bed runs
 //! binaries one after another, and no other test can be using them meanwhile.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use vcan_plugin::kernel::cangw::{Gateway, GatewayError};
@@ -26,10 +25,6 @@ impl Drop for RestoreModules {
             .args(["-a", "can_gw", "vxcan"])
             .status();
     }
-}
-
-fn netns_of(fx: &NetnsFixture) -> Netns {
-    Netns::Path(PathBuf::from("/run/netns").join(fx.name()))
 }
 
 fn unload(module: &str) {
@@ -58,14 +53,14 @@ fn cangw_without_the_modules_the_errors_say_what_to_load() {
         Health::Unhealthy(why) => assert!(why.contains("modprobe can-gw"), "{why}"),
         Health::Healthy => panic!("buses reported healthy without can-gw"),
     }
-    let err = Gateway::open(&netns_of(&b)).expect_err("no can-gw");
+    let err = Gateway::open(&Netns::Path(b.path())).expect_err("no can-gw");
     assert!(matches!(err, GatewayError::NotLoaded), "{err}");
     assert!(err.to_string().contains("modprobe can-gw"), "{err}");
 
     unload("vxcan");
     let err = vxcan::ensure(
-        &netns_of(&a),
-        &netns_of(&b),
+        &Netns::Path(a.path()),
+        &Netns::Path(b.path()),
         &VxcanSpec {
             name: "can0".into(),
             peer_name: "busA1".into(),

@@ -15,7 +15,6 @@
 //! and `cangw -L` (can-utils) is an independent reader of the rules.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -32,10 +31,6 @@ const BIND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Listeners give up after this long (seconds), so a missing frame fails the test instead of
 /// hanging it.
 const DUMP_TIMEOUT: &str = "120";
-
-fn netns_of(fx: &NetnsFixture) -> Netns {
-    Netns::Path(PathBuf::from("/run/netns").join(fx.name()))
-}
 
 fn spec(name: &str, peer_name: &str, mtu: CanMtu) -> VxcanSpec {
     VxcanSpec {
@@ -64,8 +59,8 @@ impl Bus {
             .map(|i| {
                 let fx = NetnsFixture::new();
                 let pair = vxcan::ensure(
-                    &netns_of(&fx),
-                    &netns_of(&ns),
+                    &Netns::Path(fx.path()),
+                    &Netns::Path(ns.path()),
                     &spec("can0", &format!("busA{i}"), mtu),
                 )
                 .unwrap_or_else(|e| panic!("pair for member {i}: {e}"));
@@ -76,7 +71,7 @@ impl Bus {
     }
 
     fn gateway(&self) -> Gateway {
-        Gateway::open(&netns_of(&self.ns)).expect("open the bus namespace's gateway")
+        Gateway::open(&Netns::Path(self.ns.path())).expect("open the bus namespace's gateway")
     }
 
     /// Bus end of member `i` (0-based), as an ifindex in the bus namespace.
@@ -271,8 +266,8 @@ fn cangw_mesh_delivers_each_frame_once_to_every_other_member() {
 
     // Idempotent: the same pair and the same rules again change nothing.
     let again = vxcan::ensure(
-        &netns_of(bus.member(0)),
-        &netns_of(&bus.ns),
+        &Netns::Path(bus.member(0).path()),
+        &Netns::Path(bus.ns.path()),
         &spec("can0", "busA1", CanMtu::Classic),
     )
     .expect("same pair again");
@@ -421,10 +416,10 @@ fn cangw_a_member_leaves_and_the_others_still_talk() {
     assert_eq!(gw.delete_interface(e3).expect("delete A3's rules"), 4);
     let remaining = [Rule::classic(e1, e2), Rule::classic(e2, e1)];
     assert_rules(&bus, &expected(&bus, &remaining, |_| 0));
-    let a3 = netns_of(bus.member(2));
+    let a3 = Netns::Path(bus.member(2).path());
     assert!(vxcan::delete(&a3, "can0").expect("delete A3's pair"));
     assert!(!vxcan::delete(&a3, "can0").expect("already gone"));
-    let b = netns_of(&bus.ns);
+    let b = Netns::Path(bus.ns.path());
     assert!(
         vxcan::find(&b, "busA3").expect("find").is_none(),
         "deleting the member end deletes the bus end"
@@ -450,7 +445,7 @@ fn cangw_a_member_leaves_and_the_others_still_talk() {
         "bus end existed"
     );
     assert!(
-        vxcan::find(&netns_of(bus.member(1)), "can0")
+        vxcan::find(&Netns::Path(bus.member(1).path()), "can0")
             .expect("find")
             .is_none()
     );
@@ -554,7 +549,11 @@ fn cangw_vxcan_pairs_are_idempotent_and_conflicts_are_errors() {
         NetnsFixture::new(),
         NetnsFixture::new(),
     );
-    let (na, nb, nc) = (netns_of(&a), netns_of(&b), netns_of(&c));
+    let (na, nb, nc) = (
+        Netns::Path(a.path()),
+        Netns::Path(b.path()),
+        Netns::Path(c.path()),
+    );
     let fd_spec = spec("can0", "busA1", CanMtu::Fd);
 
     let pair = vxcan::ensure(&na, &nb, &fd_spec).expect("create");

@@ -54,13 +54,9 @@ impl Drop for PinDir {
     }
 }
 
-fn netns_of(fx: &NetnsFixture) -> Netns {
-    Netns::Path(PathBuf::from("/run/netns").join(fx.name()))
-}
-
 /// Creates an FD-capable vcan in the fixture; returns its ifindex.
 fn vcan(fx: &NetnsFixture, name: &str) -> u32 {
-    Links::open(&netns_of(fx))
+    Links::open(&Netns::Path(fx.path()))
         .expect("open namespace")
         .ensure_vcan(&VcanSpec {
             name: name.into(),
@@ -157,7 +153,7 @@ fn ebpf_counts_each_kind_exactly_in_both_directions() {
     let counters = Counters::open(&pins.config()).expect("open counters");
     let started = Instant::now();
     let att = counters
-        .attach(&netns_of(&fx), "vcan0")
+        .attach(&Netns::Path(fx.path()), "vcan0")
         .expect("attach to vcan0");
     println!(
         "attach ({}) took {:?}",
@@ -232,8 +228,12 @@ fn ebpf_same_ifindex_in_two_namespaces_is_counted_apart() {
         "the point of this test: both vcans have the same ifindex"
     );
     let counters = Counters::open(&pins.config()).expect("open counters");
-    let att_a = counters.attach(&netns_of(&a), "vcan0").expect("attach a");
-    let att_b = counters.attach(&netns_of(&b), "vcan0").expect("attach b");
+    let att_a = counters
+        .attach(&Netns::Path(a.path()), "vcan0")
+        .expect("attach a");
+    let att_b = counters
+        .attach(&Netns::Path(b.path()), "vcan0")
+        .expect("attach b");
     assert_ne!(att_a.info.slot, att_b.info.slot);
     assert_ne!(att_a.info.netns_ino, att_b.info.netns_ino);
 
@@ -254,7 +254,7 @@ fn ebpf_same_ifindex_in_two_namespaces_is_counted_apart() {
 
     // Attaching again is idempotent: same slot, counters untouched.
     let again = counters
-        .attach(&netns_of(&a), "vcan0")
+        .attach(&Netns::Path(a.path()), "vcan0")
         .expect("attach a again");
     assert_eq!(again, att_a);
     assert_eq!(counters.read(&att_a).expect("read").egress.classic, k(3, 3));
@@ -271,7 +271,7 @@ fn ebpf_detach_cleans_up_and_churn_returns_maps_to_baseline() {
     let pins = PinDir::new("churn");
     let fx = NetnsFixture::new();
     vcan(&fx, "vcan0");
-    let ns = netns_of(&fx);
+    let ns = Netns::Path(fx.path());
     let counters = Counters::open(&pins.config()).expect("open counters");
     let baseline_maps = counters.map_entries();
     let baseline_progs = our_programs();
@@ -344,7 +344,7 @@ fn ebpf_counts_continue_across_a_plugin_restart() {
     let pins = PinDir::new("restart");
     let fx = NetnsFixture::new();
     vcan(&fx, "vcan0");
-    let ns = netns_of(&fx);
+    let ns = Netns::Path(fx.path());
 
     let first = Counters::open(&pins.config()).expect("open counters");
     let att = first.attach(&ns, "vcan0").expect("attach");
@@ -393,7 +393,7 @@ fn ebpf_slots_of_deleted_interfaces_are_swept() {
     let fx = NetnsFixture::new();
     vcan(&fx, "vcan0");
     vcan(&fx, "vcan1");
-    let ns = netns_of(&fx);
+    let ns = Netns::Path(fx.path());
     let counters = Counters::open(&pins.config()).expect("open counters");
     let keep = counters.attach(&ns, "vcan0").expect("attach vcan0");
     let gone = counters.attach(&ns, "vcan1").expect("attach vcan1");
@@ -439,7 +439,7 @@ fn ebpf_errors_explain_themselves() {
     let fx = NetnsFixture::new();
     let counters = Counters::open(&pins.config()).expect("open counters");
     let err = counters
-        .attach(&netns_of(&fx), "vcan9")
+        .attach(&Netns::Path(fx.path()), "vcan9")
         .expect_err("no such interface");
     assert!(err.to_string().contains("no interface \"vcan9\""), "{err}");
     let err = counters
@@ -449,7 +449,7 @@ fn ebpf_errors_explain_themselves() {
     // A caller-supplied index that is not the interface's: refused, and nothing left behind.
     let index = vcan(&fx, "vcan0");
     let err = counters
-        .attach_index(&netns_of(&fx), "vcan0", index + 7)
+        .attach_index(&Netns::Path(fx.path()), "vcan0", index + 7)
         .expect_err("wrong index");
     assert!(
         err.to_string()
@@ -458,7 +458,7 @@ fn ebpf_errors_explain_themselves() {
     );
     assert_eq!(counters.map_entries(), (0, 0), "a refused attach leaked");
     let att = counters
-        .attach_index(&netns_of(&fx), "vcan0", index)
+        .attach_index(&Netns::Path(fx.path()), "vcan0", index)
         .expect("the right index attaches");
     counters.detach(&att).expect("detach");
     let err = Counters::open(&Config {
@@ -502,7 +502,7 @@ fn ebpf_flood_overhead_is_measured() {
     let pins = PinDir::new("flood");
     let fx = NetnsFixture::new();
     vcan(&fx, "vcan0");
-    let ns = netns_of(&fx);
+    let ns = Netns::Path(fx.path());
     let counters = Counters::open(&pins.config()).expect("open counters");
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..3 {

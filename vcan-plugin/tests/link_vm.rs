@@ -1,6 +1,5 @@
 //! The link layer against the real kernel, in the CAN test-bed VM.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -9,10 +8,6 @@ use vcan_plugin::kernel::netns::{self, Netns};
 use vcan_test_support::{IP, NetnsFixture, require_testbed, wait_for_can_listener};
 
 const BIND_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn netns_of(fx: &NetnsFixture) -> Netns {
-    Netns::Path(PathBuf::from("/run/netns").join(fx.name()))
-}
 
 fn spec(name: &str, mtu: CanMtu) -> VcanSpec {
     VcanSpec {
@@ -39,7 +34,7 @@ fn classic_and_fd_frames_cross_interfaces_created_in_a_namespace() {
     require_testbed();
     let host_before = host_link_names();
     let fx = NetnsFixture::new();
-    let mut links = Links::open(&netns_of(&fx)).expect("open namespace");
+    let mut links = Links::open(&Netns::Path(fx.path())).expect("open namespace");
 
     let classic = links
         .ensure_vcan(&spec("vcan0", CanMtu::Classic))
@@ -126,7 +121,7 @@ fn classic_and_fd_frames_cross_interfaces_created_in_a_namespace() {
 fn creating_is_idempotent_and_conflicts_are_errors() {
     require_testbed();
     let fx = NetnsFixture::new();
-    let mut links = Links::open(&netns_of(&fx)).expect("open namespace");
+    let mut links = Links::open(&Netns::Path(fx.path())).expect("open namespace");
     let first = links
         .ensure_vcan(&spec("can0", CanMtu::Fd))
         .expect("create");
@@ -175,7 +170,7 @@ fn creating_is_idempotent_and_conflicts_are_errors() {
 fn interfaces_go_away_with_their_namespace() {
     require_testbed();
     let fx = NetnsFixture::new();
-    let ns = netns_of(&fx);
+    let ns = Netns::Path(fx.path());
     {
         let mut links = Links::open(&ns).expect("open namespace");
         links

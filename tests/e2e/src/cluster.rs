@@ -424,9 +424,7 @@ impl ClusterNode {
     /// The value of the plugin's series `series` (name and labels exactly as exported), if it
     /// has one and its metrics answer.
     pub fn metric(&self, series: &str) -> Option<f64> {
-        let (_, body) = http_get(&self.metrics, "/metrics").ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        self.plugin.metric(series)
     }
 
     /// Waits up to 60 s until the plugin's tunnel of the bus has `n` peers; panics with the

@@ -13,7 +13,8 @@
 //! - [`plugin`]: the vcan-plugin daemon as a child process;
 //! - [`prometheus`]: a real Prometheus scraping plugin instances, and the Grafana dashboard's
 //!   panel queries, to check that the panels draw;
-//! - [`env`]: a whole node (containerd, kubelet stand-in, plugin) for tests, demo and benchmark.
+//! - [`env`]: a whole node (containerd, kubelet stand-in, plugin) for tests, demo and benchmark;
+//! - [`wait`]: polling a condition until it holds, instead of sleeping.
 //!
 //! Everything here needs root and containerd, runc, the CNI plugins and the image tars, which
 //! the test-bed VM (`cargo xtask vm-test`) provides; tests using it are
@@ -53,6 +54,7 @@ pub mod images;
 pub mod node;
 pub mod plugin;
 pub mod prometheus;
+pub mod wait;
 
 pub use containerd::{Containerd, ContainerdOptions, Startup};
 pub use cri::{ContainerSpec, Cri, ExecOutput, PodSpec};

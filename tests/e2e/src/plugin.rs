@@ -134,6 +134,14 @@ impl Plugin {
         std::fs::read_to_string(&self.config.log).unwrap_or_default()
     }
 
+    /// The value of the series `series` (name and labels exactly as exported), if the plugin has
+    /// one and its metrics answer.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics").ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+
     /// `GET path` on the metrics address; returns (status, body).
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
         http_get(&self.config.metrics_address, path)

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use vcan_e2e::env::TestNode;
 use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::StartedPod;
+use vcan_e2e::wait::eventually;
 use vcan_e2e::{ContainerSpec, PodSpec};
 use vcan_test_support::{parse_cangw_listing, require_testbed, wait_for_can_listener};
 
@@ -206,18 +207,6 @@ fn mesh(ends: &[String], fd: bool) -> BTreeSet<RuleText> {
     rules
 }
 
-/// Polls `check` for up to `timeout` (the plugin notices pods that went away every 10 s).
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
-    let started = Instant::now();
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(e) if started.elapsed() > timeout => panic!("{what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the CAN test-bed VM"]
 async fn pods_share_buses_that_deliver_each_frame_once_to_every_other_member() {
@@ -243,13 +232,6 @@ async fn pods_share_buses_that_deliver_each_frame_once_to_every_other_member() {
     a_member_with_filters_receives_only_matching_ids(&t).await;
     a_plugin_restart_loses_no_frame_between_members(&mut t).await;
     thirty_two_members_all_receive_one_frame(&t).await;
-}
-
-/// The value of the metric line starting with `series` (name and labels, exactly).
-fn metric(t: &TestNode, series: &str) -> Option<f64> {
-    let (_, body) = t.plugin.http_get("/metrics").expect("metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
 /// A1, A2, A3 on bus A, B1 on bus B, P1 with a private vcan. A1's classic and FD frames reach A2
@@ -295,25 +277,30 @@ async fn three_on_a_one_on_b_and_a_private_pod(t: &TestNode) {
 
     // Per bus: members and can-gw's counters (3 frames, each forwarded to 2 members); per member:
     // the eBPF counters of its interface.
-    assert_eq!(metric(t, "vcan_plugin_bus_members{bus=\"a\"}"), Some(3.0));
-    assert_eq!(metric(t, "vcan_plugin_bus_members{bus=\"b\"}"), Some(1.0));
     assert_eq!(
-        metric(t, "vcan_plugin_bus_frames_forwarded_total{bus=\"a\"}"),
+        t.plugin.metric("vcan_plugin_bus_members{bus=\"a\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        t.plugin.metric("vcan_plugin_bus_members{bus=\"b\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        t.plugin
+            .metric("vcan_plugin_bus_frames_forwarded_total{bus=\"a\"}"),
         Some(6.0)
     );
     assert_eq!(
-        metric(t, "vcan_plugin_bus_frames_dropped_total{bus=\"a\"}"),
+        t.plugin
+            .metric("vcan_plugin_bus_frames_dropped_total{bus=\"a\"}"),
         Some(0.0)
     );
     for kind in ["classic", "fd_brs"] {
         assert_eq!(
-            metric(
-                t,
-                &format!(
-                    "vcan_plugin_can_frames_total{{direction=\"tx\",kind=\"{kind}\",\
+            t.plugin.metric(&format!(
+                "vcan_plugin_can_frames_total{{direction=\"tx\",kind=\"{kind}\",\
                      interface=\"can0\",namespace=\"default\",pod=\"a1\"}}"
-                )
-            ),
+            )),
             Some(1.0),
             "a1 {kind}"
         );
@@ -341,8 +328,11 @@ async fn three_on_a_one_on_b_and_a_private_pod(t: &TestNode) {
     eventually(
         "counts survive a3 leaving",
         Duration::from_secs(20),
-        || match metric(t, "vcan_plugin_bus_frames_forwarded_total{bus=\"a\"}") {
-            Some(6.0) => match metric(t, "vcan_plugin_bus_members{bus=\"a\"}") {
+        || match t
+            .plugin
+            .metric("vcan_plugin_bus_frames_forwarded_total{bus=\"a\"}")
+        {
+            Some(6.0) => match t.plugin.metric("vcan_plugin_bus_members{bus=\"a\"}") {
                 Some(2.0) => Ok(()),
                 other => Err(format!("members {other:?}")),
             },
@@ -540,7 +530,10 @@ async fn thirty_two_members_all_receive_one_frame(t: &TestNode) {
     for pod in &pods {
         wait_bound(t, pod, "can0").await;
     }
-    assert_eq!(metric(t, "vcan_plugin_bus_members{bus=\"a\"}"), Some(32.0));
+    assert_eq!(
+        t.plugin.metric("vcan_plugin_bus_members{bus=\"a\"}"),
+        Some(32.0)
+    );
     send_ok(t, &pods[0], "5A5#32").await;
     for pod in &pods {
         assert_eq!(dumped(t, pod).await, ["can0 5A5#32"], "{}", pod.spec.name);

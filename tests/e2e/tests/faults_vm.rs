@@ -14,6 +14,7 @@ use serde_json::Value;
 use vcan_e2e::env::{RESOURCE, TestNode};
 use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::StartedPod;
+use vcan_e2e::wait::until;
 use vcan_e2e::{ContainerSpec, PodSpec};
 use vcan_test_support::kubelet::ContainerAllocation;
 use vcan_test_support::{parse_cangw_listing, require_testbed, run_ok, wait_for_can_listener};
@@ -132,13 +133,6 @@ fn bus_rules(bus: &str) -> usize {
     parse_cangw_listing(&String::from_utf8_lossy(&out.stdout)).len()
 }
 
-/// The value of a metric series (name and labels exactly as rendered).
-fn metric(t: &TestNode, series: &str) -> Option<f64> {
-    let (_, body) = t.plugin.http_get("/metrics").expect("metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-}
-
 fn bpftool(args: &[&str]) -> Value {
     let mut all = vec!["-j"];
     all.extend_from_slice(args);
@@ -195,15 +189,6 @@ fn footprint(t: &TestNode) -> Footprint {
             .filter_map(|l| l.rsplit_once(' '))
             .map(|(labels, v)| (labels.to_string(), v.to_string()))
             .collect(),
-    }
-}
-
-/// Waits until `check` holds, polling; panics with `what` after `timeout`.
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < timeout, "{what}: not after {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -269,8 +254,8 @@ async fn faults_cost_running_pods_nothing_and_leave_nothing_behind() {
         &["sh", "-c", "for i in 1 2 3; do cansend vcan0 123#11; done"],
     )
     .await;
-    eventually("3 frames counted", Duration::from_secs(30), || {
-        metric(&t, TX_CLASSIC) == Some(3.0)
+    until("3 frames counted", Duration::from_secs(30), || {
+        t.plugin.metric(TX_CLASSIC) == Some(3.0)
     })
     .await;
 
@@ -282,7 +267,7 @@ async fn faults_cost_running_pods_nothing_and_leave_nothing_behind() {
     for pod in [&steady, &m1, &m2] {
         t.node.delete_pod(pod).await.expect("delete");
     }
-    eventually("back to the empty node", RECONCILE * 2, || {
+    until("back to the empty node", RECONCILE * 2, || {
         footprint(&t) == empty
     })
     .await;
@@ -367,8 +352,8 @@ async fn an_empty_pod_listing_releases_nothing(
         &["sh", "-c", "for i in 1 2; do cansend vcan0 123#22; done"],
     )
     .await;
-    eventually("5 frames counted", Duration::from_secs(30), || {
-        metric(t, TX_CLASSIC) == Some(5.0)
+    until("5 frames counted", Duration::from_secs(30), || {
+        t.plugin.metric(TX_CLASSIC) == Some(5.0)
     })
     .await;
     t.node.kubelet.set_listing_empty(false);
@@ -414,7 +399,7 @@ async fn a_hung_or_restarted_containerd_releases_nothing(
     assert_eq!(links(&steady_ns), steady_links, "while containerd hangs");
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    eventually("the pods adopted again", RECONCILE * 2, || {
+    until("the pods adopted again", RECONCILE * 2, || {
         footprint(t) == before
     })
     .await;
@@ -429,8 +414,8 @@ async fn a_hung_or_restarted_containerd_releases_nothing(
     assert_eq!(footprint(t), before, "plugin log:\n{}", t.plugin.log());
     frame_crosses(t, m2, m1, "can0", "0AB#CD").await;
     exec(t, steady, &["cansend", "vcan0", "123#33"]).await;
-    eventually("6 frames counted", Duration::from_secs(30), || {
-        metric(t, TX_CLASSIC) == Some(6.0)
+    until("6 frames counted", Duration::from_secs(30), || {
+        t.plugin.metric(TX_CLASSIC) == Some(6.0)
     })
     .await;
 }
@@ -473,7 +458,7 @@ async fn a_plugin_killed_during_prestart_leaks_nothing(t: &mut TestNode) {
         t.plugin.kill_and_restart().expect("kill and restart");
         println!("killed {delay_ms} ms into PreStart: {results:?}");
         // The new process registered every resource again (the old endpoints are dead).
-        eventually("registered again", Duration::from_secs(30), || {
+        until("registered again", Duration::from_secs(30), || {
             t.node.kubelet.registrations() >= registrations + 3
                 && resources()
                     .iter()
@@ -503,7 +488,7 @@ async fn a_plugin_killed_during_prestart_leaks_nothing(t: &mut TestNode) {
         t.node.cri.remove_pod(&sandbox).await.expect("remove");
         t.node.kubelet.forget(&spec.namespace, &spec.name);
     }
-    eventually(
+    until(
         "nothing left of the killed PreStarts",
         RECONCILE * 2,
         || footprint(t) == before,
@@ -531,7 +516,7 @@ async fn pods_coming_and_going_leave_nothing_behind(t: &TestNode) {
         "{cycles} pod create/delete cycles in {:?}",
         started.elapsed()
     );
-    eventually("back to the starting footprint", RECONCILE * 2, || {
+    until("back to the starting footprint", RECONCILE * 2, || {
         footprint(t) == before
     })
     .await;

@@ -27,6 +27,7 @@ use vcan_e2e::node::StartedPod;
 use vcan_e2e::prometheus::{
     DashboardQueries, JOB, Prometheus, RowSelect, dashboard_queries, finite_values, unix_now,
 };
+use vcan_e2e::wait::eventually;
 use vcan_e2e::{ContainerSpec, PodSpec};
 use vcan_test_support::{IP, require_testbed, run_ok};
 
@@ -109,24 +110,6 @@ async fn netns_of_sandbox(t: &TestNode, sandbox: &str) -> String {
         .expect("netns file name")
         .to_string_lossy()
         .into_owned()
-}
-
-/// Polls `check` every 250 ms until it succeeds; panics with its last complaint after `timeout`.
-async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> Result<T, String>,
-) -> T {
-    let started = Instant::now();
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(why) if started.elapsed() >= timeout => {
-                panic!("{what}: still not so after {timeout:?}:\n{why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
 }
 
 /// Awaits `f`, panicking after [`STEP_TIMEOUT`] so that a hang fails the test with what hung.

@@ -98,6 +98,11 @@ impl NetnsFixture {
         &self.name
     }
 
+    /// The namespace's file, `/run/netns/<name>`, as the plugin's `Netns::Path` takes it.
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
     /// Runs `ip -n <name> <args>` and panics unless it succeeds; returns its stdout.
     pub fn ip(&self, args: &[&str]) -> String {
         let out = command_output(Command::new(IP).arg("-n").arg(&self.name).args(args));

@@ -436,6 +436,7 @@ impl Bus {
     /// `config.interface`, bus end `bus_end`) and the rules between it and every other member, all
     /// in place on return. Repeating it changes nothing, so a restarted plugin adopts members with
     /// it without interrupting traffic.
+    #[tracing::instrument(name = "join", skip_all, fields(bus = %self.spec.name, pod = %pod, bus_end))]
     pub async fn join(
         self: &Arc<Self>,
         pod: &PodRef,
@@ -559,6 +560,7 @@ impl Bus {
 
     /// Removes the members of `sandboxes` — their rules and pairs, if still there — and then the
     /// bus namespace if no member is left. Returns the members that were removed.
+    #[tracing::instrument(name = "leave", skip_all, fields(bus = %self.spec.name, gone = sandboxes.len()))]
     pub async fn leave(self: &Arc<Self>, sandboxes: Vec<String>) -> Result<Vec<Member>, BusError> {
         let left = {
             let _rules = self.rules.lock().await;
