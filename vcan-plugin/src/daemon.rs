@@ -157,9 +157,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         None => Vec::new(),
     };
     bus::check_capacity(config.devices, &specs, ebpf::layout::MAX_SLOTS)?;
+    let roster = Arc::new(hardware::Roster::load(&hardware_specs, &config.state_dir));
     let mut controllers: Vec<Arc<Controller>> = hardware_specs
         .into_iter()
-        .map(|spec| Arc::new(Controller::new(spec, &config.state_dir)))
+        .map(|spec| Arc::new(Controller::new(spec, &config.state_dir, roster.clone())))
         .collect();
     let mut uplinks = std::collections::HashMap::new();
     for spec in &specs {
@@ -354,7 +355,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // Registration does not wait for adoption: a runtime that hangs must not keep the node
     // without devices, and a bus member joining before an older member is adopted is connected
     // to it when the adoption adds that member's rules.
-    let reconciler = tokio::spawn(reconcile_loop(servers, shutdown.clone()));
+    let reconciler = tokio::spawn(reconcile_loop(servers, metrics.clone(), shutdown.clone()));
     // A tunnel that cannot bind its port stops the plugin, like a failed registration: the
     // bus would silently not span the nodes otherwise.
     let tunnel_tasks: Vec<_> = tunnels
@@ -429,8 +430,13 @@ async fn open_counters(bpffs_dir: PathBuf) -> Option<Arc<Counters>> {
 }
 
 /// Reconciles every resource now and then every [`RECONCILE_INTERVAL`] until shutdown. The
-/// first pass adopts the pods a previous run served.
-async fn reconcile_loop(servers: Vec<Arc<ResourceServer>>, shutdown: CancellationToken) {
+/// first pass adopts the pods a previous run served. Each finished pass is counted, so that
+/// whoever waits for the plugin to have looked again (tests, operators) can watch the count.
+async fn reconcile_loop(
+    servers: Vec<Arc<ResourceServer>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
     let mut first = true;
     loop {
@@ -452,5 +458,6 @@ async fn reconcile_loop(servers: Vec<Arc<ResourceServer>>, shutdown: Cancellatio
             }
         }
         first = false;
+        metrics.reconcile_pass();
     }
 }

@@ -480,3 +480,142 @@ fn a_destroyed_namespace_returns_its_controller_under_the_name_it_had_inside() {
     assert!(matches!(err, CanError::RenameWhileUp { .. }), "{err:?}");
     can::set_up(&node(), renamed.index, false).expect("down");
 }
+
+/// A configured controller as the daemon makes it, with its state under `state`.
+fn configured(json: &str, state: &std::path::Path) -> vcan_plugin::hardware::Controller {
+    use vcan_plugin::hardware::{Controller, Roster, parse};
+    let specs = parse(json, "hw.json").expect("valid configuration");
+    let roster = std::sync::Arc::new(Roster::load(&specs, state));
+    Controller::new(specs[0].clone(), state, roster)
+}
+
+fn pod_holder(name: &str, sandbox: &str) -> vcan_plugin::hardware::Holder {
+    vcan_plugin::hardware::Holder::Pod {
+        pod: vcan_plugin::pod::resources::PodRef {
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        uid: format!("uid-{name}"),
+        sandbox: sandbox.into(),
+    }
+}
+
+/// A fresh state directory for one test.
+fn state_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vcan-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+#[ignore = "needs the CAN test-bed VM"]
+fn a_released_pod_never_takes_back_the_controller_from_the_next_pod() {
+    let _bed = Testbed::take();
+    let state = state_dir("handover");
+    let bench = configured(
+        r#"{"interfaces":[{"name":"bench","device":{"parent":"0000:00:10.0"},"bitrate":500000}]}"#,
+        &state,
+    );
+    let settings = bench.spec().settings.clone();
+    let (a, b) = (
+        pod_holder("app-a", "sandbox-a"),
+        pod_holder("app-b", "sandbox-b"),
+    );
+    let fx_a = NetnsFixture::new();
+    bench
+        .lend(a.clone(), &Netns::Path(fx_a.path()), "can0", &settings)
+        .expect("lend to A");
+    // A's sandbox goes; B asks at once, while the kernel may still be returning the controller.
+    drop(fx_a);
+    let fx_b = NetnsFixture::new();
+    let lent = bench
+        .lend(b.clone(), &Netns::Path(fx_b.path()), "can0", &settings)
+        .expect("lend to B");
+    assert_eq!(lent.name, "can0");
+    // The pass that releases A comes after B has the controller: B keeps it, up.
+    bench.release(std::slice::from_ref(&a));
+    let in_b = can::get(&Netns::Path(fx_b.path()), "can0")
+        .expect("get")
+        .expect("B still has can0");
+    assert!(in_b.up, "{in_b:?}");
+    assert_eq!(in_b.parent_dev.as_deref(), Some("0000:00:10.0"));
+    assert!(
+        can::find_by_parent(&node(), "0000:00:10.0")
+            .expect("list")
+            .is_none()
+    );
+    let (holder, _) = bench.locate().expect("located");
+    assert_eq!(holder, Some(b.clone()));
+
+    // A failed serve of B undoes its lend: the controller is back on the node, no loan left.
+    bench.abandon(&b);
+    let home = can::find_by_parent(&node(), "0000:00:10.0")
+        .expect("list")
+        .expect("back on the node");
+    assert_eq!((home.name.as_str(), home.up), ("can0", false));
+    assert_eq!(bench.locate().expect("located").0, None);
+
+    // B's own release, once lent again, returns it.
+    bench
+        .lend(b.clone(), &Netns::Path(fx_b.path()), "can0", &settings)
+        .expect("lend to B again");
+    bench.release(std::slice::from_ref(&b));
+    let home = controller("0000:00:10.0");
+    assert_eq!((home.name.as_str(), home.up), ("can0", false));
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+#[ignore = "needs the CAN test-bed VM"]
+fn an_ifname_entry_recognises_its_controller_returned_as_dev_n() {
+    let _bed = Testbed::take();
+    let state = state_dir("byname");
+    // The bench controller (can0 on the node) configured by parent device too: the returned
+    // can2 must never be confused with it.
+    let json = r#"{"interfaces":[
+        {"name":"byname","device":{"ifname":"can2"},"bitrate":500000},
+        {"name":"bench","device":{"parent":"0000:00:10.0"},"bitrate":500000}
+    ]}"#;
+    let byname = configured(json, &state);
+    let settings = byname.spec().settings.clone();
+    // The first pass records what can2 is.
+    byname.release(&[]);
+    let identity =
+        std::fs::read_to_string(state.join("hardware/byname.identity")).expect("identity recorded");
+    assert!(identity.contains("parent=0000:00:12.0"), "{identity}");
+
+    let a = pod_holder("app-a", "sandbox-a");
+    let fx_a = NetnsFixture::new();
+    byname
+        .lend(a.clone(), &Netns::Path(fx_a.path()), "can0", &settings)
+        .expect("lend to A");
+    drop(fx_a);
+    // can0 is taken on the node by the bench controller: the kernel names it dev<N>.
+    let returned = wait_for("the controller back on the node", || {
+        can::find_by_parent(&node(), "0000:00:12.0").ok().flatten()
+    });
+    println!("returned as {}", returned.name);
+    assert!(returned.name.starts_with("dev"), "{returned:?}");
+    byname.release(std::slice::from_ref(&a));
+    let home = controller("0000:00:12.0");
+    assert_eq!((home.name.as_str(), home.up), ("can2", false));
+    assert_eq!(controller("0000:00:10.0").name, "can0", "bench untouched");
+
+    // A plugin restarted now still knows it by identity, under any name.
+    can::rename(&node(), home.index, "dev9").expect("rename");
+    let restarted = configured(json, &state);
+    restarted.release(&[]);
+    assert_eq!(controller("0000:00:12.0").name, "can2");
+    let fx_b = NetnsFixture::new();
+    restarted
+        .lend(
+            pod_holder("app-b", "sandbox-b"),
+            &Netns::Path(fx_b.path()),
+            "can0",
+            &settings,
+        )
+        .expect("the next pod gets it");
+    restarted.release(&[pod_holder("app-b", "sandbox-b")]);
+    assert_eq!(controller("0000:00:12.0").name, "can2");
+    let _ = std::fs::remove_dir_all(&state);
+}

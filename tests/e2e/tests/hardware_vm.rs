@@ -6,6 +6,10 @@
 //!
 //! The emulation models neither ACK nor bit errors, so bus-off and error-passive cannot happen
 //! here; their handling is covered by unit tests on parsed netlink state.
+//!
+//! The tests share the controllers, so they hold [`CONTROLLERS`] and leave every controller on
+//! the node, down, under its name. They wait for what the plugin exposes (its reconcile pass
+//! count, metrics, log) or for the kernel's own state, never for a fixed time.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,12 +19,14 @@ use vcan_e2e::cluster::{pod_netns, wait_listening};
 use vcan_e2e::env::TestNode;
 use vcan_e2e::images::CANUTILS_IMAGE;
 use vcan_e2e::node::StartedPod;
+use vcan_e2e::wait::eventually;
 use vcan_e2e::{ContainerSpec, PodSpec};
 use vcan_test_support::{require_testbed, run_ok};
 
 const STATE_DIR: &str = "/run/vcan-node/state";
 const HW_BENCH: &str = "socketcan.io/hw-bench";
 const HW_GHOST: &str = "socketcan.io/hw-ghost";
+const HW_BYNAME: &str = "socketcan.io/hw-byname";
 const BUS_PLANT: &str = "socketcan.io/bus-plant";
 /// The plugin's passthrough controller and the ECU on the same emulated wire.
 const BENCH_PCI: &str = "0000:00:10.0";
@@ -32,6 +38,11 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(150);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(90);
 const BIND_TIMEOUT: Duration = Duration::from_secs(60);
 const DUMP_TIMEOUT: &str = "120";
+/// Long enough for several reconcile passes (one every 10 s) under emulation.
+const PASS_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One test at a time: they use the same controllers and the same node directories.
+static CONTROLLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn configs() -> (PathBuf, PathBuf) {
     std::fs::create_dir_all("/run/vcan-node").expect("node dir");
@@ -205,26 +216,54 @@ async fn dumped(t: &TestNode, pod: &StartedPod) -> Vec<String> {
     t.node.dumped(pod, EXIT_TIMEOUT).await
 }
 
-fn metric(t: &TestNode, series: &str) -> Option<f64> {
-    let (_, body) = t.plugin.http_get("/metrics").expect("metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+/// The plugin's finished reconcile passes.
+fn passes(t: &TestNode) -> f64 {
+    t.plugin
+        .metric("vcan_plugin_reconcile_passes_total")
+        .unwrap_or(0.0)
 }
 
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
-    let started = Instant::now();
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(e) if started.elapsed() > timeout => panic!("{what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+/// Waits until the plugin has finished `n` more reconcile passes. With `n` = 2, at least one
+/// whole pass began after this call: whatever a pass does about an earlier event is done.
+async fn after_passes(t: &TestNode, n: u32) {
+    let target = passes(t) + f64::from(n);
+    eventually(&format!("{n} more reconcile passes"), PASS_TIMEOUT, || {
+        let now = passes(t);
+        if now >= target {
+            Ok(())
+        } else {
+            Err(format!("{now} passes, waiting for {target}"))
         }
-    }
+    })
+    .await;
 }
 
-/// The interface is back on the node under `name`, down, and nowhere else.
+/// Classic frames the plugin counted into `pod`'s `can0`.
+fn received(t: &TestNode, pod: &str) -> f64 {
+    t.plugin
+        .metric(&format!(
+            "vcan_plugin_can_frames_total{{direction=\"rx\",kind=\"classic\",\
+             interface=\"can0\",namespace=\"default\",pod=\"{pod}\"}}"
+        ))
+        .unwrap_or(0.0)
+}
+
+/// The kernel's count of frames node-side interface `ifname` received.
+fn rx_packets(ifname: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/statistics/rx_packets"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The bench controller is back on the node under `name`, down, and nowhere else.
 fn at_home_down(name: &str) -> Result<(), String> {
-    match netdev(BENCH_PCI) {
+    at_home_down_as(BENCH_PCI, name)
+}
+
+/// The controller of PCI device `pci` is back on the node under `name`, down.
+fn at_home_down_as(pci: &str, name: &str) -> Result<(), String> {
+    match netdev(pci) {
         Some(n) if n == name => {
             let d = details(None, name);
             let flags = d["flags"].to_string();
@@ -234,7 +273,7 @@ fn at_home_down(name: &str) -> Result<(), String> {
                 Ok(())
             }
         }
-        other => Err(format!("{BENCH_PCI} on the node as {other:?}, not {name}")),
+        other => Err(format!("{pci} on the node as {other:?}, not {name}")),
     }
 }
 
@@ -242,6 +281,7 @@ fn at_home_down(name: &str) -> Result<(), String> {
 #[ignore = "needs the CAN test-bed VM"]
 async fn physical_interfaces_pass_through_and_uplink_a_shared_bus() {
     require_testbed();
+    let _controllers = CONTROLLERS.lock().await;
     load_controllers();
     let bench_name = netdev(BENCH_PCI).expect("bench controller");
     let wire_name = netdev(UPLINK_PCI).expect("uplink controller");
@@ -281,6 +321,7 @@ async fn physical_interfaces_pass_through_and_uplink_a_shared_bus() {
     );
 
     passthrough_exchanges_frames_and_returns_the_interface(&mut t, &bench_name).await;
+    a_hand_over_leaves_the_new_pod_its_interface(&t, &bench_name).await;
     bad_bitrates_fail_the_pod_and_leave_nothing(&mut t, &bench_name).await;
     an_unbound_driver_makes_the_device_unhealthy(&t, &bench_name).await;
     uplink_connects_members_and_the_wire(&t).await;
@@ -363,13 +404,10 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
     let kernel_rx = packets(&d, "rx") - base_rx;
     assert_eq!((kernel_tx, kernel_rx), (1, 2), "{d}");
     let frames = |direction: &str, kind: &str| {
-        metric(
-            t,
-            &format!(
-                "vcan_plugin_can_frames_total{{direction=\"{direction}\",kind=\"{kind}\",\
+        t.plugin.metric(&format!(
+            "vcan_plugin_can_frames_total{{direction=\"{direction}\",kind=\"{kind}\",\
                  interface=\"can0\",namespace=\"default\",pod=\"bench-user\"}}"
-            ),
-        )
+        ))
     };
     let counted_tx = frames("tx", "classic").unwrap_or(0.0);
     let counted_rx = frames("rx", "classic").unwrap_or(0.0);
@@ -379,16 +417,14 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
     assert_eq!(counted_tx, kernel_tx as f64);
     assert_eq!(counted_rx, (kernel_rx + kernel_tx) as f64);
     assert_eq!(
-        metric(
-            t,
+        t.plugin.metric(
             "vcan_plugin_can_controller_info{bus=\"\",controller=\"bench\",interface=\"can0\",\
              namespace=\"default\",pod=\"bench-user\"}"
         ),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            t,
+        t.plugin.metric(
             "vcan_plugin_can_controller_state{controller=\"bench\",state=\"error_active\"}"
         ),
         Some(1.0)
@@ -396,6 +432,65 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
 
     // The pod goes: the interface comes home, down, under its name.
     t.node.delete_pod(&p).await.expect("delete");
+    eventually("the interface returns", Duration::from_secs(45), || {
+        at_home_down(home)
+    })
+    .await;
+    let _ = Command::new("ip")
+        .args(["link", "set", &ecu, "down"])
+        .status();
+}
+
+/// A rollout's hand-over: pod A holds the controller, A is deleted and pod B is given the device
+/// at once, before the reconcile pass that releases A. That release must leave B's interface
+/// alone: after two more passes B still has it up and exchanges frames with the ECU.
+async fn a_hand_over_leaves_the_new_pod_its_interface(t: &TestNode, home: &str) {
+    let ecu = ecu(BENCH_ECU_PCI);
+    let a = t.run_pod_ok(&pod("hand-a", HW_BENCH, 1)).await;
+    assert_eq!(netdev(BENCH_PCI), None, "A holds the controller");
+    t.node.delete_pod(&a).await.expect("delete A");
+    // B: the ECU's frame, then its own (the driver's echo).
+    let b = t.run_pod_ok(&pod("hand-b", HW_BENCH, 2)).await;
+    let ns = netns(t, &b).await;
+    after_passes(t, 2).await;
+    let log = t.plugin.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("pod sandbox gone: released") && l.contains("default/hand-a")),
+        "A was released:\n{log}"
+    );
+    eprintln!(
+        "hand-over: A's release found B holding the controller: {}",
+        log.contains("a released pod no longer held the interface")
+    );
+    let d = details(Some(&ns), "can0");
+    assert!(
+        d["flags"].to_string().contains("\"UP\""),
+        "B's can0 is up: {d}"
+    );
+    assert_eq!(d["parentdev"], BENCH_PCI, "{d}");
+    assert_eq!(d["linkinfo"]["info_data"]["state"], "ERROR-ACTIVE", "{d}");
+    assert_eq!(netdev(BENCH_PCI), None, "the controller stayed with B");
+    assert_eq!(
+        t.plugin.metric(
+            "vcan_plugin_can_controller_info{bus=\"\",controller=\"bench\",interface=\"can0\",\
+             namespace=\"default\",pod=\"hand-b\"}"
+        ),
+        Some(1.0)
+    );
+
+    wait_bound(t, &b).await;
+    run_ok("cansend", &[&ecu, "321#C0FFEE"]);
+    // Started after the ECU's own frame, whose echo it would otherwise see first.
+    let from_b = EcuDump::start(&ecu, 1);
+    send(t, &b, "18DA00F1#0102").await;
+    assert_eq!(from_b.frames(), [format!("{ecu} 18DA00F1#0102")]);
+    assert_eq!(
+        dumped(t, &b).await,
+        ["can0 321#C0FFEE", "can0 18DA00F1#0102"]
+    );
+
+    t.node.delete_pod(&b).await.expect("delete B");
     eventually("the interface returns", Duration::from_secs(45), || {
         at_home_down(home)
     })
@@ -497,11 +592,34 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
         wait_bound(t, m).await;
     }
     run_ok("cansend", &[&ecu, "100#E1"]);
-    // Started after the ECU's own frame, whose echo it would otherwise see first.
+    // The ECU's frame has crossed the wire into every member (as the plugin counts it) before
+    // the ECU's dump starts, which would otherwise see the frame's echo.
+    eventually(
+        "every member received the ECU's frame",
+        EXEC_TIMEOUT,
+        || {
+            let counts: Vec<f64> = ["m1", "m2", "m3"].map(|m| received(t, m)).to_vec();
+            if counts.iter().all(|c| *c >= 1.0) {
+                Ok(())
+            } else {
+                Err(format!("received {counts:?}"))
+            }
+        },
+    )
+    .await;
     let wire = EcuDump::start(&ecu, 2);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rx_packets(&ecu);
     send(t, &m1, "200#A1").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // m1's frame is on the ECU before the ECU sends its marker.
+    eventually("the ECU received m1's frame", EXEC_TIMEOUT, || {
+        let now = rx_packets(&ecu);
+        if now > before {
+            Ok(())
+        } else {
+            Err(format!("{ecu} rx_packets still {now}"))
+        }
+    })
+    .await;
     run_ok("cansend", &[&ecu, "7FF#FF"]);
     // The ECU got m1's frame once, then its own marker's echo.
     assert_eq!(
@@ -513,7 +631,8 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
         ["can0 100#E1", "can0 200#A1", "can0 7FF#FF"]
     );
     t.node.delete_pod(&m3).await.expect("delete m3");
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // A pass that began after the deletion has released m3.
+    after_passes(t, 2).await;
     run_ok("cansend", &[&ecu, "101#E2"]);
     for m in [&m1, &m2] {
         assert_eq!(
@@ -524,8 +643,7 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
         );
     }
     assert_eq!(
-        metric(
-            t,
+        t.plugin.metric(
             "vcan_plugin_can_controller_info{bus=\"plant\",controller=\"wire\",\
              interface=\"uplink\",namespace=\"\",pod=\"\"}"
         ),
@@ -534,6 +652,96 @@ async fn uplink_connects_members_and_the_wire(t: &TestNode) {
     for m in [&m1, &m2] {
         t.node.delete_pod(m).await.expect("delete");
     }
+    let _ = Command::new("ip")
+        .args(["link", "set", &ecu, "down"])
+        .status();
+}
+
+/// A controller configured by `device.ifname` (the uplink wire's controller, here by its name on
+/// the node): when its pod goes, the kernel hands it back under another name (`dev<N>`, as the
+/// pod's `can0` is taken on the node by the bench controller); the plugin recognises it by the
+/// identity it recorded, gives it its name back, and the next pod gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the CAN test-bed VM"]
+async fn an_ifname_controller_comes_back_under_its_name_for_the_next_pod() {
+    require_testbed();
+    let _controllers = CONTROLLERS.lock().await;
+    load_controllers();
+    let name = netdev(UPLINK_PCI).expect("the controller");
+    std::fs::create_dir_all("/run/vcan-node").expect("node dir");
+    let config = PathBuf::from("/run/vcan-node/hardware-byname.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"interfaces": [
+                {{"name": "byname", "device": {{"ifname": "{name}"}}, "bitrate": 500000}}
+            ]}}"#
+        ),
+    )
+    .expect("write hardware config");
+    let t = TestNode::start_with(
+        2,
+        "127.0.0.1:9732",
+        vec![
+            "--hardware-config".into(),
+            config.display().to_string(),
+            "--state-dir".into(),
+            STATE_DIR.into(),
+        ],
+        &[(HW_BYNAME, 1)],
+    )
+    .await
+    .expect("node starts");
+    let ecu = ecu(UPLINK_ECU_PCI);
+    let at_home = format!(
+        "vcan_plugin_can_controller_info{{bus=\"\",controller=\"byname\",interface=\"{name}\",\
+         namespace=\"\",pod=\"\"}}"
+    );
+
+    let first = t.run_pod_ok(&pod("byname-1", HW_BYNAME, 1)).await;
+    let d = details(Some(&netns(&t, &first).await), "can0");
+    assert_eq!(d["parentdev"], UPLINK_PCI, "{d}");
+    let identity = std::fs::read_to_string(format!("{STATE_DIR}/hardware/byname.identity"))
+        .expect("the identity is recorded");
+    assert!(
+        identity.contains(&format!("parent={UPLINK_PCI}")),
+        "{identity}"
+    );
+    t.node.delete_pod(&first).await.expect("delete");
+    // The plugin shows it on the node under its own name again, and it is down there.
+    eventually(
+        "the plugin has the controller back under its name",
+        PASS_TIMEOUT,
+        || match t.plugin.metric(&at_home) {
+            Some(1.0) => at_home_down_as(UPLINK_PCI, &name),
+            _ => Err(format!(
+                "no {at_home}; {UPLINK_PCI} is {:?}",
+                netdev(UPLINK_PCI)
+            )),
+        },
+    )
+    .await;
+
+    // The next pod gets it: the ECU's frame, then its own.
+    let second = t.run_pod_ok(&pod("byname-2", HW_BYNAME, 2)).await;
+    assert_eq!(netdev(UPLINK_PCI), None, "the controller is the pod's");
+    wait_bound(&t, &second).await;
+    run_ok("cansend", &[&ecu, "0C1#AA55"]);
+    // Started after the ECU's own frame, whose echo it would otherwise see first.
+    let from_pod = EcuDump::start(&ecu, 1);
+    send(&t, &second, "0C2#55AA").await;
+    assert_eq!(from_pod.frames(), [format!("{ecu} 0C2#55AA")]);
+    assert_eq!(
+        dumped(&t, &second).await,
+        ["can0 0C1#AA55", "can0 0C2#55AA"]
+    );
+    t.node.delete_pod(&second).await.expect("delete");
+    eventually(
+        "the controller is back under its name",
+        PASS_TIMEOUT,
+        || at_home_down_as(UPLINK_PCI, &name),
+    )
+    .await;
     let _ = Command::new("ip")
         .args(["link", "set", &ecu, "down"])
         .status();

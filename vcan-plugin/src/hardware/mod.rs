@@ -2,31 +2,47 @@
 //! uplink, and always returned to the node.
 //!
 //! A [`Controller`] is one configured interface. Lending it finds its netdev in the node's
-//! namespace by its parent device (stable across reboots, unlike `can0`), sets the controller's
-//! bit timing and modes while it is down, moves it into the borrower's namespace under the
-//! borrower's name in one step (so neither namespace ever sees a name clash half-way) and brings it
-//! up. Returning it takes it down and moves it back under the name it had on the node, which is
-//! kept under the state directory so a restarted plugin still knows it.
+//! namespace by what does not change (its parent device and channel, or the identity recorded for
+//! an entry configured by interface name; see [`identity`]), sets the controller's bit timing and
+//! modes while it is down, moves it into the borrower's namespace under the borrower's name in
+//! one step (so neither namespace ever sees a name clash half-way) and brings it up. Returning it
+//! takes it down and moves it back under the name it had on the node, which is kept under the
+//! state directory so a restarted plugin still knows it.
+//!
+//! A loan belongs to one holder — a pod's sandbox or a bus — and a release ends only the loans of
+//! the holders it names ([`loan`]): when the kubelet gives the device to a new pod before the old
+//! pod's release, the new pod keeps it.
 //!
 //! The kernel also returns a physical netdev on its own when the namespace holding it is destroyed
-//! — with the name it had inside, or `dev<N>` if that name is taken. [`Controller::restore`], run
-//! on every reconcile pass while nobody holds the interface, renames and downs whatever came back.
+//! — with the name it had inside, or `dev<N>` if that name is taken. [`Controller::release`], run
+//! on every reconcile pass, renames and downs whatever came back while nobody holds the interface.
 
 pub mod config;
+pub mod identity;
+pub mod loan;
+mod status;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use config::{
     ControllerSettings, DeviceMatch, HardwareConfigError, HardwareSpec, RESOURCE_PREFIX, load,
     parse,
 };
+pub use identity::{Identity, Roster};
+pub use loan::Holder;
 
 use crate::kernel::can::{self, CanError, CanLink};
 use crate::kernel::link::LinkInfo;
 use crate::kernel::netns::Netns;
-use crate::pod::resources::PodRef;
-use crate::telemetry::metrics::ControllerSample;
+use loan::{Loan, Release};
+
+/// How long a lend waits for the kernel to hand the controller back from a previous holder's
+/// destroyed namespace. The kernel returns devices of a dying namespace from a work queue, so a
+/// pod given the device right after the previous one was deleted can ask before it is back; the
+/// kubelet's PreStart deadline (30 s) leaves room for this.
+const RETURN_WAIT: Duration = Duration::from_secs(10);
 
 /// What went wrong lending, returning or inspecting a physical interface.
 #[derive(Debug, thiserror::Error)]
@@ -77,23 +93,6 @@ pub enum HardwareError {
     },
 }
 
-/// Who holds a lent interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Holder {
-    /// A pod, given the interface itself.
-    Pod(PodRef),
-    /// A shared bus, as its uplink.
-    Bus(String),
-}
-
-/// Where a lent interface is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Loan {
-    ns: Netns,
-    name: String,
-    holder: Holder,
-}
-
 /// One configured physical interface.
 #[derive(Debug)]
 pub struct Controller {
@@ -102,6 +101,11 @@ pub struct Controller {
     home: Netns,
     /// `<state-dir>/hardware/<name>`: the interface's name on the node.
     name_file: PathBuf,
+    /// `<state-dir>/hardware/<name>.identity`: what an entry configured by name recognises its
+    /// controller by.
+    identity_file: PathBuf,
+    /// Every configured controller, so this one never takes another's device.
+    roster: Arc<Roster>,
     loan: Mutex<Option<Loan>>,
     /// Held by lending, taking back and restoring, so a pass restoring an idle interface never
     /// downs or renames one that a PreStart is lending.
@@ -109,12 +113,14 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// The interface of `spec`, at home in the plugin's namespace, its node-side name kept under
-    /// `state_dir`.
-    pub fn new(spec: HardwareSpec, state_dir: &std::path::Path) -> Self {
+    /// The interface of `spec`, at home in the plugin's namespace, its node-side name and
+    /// identity kept under `state_dir`; `roster` holds every configured interface.
+    pub fn new(spec: HardwareSpec, state_dir: &std::path::Path, roster: Arc<Roster>) -> Self {
         Controller {
             name_file: state_dir.join("hardware").join(&spec.name),
+            identity_file: identity::identity_file(state_dir, &spec.name),
             spec,
+            roster,
             home: Netns::Pid(std::process::id()),
             loan: Mutex::new(None),
             busy: Mutex::new(()),
@@ -137,6 +143,13 @@ impl Controller {
         }
     }
 
+    fn missing(&self) -> HardwareError {
+        HardwareError::Missing {
+            what: self.what(),
+            device: self.spec.device.to_string(),
+        }
+    }
+
     fn lock_busy(&self) -> std::sync::MutexGuard<'_, ()> {
         self.busy.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -145,33 +158,67 @@ impl Controller {
         self.loan.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `link` is this interface. Outside the node's namespace sysfs cannot tell channels
-    /// apart, so there a channel match also needs the borrower's `name`.
-    fn matches(&self, link: &CanLink, at_home: bool, name: Option<&str>) -> bool {
+    /// Whether `link`, in a borrower's namespace, is this interface. Outside the node's namespace
+    /// sysfs cannot tell channels apart (nor read `dev_id`), so there the borrower's `name`
+    /// decides, with the parent device wherever it is known.
+    fn matches_away(&self, link: &CanLink, name: Option<&str>) -> bool {
+        let named = name.is_some_and(|n| n == link.name);
         match &self.spec.device {
             DeviceMatch::Parent { parent, channel } => {
-                link.parent_dev.as_deref() == Some(parent.as_str())
-                    && match channel {
-                        None => true,
-                        Some(c) if at_home => dev_id(&link.name) == Some(*c),
-                        Some(_) => name.is_some_and(|n| n == link.name),
-                    }
+                link.parent_dev.as_deref() == Some(parent.as_str()) && (channel.is_none() || named)
             }
-            DeviceMatch::Ifname(ifname) => {
-                if at_home {
-                    link.name == *ifname || self.recorded_name().is_some_and(|n| n == link.name)
-                } else {
-                    name.is_some_and(|n| n == link.name)
-                }
+            DeviceMatch::Ifname(_) => {
+                named
+                    && self
+                        .roster
+                        .identity(&self.spec.name)
+                        .is_none_or(|id| link.parent_dev.as_deref() == Some(id.parent.as_str()))
             }
         }
     }
 
     /// The interface in `ns`, if it is there.
     fn find(&self, ns: &Netns, name: Option<&str>) -> Result<Option<CanLink>, HardwareError> {
-        let at_home = *ns == self.home;
         let links = can::list(ns).map_err(|e| self.kernel(e))?;
-        Ok(links.into_iter().find(|l| self.matches(l, at_home, name)))
+        if *ns != self.home {
+            return Ok(links.into_iter().find(|l| self.matches_away(l, name)));
+        }
+        let recorded = self.recorded_name();
+        let identity = self.roster.identity(&self.spec.name);
+        Ok(links.into_iter().find(|l| {
+            identity::is_at_home(
+                &self.spec.name,
+                &self.spec.device,
+                recorded.as_deref(),
+                identity.as_ref(),
+                &self.roster,
+                l,
+                dev_id(&l.name),
+            )
+        }))
+    }
+
+    /// For an entry configured by name, records what its controller `link` (found at home by
+    /// name) is known by, so it is recognised when the kernel returns it under another name.
+    fn remember(&self, link: &CanLink) {
+        if !matches!(self.spec.device, DeviceMatch::Ifname(_))
+            || self.roster.identity(&self.spec.name).is_some()
+        {
+            return;
+        }
+        let Some(id) = Identity::of(link, dev_id(&link.name)) else {
+            tracing::warn!(interface = %self.spec.name, name = %link.name, "the interface has no parent device: it is recognised by its name only, and lost if the kernel returns it under another");
+            return;
+        };
+        match id.store(&self.identity_file) {
+            Ok(()) => {
+                tracing::info!(interface = %self.spec.name, name = %link.name, parent = %id.parent, channel = ?id.channel, "recorded the interface's identity");
+                self.roster.record(&self.spec.name, id);
+            }
+            Err(e) => {
+                tracing::warn!(interface = %self.spec.name, error = %e, "cannot record the interface's identity")
+            }
+        }
     }
 
     fn recorded_name(&self) -> Option<String> {
@@ -205,6 +252,10 @@ impl Controller {
     /// Lends the interface to `holder`'s namespace `to` as `name`, set up with `settings` and
     /// up (blocking). Lending it again to the same place finds it there and changes nothing,
     /// which is how a restarted plugin adopts a loan.
+    ///
+    /// When the interface is not on the node because a previous pod still has it, or its
+    /// destroyed namespace has not handed it back yet, the kubelet has given the device to
+    /// `holder`: the interface is taken from the previous pod, or awaited for a few seconds.
     pub fn lend(
         &self,
         holder: Holder,
@@ -221,15 +272,15 @@ impl Controller {
                 ns: to.clone(),
                 name: link.name.clone(),
                 holder,
+                adopted: true,
             });
             return Ok(link_info(&link, true));
         }
-        let Some(link) = self.find(&self.home, None)? else {
-            return Err(HardwareError::Missing {
-                what: self.what(),
-                device: self.spec.device.to_string(),
-            });
+        let link = match self.find(&self.home, None)? {
+            Some(link) => link,
+            None => self.reclaim(&holder)?,
         };
+        self.remember(&link);
         self.home_name(&link)?;
         if link.up {
             can::set_up(&self.home, link.index, false).map_err(|e| self.kernel(e))?;
@@ -242,35 +293,109 @@ impl Controller {
                 what: self.what(),
                 device: format!("{} after moving it to {to}", self.spec.device),
             })?;
-        *self.lock_loan() = Some(Loan {
-            ns: to.clone(),
-            name: moved.name.clone(),
-            holder,
-        });
         if let Err(e) = can::set_up(to, moved.index, true) {
             self.give_back(to, &moved);
             return Err(self.kernel(e));
         }
+        tracing::info!(interface = %self.spec.name, %holder, name = %moved.name, "interface lent");
+        *self.lock_loan() = Some(Loan {
+            ns: to.clone(),
+            name: moved.name.clone(),
+            holder,
+            adopted: false,
+        });
         Ok(link_info(&moved, true))
     }
 
-    /// Takes the interface back from wherever it was lent, if that namespace still exists; a
-    /// namespace already destroyed returned it to the node by itself (blocking).
-    pub fn take_back(&self) {
+    /// The interface, back on the node, when a previous pod's loan still stands: the kubelet
+    /// allocates a device to one pod at a time, so lending to `holder` means the previous pod's
+    /// containers are gone. Takes it from that pod's namespace if it is still there, else waits
+    /// up to [`RETURN_WAIT`] for the kernel to return it from the destroyed namespace.
+    fn reclaim(&self, holder: &Holder) -> Result<CanLink, HardwareError> {
+        let previous = self
+            .lock_loan()
+            .clone()
+            .filter(|l| l.holder != *holder && matches!(l.holder, Holder::Pod { .. }));
+        let Some(previous) = previous else {
+            return Err(self.missing());
+        };
+        let deadline = Instant::now() + RETURN_WAIT;
+        loop {
+            // A namespace being destroyed may vanish between the check and the listing: a
+            // failed look there only means the interface is on its way home.
+            if previous.ns.path().exists()
+                && let Ok(Some(link)) = self.find(&previous.ns, Some(&previous.name))
+            {
+                tracing::info!(interface = %self.spec.name, from = %previous.holder, to = %holder, "taking the interface from the pod that held the device before");
+                self.give_back(&previous.ns, &link);
+            }
+            if let Some(link) = self.find(&self.home, None)? {
+                return Ok(link);
+            }
+            if Instant::now() >= deadline {
+                return Err(self.missing());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ends the loan if its holder is one of `gone`, taking the interface back from the
+    /// holder's namespace if it still exists (a destroyed one returned it to the node by itself);
+    /// a loan to any other holder stays. Then, while nobody holds the interface, restores
+    /// whatever the kernel returned (blocking). Runs on every pass, also with none gone.
+    pub fn release(&self, gone: &[Holder]) {
         let _busy = self.lock_busy();
-        let loan = self.lock_loan().take();
-        if let Some(loan) = loan
-            && loan.ns.path().exists()
-        {
-            match self.find(&loan.ns, Some(&loan.name)) {
-                Ok(Some(link)) => self.give_back(&loan.ns, &link),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(interface = %self.spec.name, error = %e, "cannot take the interface back")
+        let outcome = {
+            let mut loan = self.lock_loan();
+            let outcome = loan::release(loan.as_ref(), gone);
+            if matches!(outcome, Release::Ends(_)) {
+                *loan = None;
+            }
+            outcome
+        };
+        match outcome {
+            Release::Ends(loan) => {
+                if loan.ns.path().exists() {
+                    match self.find(&loan.ns, Some(&loan.name)) {
+                        Ok(Some(link)) => self.give_back(&loan.ns, &link),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(interface = %self.spec.name, error = %e, "cannot take the interface back")
+                        }
+                    }
                 }
             }
+            Release::Kept(holder) if !gone.is_empty() => {
+                tracing::info!(interface = %self.spec.name, %holder, "a released pod no longer held the interface: left with its holder");
+            }
+            Release::Kept(_) | Release::Idle => {}
         }
         self.restore_idle();
+    }
+
+    /// Undoes a lend to `holder` whose later steps failed (blocking), so that no loan outlives
+    /// a pod that is not served: an interface the lend moved goes back to the node; one it found
+    /// already in place (a running pod being adopted) stays there, unrecorded, for the next
+    /// adoption attempt. A loan to any other holder is left alone.
+    pub fn abandon(&self, holder: &Holder) {
+        let _busy = self.lock_busy();
+        let ended = {
+            let mut loan = self.lock_loan();
+            if loan.as_ref().is_some_and(|l| l.holder == *holder) {
+                loan.take()
+            } else {
+                None
+            }
+        };
+        let Some(loan) = ended else {
+            return;
+        };
+        tracing::info!(interface = %self.spec.name, %holder, moved = !loan.adopted, "serving the pod failed: lend undone");
+        if !loan.adopted
+            && let Ok(Some(link)) = self.find(&loan.ns, Some(&loan.name))
+        {
+            self.give_back(&loan.ns, &link);
+        }
     }
 
     /// Downs `link` in `from` and moves it home under its node-side name.
@@ -294,13 +419,6 @@ impl Controller {
         }
     }
 
-    /// While nobody holds the interface: whatever the kernel returned goes down and gets its
-    /// node-side name back (blocking). Does nothing while it is lent.
-    pub fn restore(&self) {
-        let _busy = self.lock_busy();
-        self.restore_idle();
-    }
-
     fn restore_idle(&self) {
         if self.lock_loan().is_some() {
             return;
@@ -313,6 +431,7 @@ impl Controller {
                 return;
             }
         };
+        self.remember(&link);
         let Ok(home_name) = self.home_name(&link) else {
             return;
         };
@@ -345,104 +464,7 @@ impl Controller {
         }
         match self.find(&self.home, None)? {
             Some(link) => Ok((None, link)),
-            None => Err(HardwareError::Missing {
-                what: self.what(),
-                device: self.spec.device.to_string(),
-            }),
-        }
-    }
-
-    /// Whether the interface can be served: present, and its controller not bus-off.
-    ///
-    /// A netdev that is neither on the node nor where this process lent it may be in a pod that
-    /// a previous run lent it to and this one has not adopted yet: if its parent device is there
-    /// with a driver bound, it counts as present.
-    pub fn health(&self) -> crate::telemetry::health::Health {
-        use crate::telemetry::health::Health;
-        match self.locate() {
-            Ok((_, link)) => self.link_health(&link),
-            Err(e @ HardwareError::Missing { .. }) => match &self.spec.device {
-                DeviceMatch::Parent { parent, .. } => match parent_device(parent) {
-                    Some(dir) if dir.join("driver").exists() => Health::Healthy,
-                    Some(_) => Health::Unhealthy(format!(
-                        "{}: device {parent} has no driver bound: load the CAN controller's \
-                         driver (see `lspci -k` or `lsusb -t`)",
-                        self.what()
-                    )),
-                    None => Health::Unhealthy(e.to_string()),
-                },
-                DeviceMatch::Ifname(_) => Health::Unhealthy(e.to_string()),
-            },
-            Err(e) => Health::Unhealthy(e.to_string()),
-        }
-    }
-}
-
-/// The sysfs directory of device `name` on any bus (`/sys/bus/pci/devices/0000:03:00.0`), if the
-/// node has it.
-fn parent_device(name: &str) -> Option<PathBuf> {
-    std::fs::read_dir("/sys/bus")
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|bus| bus.path().join("devices").join(name))
-        .find(|dir| dir.exists())
-}
-
-impl Controller {
-    /// The controller's state for a scrape (blocking); `None` when the interface is not found.
-    pub fn sample(&self) -> Option<ControllerSample> {
-        let (holder, link) = self
-            .locate()
-            .inspect_err(
-                |e| tracing::debug!(interface = %self.spec.name, error = %e, "no controller state"),
-            )
-            .ok()?;
-        Some(self.sample_of(holder, &link))
-    }
-
-    /// The health of the interface as found: bus-off is unhealthy until the controller has
-    /// recovered (by itself after restart_ms, or when restarted).
-    fn link_health(&self, link: &CanLink) -> crate::telemetry::health::Health {
-        use crate::telemetry::health::Health;
-        if link.state == Some(can::CanState::BusOff) {
-            Health::Unhealthy(format!(
-                "{} ({}) is bus-off: check the wiring, termination and the bitrate of every node \
-                 on the bus; it restarts after restart_ms ({} ms, 0: never)",
-                self.what(),
-                link.name,
-                self.spec.settings.restart_ms
-            ))
-        } else {
-            Health::Healthy
-        }
-    }
-
-    /// A scrape's view of the interface as found, held by `holder`.
-    fn sample_of(&self, holder: Option<Holder>, link: &CanLink) -> ControllerSample {
-        let (namespace, pod, bus) = match holder {
-            Some(Holder::Pod(p)) => (p.namespace, p.name, String::new()),
-            Some(Holder::Bus(b)) => (String::new(), String::new(), b),
-            None => Default::default(),
-        };
-        ControllerSample {
-            controller: self.spec.name.clone(),
-            interface: link.name.clone(),
-            namespace,
-            pod,
-            bus,
-            state: link.state.map(|s| s.as_label()),
-            error_counters: link.berr.map(|b| (b.txerr, b.rxerr)),
-            events: link.device_stats.map(|d| {
-                [
-                    d.bus_error,
-                    d.error_warning,
-                    d.error_passive,
-                    d.bus_off,
-                    d.arbitration_lost,
-                    d.restarts,
-                ]
-                .map(u64::from)
-            }),
+            None => Err(self.missing()),
         }
     }
 }
@@ -466,98 +488,51 @@ fn link_info(link: &CanLink, up: bool) -> LinkInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::can::{BerrCounter, CanDeviceStats, CanState, OperState};
-    use crate::telemetry::health::Health;
+    use crate::pod::resources::PodRef;
 
-    fn controller() -> Controller {
+    pub(super) fn controller() -> Controller {
         let spec = parse(
             r#"{"interfaces":[{"name":"bench","device":{"parent":"0000:00:10.0"},"bitrate":500000}]}"#,
             "hw.json",
         )
         .expect("valid")
         .remove(0);
-        Controller::new(spec, std::path::Path::new("/nonexistent"))
+        let roster = Arc::new(Roster::load(
+            std::slice::from_ref(&spec),
+            std::path::Path::new("/nonexistent"),
+        ));
+        Controller::new(spec, std::path::Path::new("/nonexistent"), roster)
     }
 
-    /// A controller as the kernel would report one that has gone bus-off: the test-bed's
-    /// emulated controllers never do (no ACK or bit errors on qemu's wire).
-    fn link(state: CanState) -> CanLink {
-        CanLink {
-            index: 7,
-            name: "can0".into(),
-            up: true,
-            operstate: OperState::Up,
-            mtu: 16,
-            parent_bus: Some("pci".into()),
-            parent_dev: Some("0000:00:10.0".into()),
-            state: Some(state),
-            berr: Some(BerrCounter {
-                txerr: 256,
-                rxerr: 17,
-            }),
-            device_stats: Some(CanDeviceStats {
-                bus_error: 40,
-                error_warning: 3,
-                error_passive: 2,
-                bus_off: 1,
-                arbitration_lost: 5,
-                restarts: 1,
-            }),
-            bittiming: None,
-            data_bittiming: None,
-            clock_hz: Some(8_000_000),
-            restart_ms: 100,
-            ctrlmode: 0,
-            stats: None,
-        }
-    }
-
-    #[test]
-    fn bus_off_is_unhealthy_until_the_controller_recovers() {
-        let c = controller();
-        let Health::Unhealthy(why) = c.link_health(&link(CanState::BusOff)) else {
-            panic!("bus-off must be unhealthy");
-        };
-        assert_eq!(
-            why,
-            "hardware interface \"bench\" (can0) is bus-off: check the wiring, termination and \
-             the bitrate of every node on the bus; it restarts after restart_ms (100 ms, 0: never)"
-        );
-        for state in [
-            CanState::ErrorActive,
-            CanState::ErrorWarning,
-            CanState::ErrorPassive,
-            CanState::Stopped,
-        ] {
-            assert_eq!(c.link_health(&link(state)), Health::Healthy, "{state:?}");
-        }
-    }
-
-    #[test]
-    fn a_scrape_shows_the_state_counters_and_holder() {
-        let c = controller();
-        let pod = PodRef {
-            namespace: "default".into(),
-            name: "ecu".into(),
-        };
-        let sample = c.sample_of(Some(Holder::Pod(pod)), &link(CanState::ErrorPassive));
-        assert_eq!(
-            sample,
-            ControllerSample {
-                controller: "bench".into(),
-                interface: "can0".into(),
+    fn holder(name: &str, sandbox: &str) -> Holder {
+        Holder::Pod {
+            pod: PodRef {
                 namespace: "default".into(),
-                pod: "ecu".into(),
-                bus: String::new(),
-                state: Some("error_passive"),
-                error_counters: Some((256, 17)),
-                events: Some([40, 3, 2, 1, 5, 1]),
-            }
-        );
-        let on_bus = c.sample_of(Some(Holder::Bus("plant".into())), &link(CanState::BusOff));
+                name: name.into(),
+            },
+            uid: format!("uid-{name}"),
+            sandbox: sandbox.into(),
+        }
+    }
+
+    #[test]
+    fn abandoning_a_lend_ends_only_that_holders_loan() {
+        let c = controller();
+        let loan = |h: Holder| Loan {
+            ns: Netns::Path("/var/run/netns/cni-gone".into()),
+            name: "can0".into(),
+            holder: h,
+            // Found in place: undoing it moves nothing, so no kernel is needed here.
+            adopted: true,
+        };
+        *c.lock_loan() = Some(loan(holder("b", "sandbox-b")));
+        c.abandon(&holder("a", "sandbox-a"));
         assert_eq!(
-            (on_bus.bus.as_str(), on_bus.pod.as_str(), on_bus.state),
-            ("plant", "", Some("bus_off"))
+            c.lock_loan().as_ref().map(|l| l.holder.clone()),
+            Some(holder("b", "sandbox-b")),
+            "another pod's loan stays"
         );
+        c.abandon(&holder("b", "sandbox-b"));
+        assert!(c.lock_loan().is_none(), "no loan without a served pod");
     }
 }

@@ -184,6 +184,12 @@ pub trait Provision: Send + Sync + 'static {
     /// Releases what `gone` pods held beyond their own namespace (which took their links with
     /// it). Called for every reconcile pass, also with none gone.
     async fn release(&self, gone: &[ServedPod]);
+
+    /// Undoes what [`Provision::provision`] lent `owner`'s sandbox when a later step of serving
+    /// it failed, so that nothing stays recorded for a pod that is not served. What a pod's own
+    /// namespace holds needs no undoing (the next attempt finds it in place): the default does
+    /// nothing.
+    async fn abandon(&self, _owner: &PodDevices, _sandbox: &Sandbox) {}
 }
 
 /// The outcome of one [`ResourceServer::reconcile`] pass.
@@ -360,19 +366,27 @@ impl ResourceServer {
             Some(counters) => {
                 let links = interfaces.clone();
                 let ns = target.clone();
-                tokio::task::spawn_blocking(move || attach_all(&counters, &ns, &links))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(EbpfError::Attach {
-                            ifname: String::new(),
-                            ns: target.to_string(),
-                            detail: format!("the attaching thread failed: {e}"),
-                        })
-                    })
-                    .map_err(|source| ServeError::Counters {
-                        pod: owner.pod.clone(),
-                        source: Box::new(source),
-                    })?
+                let attached =
+                    tokio::task::spawn_blocking(move || attach_all(&counters, &ns, &links))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(EbpfError::Attach {
+                                ifname: String::new(),
+                                ns: target.to_string(),
+                                detail: format!("the attaching thread failed: {e}"),
+                            })
+                        });
+                match attached {
+                    Ok(a) => a,
+                    Err(source) => {
+                        // The pod is not served: what was lent to it must not stay recorded.
+                        self.provision.abandon(&owner, &sandbox).await;
+                        return Err(ServeError::Counters {
+                            pod: owner.pod.clone(),
+                            source: Box::new(source),
+                        });
+                    }
+                }
             }
             None => Vec::new(),
         };
@@ -484,6 +498,8 @@ impl ResourceServer {
                     .values()
                     .map(|e| e.pod.pod.clone())
                     .collect();
+                let listed: HashSet<PodRef> = pods.iter().map(|p| p.pod.clone()).collect();
+                prune_not_adopted(&mut self.lock_not_adopted(), &listed, &served);
                 for owner in pods.into_iter().filter(|p| !served.contains(&p.pod)) {
                     let pod = owner.pod.clone();
                     let mut timings = PreStartTimings::default();
@@ -514,6 +530,16 @@ impl ResourceServer {
     }
 }
 
+/// Keeps the reasons of pods that are still listed and still not served, so the map does not
+/// grow with pod churn (a pod deleted before it was adopted is never listed again).
+fn prune_not_adopted(
+    not_adopted: &mut HashMap<PodRef, String>,
+    listed: &HashSet<PodRef>,
+    served: &HashSet<PodRef>,
+) {
+    not_adopted.retain(|pod, _| listed.contains(pod) && !served.contains(pod));
+}
+
 /// Attaches the counters to every link; each attach enters the namespace on a thread of its own
 /// and waits for netlink, so one pod's interfaces attach in parallel.
 fn attach_all(
@@ -539,4 +565,28 @@ fn attach_all(
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str) -> PodRef {
+        PodRef {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn not_adopted_keeps_only_pods_still_listed_and_unserved() {
+        let mut not_adopted: HashMap<PodRef, String> = ["gone", "waiting", "served-since"]
+            .into_iter()
+            .map(|n| (pod(n), "no ready sandbox".to_string()))
+            .collect();
+        let listed: HashSet<PodRef> = [pod("waiting"), pod("served-since"), pod("new")].into();
+        let served: HashSet<PodRef> = [pod("served-since")].into();
+        prune_not_adopted(&mut not_adopted, &listed, &served);
+        assert_eq!(not_adopted.keys().collect::<Vec<_>>(), [&pod("waiting")]);
+    }
 }

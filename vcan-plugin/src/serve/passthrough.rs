@@ -99,7 +99,7 @@ impl Provision for Passthrough {
         let controller = self.controller.clone();
         let target = netns.clone();
         let name = controller.spec().interface.clone();
-        let holder = Holder::Pod(owner.pod.clone());
+        let holder = holder_of(owner, sandbox);
         let link =
             tokio::task::spawn_blocking(move || controller.lend(holder, &target, &name, &settings))
                 .await
@@ -113,19 +113,76 @@ impl Provision for Passthrough {
         Ok(vec![link])
     }
 
-    /// The holder is gone: the interface comes back to the node, down, under its node-side name
-    /// (or, when the kernel returned it first, is renamed and downed there). Runs on every pass,
-    /// so an interface the kernel returned while the plugin was down is restored at its start.
+    /// A failed serve (counters) undoes this pod's lend: the interface goes back to the node.
+    async fn abandon(&self, owner: &PodDevices, sandbox: &Sandbox) {
+        let controller = self.controller.clone();
+        let holder = holder_of(owner, sandbox);
+        let _ = tokio::task::spawn_blocking(move || controller.abandon(&holder)).await;
+    }
+
+    /// The holders are gone: if one of them holds the interface, it comes back to the node,
+    /// down, under its node-side name (or, when the kernel returned it first, is renamed and
+    /// downed there). A newer pod given the device meanwhile keeps it. Runs on every pass, so an
+    /// interface the kernel returned while the plugin was down is restored at its start.
     async fn release(&self, gone: &[ServedPod]) {
         let controller = self.controller.clone();
-        let any_gone = !gone.is_empty();
-        let _ = tokio::task::spawn_blocking(move || {
-            if any_gone {
-                controller.take_back();
-            } else {
-                controller.restore();
-            }
-        })
-        .await;
+        let holders: Vec<Holder> = gone.iter().map(served_holder).collect();
+        let _ = tokio::task::spawn_blocking(move || controller.release(&holders)).await;
+    }
+}
+
+/// The holder a PreStart or adoption lends to: the pod's sandbox.
+fn holder_of(owner: &PodDevices, sandbox: &Sandbox) -> Holder {
+    Holder::Pod {
+        pod: owner.pod.clone(),
+        uid: sandbox.uid.clone(),
+        sandbox: sandbox.id.clone(),
+    }
+}
+
+/// The holder a served pod was lent to, the same as [`holder_of`] said when it was served.
+fn served_holder(served: &ServedPod) -> Holder {
+    Holder::Pod {
+        pod: served.pod.clone(),
+        uid: served.uid.clone(),
+        sandbox: served.sandbox.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::resources::PodRef;
+
+    #[test]
+    fn a_release_names_the_holder_the_lend_recorded() {
+        let pod = PodRef {
+            namespace: "default".into(),
+            name: "bench-user".into(),
+        };
+        let sandbox = Sandbox {
+            id: "sandbox-1".into(),
+            uid: "uid-1".into(),
+            netns: Some("/var/run/netns/cni-1".into()),
+            annotations: HashMap::new(),
+        };
+        let owner = PodDevices {
+            pod: pod.clone(),
+            device_ids: vec!["hw-bench".into()],
+        };
+        let served = ServedPod {
+            pod,
+            uid: sandbox.uid.clone(),
+            sandbox: sandbox.id.clone(),
+            netns: "/var/run/netns/cni-1".into(),
+            interfaces: Vec::new(),
+            attachments: Vec::new(),
+        };
+        assert_eq!(served_holder(&served), holder_of(&owner, &sandbox));
+        let recreated = ServedPod {
+            sandbox: "sandbox-2".into(),
+            ..served
+        };
+        assert_ne!(served_holder(&recreated), holder_of(&owner, &sandbox));
     }
 }

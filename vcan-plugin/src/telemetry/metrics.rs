@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// How long each part of a PreStart took.
@@ -244,6 +244,7 @@ pub struct Metrics {
     allocate_duration: Histogram,
     prestart_duration: Histogram,
     prestart_phase: HistogramVec,
+    reconcile_passes: IntCounter,
 }
 
 fn name(suffix: &str) -> String {
@@ -296,6 +297,12 @@ impl Metrics {
             &["phase"],
         )
         .expect("valid metric");
+        let reconcile_passes = IntCounter::with_opts(Opts::new(
+            name("reconcile_passes_total"),
+            "Finished reconcile passes (every 10 s): released pods whose sandbox is gone, adopted \
+             running pods, returned physical interfaces.",
+        ))
+        .expect("valid metric");
         let build_info = GaugeVec::new(
             Opts::new(
                 name("build_info"),
@@ -316,6 +323,7 @@ impl Metrics {
             Box::new(allocate_duration.clone()),
             Box::new(prestart_duration.clone()),
             Box::new(prestart_phase.clone()),
+            Box::new(reconcile_passes.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -342,7 +350,13 @@ impl Metrics {
             allocate_duration,
             prestart_duration,
             prestart_phase,
+            reconcile_passes,
         }
+    }
+
+    /// Records a finished reconcile pass over every resource.
+    pub fn reconcile_pass(&self) {
+        self.reconcile_passes.inc();
     }
 
     /// Records an Allocate call for `resource`.
@@ -777,6 +791,8 @@ mod tests {
             Duration::from_millis(3),
             Some(&PreStartTimings::default()),
         );
+        m.reconcile_pass();
+        m.reconcile_pass();
         let text = m.render(&Snapshot {
             resources: vec![
                 ResourceSample {
@@ -867,6 +883,8 @@ mod tests {
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/vcan\"} 2",
+            "vcan_plugin_reconcile_passes_total 2",
+            "# TYPE vcan_plugin_reconcile_passes_total counter",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_pods_served{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/bus-powertrain\"} 1",
