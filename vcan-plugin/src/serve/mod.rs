@@ -320,6 +320,7 @@ impl ResourceServer {
     }
 
     /// Makes the interfaces of the pod holding `ids`, returning once they are up.
+    #[tracing::instrument(name = "prestart", skip_all, fields(resource = %self.resource, devices = ids.len()))]
     pub async fn prestart(
         &self,
         ids: &[String],
@@ -336,6 +337,7 @@ impl ResourceServer {
         Ok((served, timings))
     }
 
+    #[tracing::instrument(skip_all, fields(pod = %owner.pod))]
     async fn serve(
         &self,
         owner: PodDevices,
@@ -434,6 +436,7 @@ impl ResourceServer {
     ///
     /// Only the sandbox decides that a pod is gone; PodResources, which can be empty or
     /// unavailable for minutes after a kubelet restart, is used only to find pods to adopt.
+    #[tracing::instrument(name = "reconcile", skip_all, fields(resource = %self.resource))]
     pub async fn reconcile(&self) -> Reconciled {
         let mut report = Reconciled::default();
         let snapshot: Vec<Entry> = self.lock_served().values().cloned().collect();
