@@ -785,7 +785,8 @@ async fn a_replaced_plugin_with_a_new_address_carries_frames_at_once(
     b.replace_at(&NODE_B, NEW_B).await;
     b.wait_log("tunnel connected to the bus", connected + 1)
         .await;
-    let b_rx = b.run(&listener(bus, "ip-b", 1)).await;
+    // B's listener hears its neighbour's frame, then A's.
+    let b_rx = b.run(&listener(bus, "ip-b", 2)).await;
     let ns = pod_netns(&b.node, &b_rx).await;
     wait_listening(&format!("--net={ns}"), "can0");
     let b_tx = b.run(&member(bus, "ip-tx", "sleep 100000")).await;
@@ -793,7 +794,11 @@ async fn a_replaced_plugin_with_a_new_address_carries_frames_at_once(
     assert_eq!(dumped(&a.node, &a_rx).await, ["can0 1E0#E0"], "B to A");
     let a_tx = a.run(&member(bus, "ip-a-tx", "sleep 100000")).await;
     send(&a.node, &a_tx, "1E1#E1").await;
-    assert_eq!(dumped(&b.node, &b_rx).await, ["can0 1E1#E1"], "A to B");
+    assert_eq!(
+        dumped(&b.node, &b_rx).await,
+        ["can0 1E0#E0", "can0 1E1#E1"],
+        "A to B"
+    );
     eprintln!(
         "plugin B replaced under a new address: frames both ways {:?} after its restart began, \
          DNS still listing the old address",
