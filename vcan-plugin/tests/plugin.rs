@@ -6,6 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+use vcan_plugin::kubelet::registration::{QUIET, RECHECK};
 
 use common::{Harness, RESOURCE, WAIT, wait_registered};
 use tonic::Code;
@@ -121,8 +122,16 @@ async fn every_kubelet_restart_ends_registered_with_an_endpoint_the_kubelet_can_
             "round {round}: socket gone after registering"
         );
     }
-    // Exactly one registration per restart: no late duplicate is pending.
+    // Exactly one registration per restart: no late duplicate, neither pending now nor made by
+    // the plugin's next fallback checks (every RECHECK) or a debounced directory event.
     assert!(kubelet.try_next_registration().is_none());
+    let window = RECHECK * 2 + QUIET;
+    if let Ok(late) = kubelet.next_registration(window).await {
+        panic!(
+            "a late duplicate registration within {window:?}: {:?}",
+            late.request
+        );
+    }
     // The flag follows the kubelet's answer, which comes after it dialled back.
     wait_registered(&registered).await;
     stop.cancel();

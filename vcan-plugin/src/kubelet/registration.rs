@@ -40,9 +40,9 @@ use crate::uds;
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// How long the directory must stay quiet after an event before the next attempt: a kubelet's
 /// clean-up is a burst of deletions followed by the creation of its socket.
-const QUIET: Duration = Duration::from_millis(100);
+pub const QUIET: Duration = Duration::from_millis(100);
 /// Fallback check for a restarted kubelet, should an inotify event be missed.
-const RECHECK: Duration = Duration::from_secs(2);
+pub const RECHECK: Duration = Duration::from_secs(2);
 /// Longest a Register call may take: the kubelet dials back with a 10 s timeout before answering.
 const REGISTER_DEADLINE: Duration = Duration::from_secs(15);
 
