@@ -6,7 +6,6 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use vcan_plugin::kubelet::registration::{QUIET, RECHECK};
 
 use common::{Harness, RESOURCE, WAIT, wait_registered};
 use tonic::Code;
@@ -14,6 +13,7 @@ use vcan_plugin::api::deviceplugin::v1beta1::{
     AllocateRequest, ContainerAllocateRequest, Empty, ListAndWatchResponse,
     PreStartContainerRequest,
 };
+use vcan_plugin::kubelet::registration::{QUIET, RECHECK};
 use vcan_plugin::telemetry::health::Health;
 use vcan_test_support::kubelet::Registered;
 
