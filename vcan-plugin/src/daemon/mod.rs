@@ -1,17 +1,20 @@
-//! The daemon's wiring: one resource server per resource (private vcans, each shared bus), their
-//! registrations, the reconcile loop, the HTTP endpoint, and an orderly shutdown.
+//! The daemon's wiring: the configuration checked as a whole ([`plan`]), then one resource
+//! server per resource (private vcans, each shared bus, each physical interface), their
+//! registrations, the reconcile loop, the bus tunnels and the HTTP endpoint, run as one set of
+//! tasks with one failure policy, and an orderly shutdown.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, Bus};
 use crate::config::Config;
 use crate::ebpf::{self, Counters};
-use crate::hardware::{self, Controller};
+use crate::hardware::{self, Controller, HardwareSpec};
 use crate::kubelet::registration::Registrar;
 use crate::node::{NodeState, ServedResource};
 use crate::pod::resources::PodResources;
@@ -109,6 +112,9 @@ pub enum DaemonError {
     /// The configuration needs more counter slots than the eBPF maps hold.
     #[error(transparent)]
     Capacity(#[from] bus::CapacityError),
+    /// A task of the daemon panicked.
+    #[error("a task of the daemon failed: {0}")]
+    Task(String),
     /// A registration loop failed.
     #[error("device-plugin registration failed: {0}")]
     Registration(#[from] crate::kubelet::registration::RegistrationError),
@@ -122,13 +128,16 @@ pub enum DaemonError {
     },
 }
 
+pub mod plan;
+
 /// One resource to serve, before it is wired.
 struct Planned {
     server: Arc<ResourceServer>,
     health: watch::Receiver<Health>,
 }
 
-/// Runs the daemon until SIGTERM/SIGINT (or `shutdown` is cancelled).
+/// Runs the daemon until SIGTERM/SIGINT (or `shutdown` is cancelled): reads the configuration,
+/// checks it as a whole ([`plan::plan`]), then builds and runs what it asks for.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let containerd_socket = config
         .containerd_socket
@@ -148,7 +157,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
              (set --containerd-socket and mount its directory)"
         );
     }
-    let specs = match &config.bus_config {
+    let bus_specs = match &config.bus_config {
         Some(path) => bus::load(path)?,
         None => Vec::new(),
     };
@@ -156,25 +165,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Some(path) => hardware::load(path)?,
         None => Vec::new(),
     };
-    bus::check_capacity(config.devices, &specs, ebpf::layout::MAX_SLOTS)?;
-    let roster = Arc::new(hardware::Roster::load(&hardware_specs, &config.state_dir));
-    let mut controllers: Vec<Arc<Controller>> = hardware_specs
-        .into_iter()
-        .map(|spec| Arc::new(Controller::new(spec, &config.state_dir, roster.clone())))
-        .collect();
-    let mut uplinks = std::collections::HashMap::new();
-    for spec in &specs {
-        if let Some(uplink) = &spec.uplink {
-            let Some(at) = controllers.iter().position(|c| &c.spec().name == uplink) else {
-                return Err(DaemonError::UnknownUplink {
-                    bus: spec.name.clone(),
-                    uplink: uplink.clone(),
-                    configured: config.hardware_config.is_some(),
-                });
-            };
-            uplinks.insert(spec.name.clone(), controllers.remove(at));
-        }
-    }
+    let plan = plan::plan(&config, bus_specs, hardware_specs, ebpf::layout::MAX_SLOTS)?;
+    let tunnel_key = match &config.tunnel_key_file {
+        Some(path) => Some(crate::tunnel::auth::TunnelKey::load(path)?),
+        None => None,
+    };
+    // One namespace of the process's own for every tunnel's I/O end (see bus::tunnel_io_name).
+    let tunnel_io = if plan.has_tunnels() {
+        Some(crate::kernel::netns::process_private().map_err(DaemonError::TunnelNamespace)?)
+    } else {
+        None
+    };
 
     let counters = open_counters(config.bpffs_dir.clone()).await;
     let attach_mode = counters
@@ -184,51 +185,52 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let pod_resources = PodResources::new(&config.pod_resources_socket);
     let interval = Duration::from_secs(config.health_interval.max(1));
     let vcan_health = health::watch(interval);
-
-    let mut planned = vec![Planned {
-        server: Arc::new(ResourceServer::new(
-            config.resource_name.clone(),
-            DeviceSet::new(&config.resource_name, config.devices as usize),
+    let server = |resource: &crate::resource::ResourceName,
+                  devices: usize,
+                  provision: Arc<dyn Provision>| {
+        Arc::new(ResourceServer::new(
+            resource.clone(),
+            DeviceSet::new(resource, devices),
             pod_resources.clone(),
             runtime.clone(),
             counters.clone(),
+            provision,
+        ))
+    };
+
+    let mut planned = vec![Planned {
+        server: server(
+            &config.resource_name,
+            config.devices as usize,
             Arc::new(PrivateVcans),
-        )),
+        ),
         health: vcan_health.clone(),
     }];
-    let bus_health = (!specs.is_empty()).then(|| health::watch_probe(health::Probe::Bus, interval));
-    let tunnel_key = match &config.tunnel_key_file {
-        Some(path) => Some(crate::tunnel::auth::TunnelKey::load(path)?),
-        None => None,
-    };
-    // One namespace of the process's own for every tunnel's I/O end (see bus::tunnel_io_name).
-    let tunnel_io = if specs.iter().any(|s| s.tunnel.is_some()) {
-        Some(crate::kernel::netns::process_private().map_err(DaemonError::TunnelNamespace)?)
-    } else {
-        None
-    };
+    let bus_health =
+        (!plan.buses.is_empty()).then(|| health::watch_probe(health::Probe::Bus, interval));
+    let roster = Arc::new(hardware::Roster::load(&plan.hardware(), &config.state_dir));
+    let controller =
+        |spec: HardwareSpec| Arc::new(Controller::new(spec, &config.state_dir, roster.clone()));
     let mut buses = Vec::new();
     let mut hardware = Vec::new();
     let mut tunnels = Vec::new();
-    for spec in specs {
-        let name = spec.name.clone();
-        let uplink = uplinks.remove(&name);
-        let bus = Bus::new(spec, config.resource_name.domain(), &config.state_dir)
-            .map_err(|source| DaemonError::BusResource {
-                bus: name.clone(),
-                source,
-            })?
-            .with_uplink(uplink);
+    for planned_bus in plan.buses {
+        let name = planned_bus.spec.name.clone();
+        let uplink = planned_bus.uplink.map(controller);
+        let bus = Bus::new(
+            planned_bus.spec,
+            config.resource_name.domain(),
+            &config.state_dir,
+        )
+        .map_err(|source| DaemonError::BusResource {
+            bus: name.clone(),
+            source,
+        })?
+        .with_uplink(uplink);
         let bus = match &tunnel_io {
             Some(ns) => bus.with_tunnel_io(ns.clone()),
             None => bus,
         };
-        if bus.resource() == &config.resource_name {
-            return Err(DaemonError::BusResourceTaken {
-                bus: name,
-                resource: bus.resource().to_string(),
-            });
-        }
         tracing::info!(
             bus = %bus.spec().name,
             resource = %bus.resource(),
@@ -239,23 +241,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             "serving shared CAN bus"
         );
         let bus = Arc::new(bus);
-        if let Some(spec) = &bus.spec().tunnel {
-            if spec.span == bus::config::Span::Cluster && config.peer_service.is_none() {
-                return Err(DaemonError::NoPeerService { bus: name });
-            }
-            if spec.span == bus::config::Span::Cluster && tunnel_key.is_none() {
-                return Err(DaemonError::NoTunnelKey { bus: name });
-            }
-            let Some(io_ns) = tunnel_io.clone() else {
-                unreachable!("a namespace is made whenever a bus has a tunnel");
-            };
+        if let (Some(spec), Some(io_ns)) = (&bus.spec().tunnel, &tunnel_io) {
             tunnels.push(Arc::new(
                 Tunnel::new(
                     &bus.spec().name,
                     spec.clone(),
                     config.peer_service.clone(),
                     tunnel_key.clone(),
-                    io_ns,
+                    io_ns.clone(),
                 )
                 .with_state_dir(&config.state_dir),
             ));
@@ -264,37 +257,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             tracing::info!(bus = %bus.spec().name, uplink = %uplink.spec().name, device = %uplink.spec().device, "bus connected to a physical CAN interface");
             hardware.push(uplink.clone());
         }
-        let provision: Arc<dyn Provision> = Arc::new(BusMembership::new(bus.clone()));
         planned.push(Planned {
-            server: Arc::new(ResourceServer::new(
-                bus.resource().clone(),
-                DeviceSet::new(bus.resource(), bus.spec().members as usize),
-                pod_resources.clone(),
-                runtime.clone(),
-                counters.clone(),
-                provision,
-            )),
+            server: server(
+                bus.resource(),
+                bus.spec().members as usize,
+                Arc::new(BusMembership::new(bus.clone())),
+            ),
             health: bus_health.clone().unwrap_or_else(|| vcan_health.clone()),
         });
         buses.push(bus);
     }
-    for controller in controllers {
+    for passthrough in plan.passthrough {
+        let controller = controller(passthrough.spec);
         let spec = controller.spec();
-        let resource = spec.resource(config.resource_name.domain()).map_err(|e| {
-            DaemonError::HardwareResource {
-                name: spec.name.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        if planned.iter().any(|p| p.server.resource() == &resource) {
-            return Err(DaemonError::HardwareResource {
-                name: spec.name.clone(),
-                message: format!("its resource name {resource} is already served: rename it"),
-            });
-        }
         tracing::info!(
             interface = %spec.name,
-            resource = %resource,
+            resource = %passthrough.resource,
             device = %spec.device,
             bitrate = spec.settings.bitrate,
             "serving physical CAN interface"
@@ -306,14 +284,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             interval,
         );
         planned.push(Planned {
-            server: Arc::new(ResourceServer::new(
-                resource.clone(),
-                DeviceSet::new(&resource, 1),
-                pod_resources.clone(),
-                runtime.clone(),
-                counters.clone(),
+            server: server(
+                &passthrough.resource,
+                1,
                 Arc::new(Passthrough::new(controller.clone())),
-            )),
+            ),
             health,
         });
         hardware.push(controller);
@@ -324,15 +299,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         .map(|p| p.server.resource().to_string())
         .collect();
     let metrics = Arc::new(Metrics::new(&resource_names, attach_mode));
-    let registrars: Vec<Registrar> = planned
+    let registrars: Vec<Arc<Registrar>> = planned
         .iter()
         .map(|p| {
-            Registrar::new(
+            Arc::new(Registrar::new(
                 &config.device_plugin_dir,
                 p.server.clone(),
                 metrics.clone(),
                 p.health.clone(),
-            )
+            ))
         })
         .collect();
     let servers: Vec<Arc<ResourceServer>> = planned.iter().map(|p| p.server.clone()).collect();
@@ -352,57 +327,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         vcan_health,
     ));
 
+    // One task per long-running part, one failure policy: the first that fails stops them all
+    // (the bus would silently not span the nodes without its tunnel, the node would lose a
+    // resource without its registration), and its error is the daemon's.
+    let mut tasks: JoinSet<Result<(), DaemonError>> = JoinSet::new();
     // Registration does not wait for adoption: a runtime that hangs must not keep the node
     // without devices, and a bus member joining before an older member is adopted is connected
     // to it when the adoption adds that member's rules.
-    let reconciler = tokio::spawn(reconcile_loop(servers, metrics.clone(), shutdown.clone()));
-    // A tunnel that cannot bind its port stops the plugin, like a failed registration: the
-    // bus would silently not span the nodes otherwise.
-    let tunnel_tasks: Vec<_> = tunnels
-        .into_iter()
-        .map(|t| {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let result = t.run(shutdown.clone()).await;
-                if result.is_err() {
-                    shutdown.cancel();
-                }
-                result
-            })
-        })
-        .collect();
-    let http = {
+    tasks.spawn(reconcile_loop(servers, metrics.clone(), shutdown.clone()));
+    for tunnel in tunnels {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { Ok(tunnel.run(shutdown).await?) });
+    }
+    {
         let address = config.metrics_address;
         let server = http::serve(address, metrics, state, shutdown.clone().cancelled_owned());
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let result = server.await;
-            if result.is_err() {
-                shutdown.cancel();
-            }
-            result.map_err(|source| DaemonError::Http {
+        tasks.spawn(async move {
+            server.await.map_err(|source| DaemonError::Http {
                 address: address.to_string(),
                 source,
             })
-        })
-    };
-    // Each resource has its own socket and registration loop; any of them failing stops the
-    // plugin.
-    let registrations =
-        futures::future::try_join_all(registrars.iter().map(|r| r.run(shutdown.clone()))).await;
-    shutdown.cancel();
-    let _ = reconciler.await;
-    for task in tunnel_tasks {
-        if let Ok(Err(e)) = task.await {
-            return Err(e.into());
+        });
+    }
+    for registrar in registrars {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { Ok(registrar.run(shutdown).await?) });
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.unwrap_or_else(|e| Err(DaemonError::Task(e.to_string())));
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+            shutdown.cancel();
         }
     }
-    let http = http.await;
-    registrations?;
-    match http {
-        Ok(result) => result,
-        Err(_) => Ok(()),
-    }
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn open_counters(bpffs_dir: PathBuf) -> Option<Arc<Counters>> {
@@ -436,12 +395,12 @@ async fn reconcile_loop(
     servers: Vec<Arc<ResourceServer>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), DaemonError> {
     let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
     let mut first = true;
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
         }
         for server in &servers {
