@@ -339,7 +339,7 @@ class CrossNodeBuses(unittest.TestCase):
                 self.assertEqual(cm.check_daemonset(objects, overlay, BASE_SOURCE), [])
                 plugin = self.plugin(objects)
                 self.assertIn({"name": "tunnel-20000", "containerPort": 20000, "protocol": "UDP"}, plugin["ports"])
-                self.assertEqual(cm.env_of(plugin)["VCAN_PEER_SERVICE"], "vcan-plugin-peers.vcan-plugin.svc.cluster.local")
+                self.assertEqual(cm.env_of(plugin)["VCAN_PEER_SERVICE"], "vcan-plugin-peers.vcan-plugin.svc.cluster.local.")
                 self.assertEqual(cm.env_of(plugin)["VCAN_TUNNEL_KEY_FILE"], "/etc/vcan-plugin-tunnel-key/key")
                 self.assertIn({"name": "tunnel-key", "mountPath": "/etc/vcan-plugin-tunnel-key", "readOnly": True}, plugin["volumeMounts"])
                 spec = cm.one(objects, "DaemonSet")["spec"]["template"]["spec"]
