@@ -752,10 +752,10 @@ async fn a_resolver_down_for_a_minute_changes_nothing(
     network.resume_dns();
     let expected: Vec<String> = (0..6).map(|i| format!("can0 1D{i}#0{i}")).collect();
     assert_eq!(dumped(&b.node, &listener_pod).await, expected);
-    // Heartbeats are a second apart; a tunnel that waited for the resolver (5 s per attempt)
-    // would leave gaps of several seconds.
+    // Heartbeats are a second apart; a tunnel that waited for the resolver would be silent for
+    // as long as a lookup hangs (glibc: 5 s per attempt, 2 attempts), well beyond this bound.
     assert!(
-        stalest < 4.0,
+        stalest < 6.0,
         "A's heartbeats stalled for {stalest:.1} s while the resolver was down"
     );
     eprintln!(
