@@ -1,4 +1,7 @@
 //! Command-line flags (each with an environment variable of the same meaning).
+// The flags' doc comments are their `--help` text, where `<domain>` and `<name>` are
+// placeholders as users read them, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -29,7 +29,7 @@ pub struct BusSpec {
     /// How many pods of the node can be members at once (the devices advertised).
     pub members: u32,
     /// The interface name inside member pods, unless a pod's annotations say otherwise (see
-    /// [`member_config`]).
+    /// [`crate::bus::member::member_config`]).
     pub interface: String,
     /// The physical interface (an entry of the hardware configuration) that connects the bus to
     /// a real CAN wire, if any.

@@ -7,7 +7,7 @@ use crate::kernel::cangw::{ListedRule, Rule};
 
 use super::BusError;
 
-/// A bus's members and frame totals, read now ([`Bus::stats`]).
+/// A bus's members and frame totals, read now ([`crate::bus::Bus::stats`]).
 #[derive(Debug)]
 pub struct BusStats {
     /// Members known to the plugin; known even when the counters cannot be read.

@@ -90,7 +90,7 @@ pub fn watch(interval: Duration) -> watch::Receiver<Health> {
     watch_probe(Probe::Vcan, interval)
 }
 
-/// [`watch`] for any [`Probe`].
+/// [`watch()`] for any [`Probe`].
 pub fn watch_probe(kind: Probe, interval: Duration) -> watch::Receiver<Health> {
     watch_with(kind.what().to_string(), move || kind.run(), interval)
 }
