@@ -431,13 +431,18 @@ async fn passthrough_exchanges_frames_and_returns_the_interface(t: &mut TestNode
     );
 
     // The pod goes: the interface comes home, down, under its name.
-    t.node.delete_pod(&p).await.expect("delete");
+    give_back(t, &p, home, &ecu).await;
+}
+
+/// Deletes `pod`, waits until the controller is home (down, as `home`) and downs the `ecu`.
+async fn give_back(t: &TestNode, pod: &StartedPod, home: &str, ecu: &str) {
+    t.node.delete_pod(pod).await.expect("delete");
     eventually("the interface returns", Duration::from_secs(45), || {
         at_home_down(home)
     })
     .await;
     let _ = Command::new("ip")
-        .args(["link", "set", &ecu, "down"])
+        .args(["link", "set", ecu, "down"])
         .status();
 }
 
@@ -490,14 +495,7 @@ async fn a_hand_over_leaves_the_new_pod_its_interface(t: &TestNode, home: &str) 
         ["can0 321#C0FFEE", "can0 18DA00F1#0102"]
     );
 
-    t.node.delete_pod(&b).await.expect("delete B");
-    eventually("the interface returns", Duration::from_secs(45), || {
-        at_home_down(home)
-    })
-    .await;
-    let _ = Command::new("ip")
-        .args(["link", "set", &ecu, "down"])
-        .status();
+    give_back(t, &b, home, &ecu).await;
 }
 
 async fn bad_bitrates_fail_the_pod_and_leave_nothing(t: &mut TestNode, home: &str) {

@@ -199,47 +199,45 @@ mod tests {
 
     #[test]
     fn inconsistent_configurations_are_refused_with_what_to_do() {
-        let plain = config(&[]);
-        let hw_flag = config(&["--hardware-config", "hw.json"]);
-        assert!(
-            refusal(&plain, r#"{"buses":[{"name":"plant","uplink":"wire"}]}"#, r#"{"interfaces":[]}"#)
-                .contains("its uplink \"wire\" is not an interface of the hardware configuration (--hardware-config), which is not set")
-        );
-        assert!(
-            refusal(
-                &plain,
-                r#"{"buses":[{"name":"x","span":"cluster"}]}"#,
-                r#"{"interfaces":[]}"#
-            )
-            .contains("--peer-service")
-        );
-        let with_service = config(&["--peer-service", "peers.example."]);
-        assert!(
-            refusal(
-                &with_service,
-                r#"{"buses":[{"name":"x","span":"cluster"}]}"#,
-                r#"{"interfaces":[]}"#
-            )
-            .contains("--tunnel-key-file")
-        );
-        let taken = config(&["--resource-name", "socketcan.io/bus-x"]);
-        assert!(
-            refusal(
-                &taken,
-                r#"{"buses":[{"name":"x"}]}"#,
-                r#"{"interfaces":[]}"#
-            )
-            .contains("is that of the private interfaces")
-        );
-        let twice = r#"{"interfaces":[
+        const NO_HW: &str = r#"{"interfaces":[]}"#;
+        const CLUSTER: &str = r#"{"buses":[{"name":"x","span":"cluster"}]}"#;
+        const TWICE: &str = r#"{"interfaces":[
             {"name":"a","device":{"parent":"0000:00:10.0"},"bitrate":500000,"resource":"socketcan.io/bus-x"}]}"#;
-        assert!(
-            refusal(&hw_flag, r#"{"buses":[{"name":"x"}]}"#, twice)
-                .contains("its resource name socketcan.io/bus-x is already served")
-        );
+        let cases: [(&[&str], &str, &str, &str); 5] = [
+            (
+                &[],
+                r#"{"buses":[{"name":"plant","uplink":"wire"}]}"#,
+                NO_HW,
+                "its uplink \"wire\" is not an interface of the hardware configuration \
+                 (--hardware-config), which is not set",
+            ),
+            (&[], CLUSTER, NO_HW, "--peer-service"),
+            (
+                &["--peer-service", "peers.example."],
+                CLUSTER,
+                NO_HW,
+                "--tunnel-key-file",
+            ),
+            (
+                &["--resource-name", "socketcan.io/bus-x"],
+                r#"{"buses":[{"name":"x"}]}"#,
+                NO_HW,
+                "is that of the private interfaces",
+            ),
+            (
+                &["--hardware-config", "hw.json"],
+                r#"{"buses":[{"name":"x"}]}"#,
+                TWICE,
+                "its resource name socketcan.io/bus-x is already served",
+            ),
+        ];
+        for (flags, bus_json, hw_json, expected) in cases {
+            let why = refusal(&config(flags), bus_json, hw_json);
+            assert!(why.contains(expected), "{why} !~ {expected}");
+        }
         assert!(
             plan(
-                &plain,
+                &config(&[]),
                 buses(r#"{"buses":[{"name":"x","members":9999}]}"#),
                 vec![],
                 100

@@ -243,15 +243,7 @@ mod tests {
             mtu: 16,
             parent_bus: parent.map(|_| "pci".into()),
             parent_dev: parent.map(Into::into),
-            state: None,
-            berr: None,
-            device_stats: None,
-            bittiming: None,
-            data_bittiming: None,
-            clock_hz: None,
-            restart_ms: 0,
-            ctrlmode: 0,
-            stats: None,
+            ..CanLink::default()
         }
     }
 

@@ -88,9 +88,10 @@ impl fmt::Display for CanState {
 }
 
 /// The RFC 2863 operational state of an interface (`IFLA_OPERSTATE`, `IF_OPER_*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum OperState {
     /// `IF_OPER_UNKNOWN`.
+    #[default]
     Unknown,
     /// `IF_OPER_NOTPRESENT`.
     NotPresent,
@@ -205,7 +206,7 @@ pub struct LinkStats {
 }
 
 /// A CAN controller's interface as its namespace's kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CanLink {
     /// Interface index, unique only within its namespace (it can change when the link moves).
     pub index: u32,
@@ -515,21 +516,8 @@ fn parse_link(payload: &[u8]) -> Option<(String, CanLink)> {
     let header = payload.get(..16)?;
     let mut link = CanLink {
         index: u32_at(header, 4)?,
-        name: String::new(),
         up: u32_at(header, 8)? & IFF_UP != 0,
-        operstate: OperState::Unknown,
-        mtu: 0,
-        parent_bus: None,
-        parent_dev: None,
-        state: None,
-        berr: None,
-        device_stats: None,
-        bittiming: None,
-        data_bittiming: None,
-        clock_hz: None,
-        restart_ms: 0,
-        ctrlmode: 0,
-        stats: None,
+        ..CanLink::default()
     };
     let mut kind = String::new();
     for (attr, data) in netlink::attrs(&payload[16..]) {

@@ -86,19 +86,25 @@ impl TunnelKey {
         Ok(TunnelKey { key: key.to_vec() })
     }
 
-    /// A key from its bytes (tests, benchmarks).
-    pub fn from_bytes(key: &[u8]) -> TunnelKey {
+    /// A key from its bytes.
+    #[cfg(test)]
+    fn from_bytes(key: &[u8]) -> TunnelKey {
         TunnelKey { key: key.to_vec() }
     }
 
-    fn tag(&self, bus: &str, covered: &[u8]) -> [u8; TAG_LEN] {
+    /// The MAC over the domain, bus `bus` and `covered`, ready to finish or verify.
+    fn mac(&self, bus: &str, covered: &[u8]) -> Hmac<Sha256> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(DOMAIN);
         mac.update(bus.as_bytes());
         mac.update(&[0]);
         mac.update(covered);
-        let full = mac.finalize().into_bytes();
+        mac
+    }
+
+    fn tag(&self, bus: &str, covered: &[u8]) -> [u8; TAG_LEN] {
+        let full = self.mac(bus, covered).finalize().into_bytes();
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&full[..TAG_LEN]);
         tag
@@ -118,14 +124,8 @@ impl TunnelKey {
         let covered_len = bytes.len().checked_sub(TAG_LEN)?;
         let inner_len = covered_len.checked_sub(16)?;
         let (covered, tag) = bytes.split_at(covered_len);
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(DOMAIN);
-        mac.update(bus.as_bytes());
-        mac.update(&[0]);
-        mac.update(covered);
         // Constant time: a tag must not be guessable byte by byte from timing.
-        mac.verify_truncated_left(tag).ok()?;
+        self.mac(bus, covered).verify_truncated_left(tag).ok()?;
         let word = |at: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&bytes[at..at + 8]);

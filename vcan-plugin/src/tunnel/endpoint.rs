@@ -172,8 +172,6 @@ struct Peer {
     /// cannelloni's sequence number of the next packet to it.
     seq: u8,
     last_sent: Instant,
-    /// Listed by the peer service (instances) or configured (external peers).
-    listed: bool,
     last_heard: Option<Instant>,
     /// Served by this instance whatever it sends (an external peer whose `via` is here).
     pinned: bool,
@@ -184,12 +182,11 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(kind: PeerKind, listed: bool) -> Self {
+    fn new(kind: PeerKind) -> Self {
         Peer {
             kind,
             seq: 0,
             last_sent: Instant::now() - HEARTBEAT_INTERVAL,
-            listed,
             last_heard: None,
             pinned: false,
             replay: ReplayWindow::default(),
@@ -361,7 +358,7 @@ impl Tunnel {
         };
         let served = self.recorded_served();
         for external in &self.spec.peers {
-            let mut peer = Peer::new(PeerKind::External, true);
+            let mut peer = Peer::new(PeerKind::External);
             peer.pinned = match external.via {
                 Some(via) => crate::tunnel::peers::is_local(via),
                 None => served.contains(&external.address),
@@ -473,19 +470,15 @@ impl Tunnel {
     ) {
         let now = Instant::now();
         for addr in &found {
-            match peers.get_mut(addr) {
-                Some(p) => p.listed = true,
-                None => {
-                    tracing::info!(peer = %addr, "tunnel peer joined");
-                    peers.insert(*addr, Peer::new(PeerKind::Instance, true));
-                }
+            if !peers.contains_key(addr) {
+                tracing::info!(peer = %addr, "tunnel peer joined");
+                peers.insert(*addr, Peer::new(PeerKind::Instance));
             }
         }
         peers.retain(|addr, p| {
             if p.kind == PeerKind::External || found.contains(addr) {
                 return true;
             }
-            p.listed = false;
             let talking = p
                 .last_heard
                 .is_some_and(|t| now.duration_since(t) < UNLISTED_GRACE);
@@ -558,9 +551,7 @@ impl Tunnel {
             // Authenticated by the cluster's key: an instance the service does not list yet (a
             // replaced plugin pod with a new address). It is a peer from now on.
             tracing::info!(peer = %from, "tunnel peer joined (authenticated, not yet listed by the peer service)");
-            state
-                .peers
-                .insert(from, Peer::new(PeerKind::Instance, false));
+            state.peers.insert(from, Peer::new(PeerKind::Instance));
             self.sync_stats(&state.peers);
             early.notify_one();
         }
@@ -839,13 +830,13 @@ mod tests {
         let rig: SocketAddr = "192.0.2.10:20000".parse().expect("address");
         let other: SocketAddr = "192.0.2.11:20000".parse().expect("address");
         let mut peers = BTreeMap::new();
-        let mut served = Peer::new(PeerKind::External, true);
+        let mut served = Peer::new(PeerKind::External);
         served.pinned = true;
         peers.insert(rig, served);
-        peers.insert(other, Peer::new(PeerKind::External, true));
+        peers.insert(other, Peer::new(PeerKind::External));
         peers.insert(
             "10.0.0.2:20000".parse().expect("address"),
-            Peer::new(PeerKind::Instance, true),
+            Peer::new(PeerKind::Instance),
         );
         t.record_served(&peers);
         let again = tunnel(dir.path());

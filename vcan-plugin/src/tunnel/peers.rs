@@ -1,6 +1,6 @@
-//! Who a bus tunnel talks to: the plugin's other instances, found through a headless Service
-//! whose DNS name resolves to every plugin pod's address, plus fixed external peers (a bench rig
-//! running cannelloni), re-resolved periodically so nodes join and leave without restarts.
+//! The plugin's other instances a bus tunnel talks to, found through a headless Service whose DNS
+//! name resolves to every plugin pod's address, re-resolved periodically so nodes join and leave
+//! without restarts. (External peers, bench rigs running cannelloni, are configured.)
 //!
 //! Resolution runs in a task of its own ([`spawn_resolver`]) with a deadline, so a resolver that
 //! hangs or is down never holds up the frames: the tunnel keeps its known peers and gets a new
@@ -19,15 +19,13 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The shortest time between two resolutions, however often one is asked for early.
 pub const MIN_RESOLVE_GAP: Duration = Duration::from_secs(1);
 
-/// Where a tunnel's peers come from.
+/// Where a tunnel's instance peers come from (its external peers are configured).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSource {
-    /// A DNS name resolving to every plugin instance (a headless Service), if any.
-    pub service: Option<String>,
+    /// A DNS name resolving to every plugin instance (a headless Service).
+    pub service: String,
     /// The tunnel's UDP port on every plugin instance.
     pub port: u16,
-    /// Fixed peers by address.
-    pub fixed: Vec<SocketAddr>,
 }
 
 /// Why the peers could not be resolved.
@@ -56,26 +54,22 @@ pub fn spawn_resolver(
     shutdown: CancellationToken,
 ) -> watch::Receiver<Option<BTreeSet<SocketAddr>>> {
     let (tx, rx) = watch::channel(None);
+    let source = PeerSource { service, port };
     tokio::spawn(async move {
         loop {
             let started = tokio::time::Instant::now();
-            let source = PeerSource {
-                service: Some(service.clone()),
-                port,
-                fixed: Vec::new(),
-            };
             let attempt = tokio::time::timeout(RESOLVE_TIMEOUT, source.resolve());
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 result = attempt => match result {
-                    Ok((found, None)) => {
+                    Ok(Ok(found)) => {
                         tx.send_replace(Some(found));
                     }
-                    Ok((_, Some(e))) => {
+                    Ok(Err(e)) => {
                         tracing::warn!(bus = %bus, error = %e, "peers not updated");
                     }
                     Err(_) => {
-                        tracing::warn!(bus = %bus, service = %service, timeout = ?RESOLVE_TIMEOUT, "peer service resolution timed out; peers not updated");
+                        tracing::warn!(bus = %bus, service = %source.service, timeout = ?RESOLVE_TIMEOUT, "peer service resolution timed out; peers not updated");
                     }
                 },
             }
@@ -96,28 +90,17 @@ pub fn spawn_resolver(
 }
 
 impl PeerSource {
-    /// The current peers: the fixed ones and every address the service resolves to, except this
-    /// instance's own. Resolution failures leave the fixed peers and return the error beside.
-    pub async fn resolve(&self) -> (BTreeSet<SocketAddr>, Option<ResolveError>) {
-        let mut peers: BTreeSet<SocketAddr> = self.fixed.iter().copied().collect();
-        let Some(service) = &self.service else {
-            return (peers, None);
-        };
-        match tokio::net::lookup_host((service.as_str(), self.port)).await {
-            Ok(found) => {
-                // The tunnel's socket is IPv4 (as are cannelloni's defaults); a dual-stack
-                // Service's IPv6 addresses name the same instances.
-                peers.extend(found.filter(|a| a.is_ipv4() && !is_local(a.ip())));
-                (peers, None)
-            }
-            Err(source) => (
-                peers,
-                Some(ResolveError {
-                    service: service.clone(),
-                    source,
-                }),
-            ),
-        }
+    /// Every address the service resolves to, except this instance's own.
+    pub async fn resolve(&self) -> Result<BTreeSet<SocketAddr>, ResolveError> {
+        let found = tokio::net::lookup_host((self.service.as_str(), self.port))
+            .await
+            .map_err(|source| ResolveError {
+                service: self.service.clone(),
+                source,
+            })?;
+        // The tunnel's socket is IPv4 (as are cannelloni's defaults); a dual-stack Service's
+        // IPv6 addresses name the same instances.
+        Ok(found.filter(|a| a.is_ipv4() && !is_local(a.ip())).collect())
     }
 }
 
@@ -133,24 +116,22 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn fixed_peers_stay_and_own_addresses_are_left_out() {
-        let fixed: SocketAddr = "192.0.2.10:20000".parse().expect("address");
+    async fn own_addresses_are_left_out_and_failures_named() {
         let source = PeerSource {
-            service: Some("localhost".into()),
+            service: "localhost".into(),
             port: 20000,
-            fixed: vec![fixed],
         };
-        let (peers, error) = source.resolve().await;
-        assert!(error.is_none(), "{error:?}");
-        assert_eq!(peers.into_iter().collect::<Vec<_>>(), [fixed]);
+        let peers = source.resolve().await.expect("localhost resolves");
+        assert!(peers.is_empty(), "{peers:?}");
 
         let source = PeerSource {
-            service: Some("no-such-service.invalid".into()),
+            service: "no-such-service.invalid".into(),
             ..source
         };
-        let (peers, error) = source.resolve().await;
-        assert_eq!(peers.len(), 1, "the fixed peer survives a failed lookup");
-        let error = error.expect("an unresolvable name is an error");
+        let error = source
+            .resolve()
+            .await
+            .expect_err("an unresolvable name is an error");
         assert!(
             error
                 .to_string()

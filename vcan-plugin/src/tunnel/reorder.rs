@@ -88,13 +88,7 @@ impl Reorder {
         let behind = next.wrapping_sub(seq);
         if behind > LATE {
             // Far behind: the peer started its numbering again; follow it.
-            let mut out = self.flush();
-            self.start(seq);
-            out.push(packet);
-            return Pushed {
-                ready: out,
-                duplicate: false,
-            };
+            return self.restart_at(seq, packet);
         }
         let bit = 1u128 << (behind - 1);
         if self.delivered & bit == 0 {
@@ -107,13 +101,7 @@ impl Reorder {
         }
         if last_repeat == Some(seq.wrapping_sub(1)) {
             // Repeats in sequence: a peer numbering again from a little behind.
-            let mut out = self.flush();
-            self.start(seq);
-            out.push(packet);
-            return Pushed {
-                ready: out,
-                duplicate: false,
-            };
+            return self.restart_at(seq, packet);
         }
         self.last_repeat = Some(seq);
         Pushed {
@@ -128,6 +116,17 @@ impl Reorder {
         let out = self.flush();
         *self = Reorder::default();
         out
+    }
+
+    /// The peer numbers again from `seq`: whatever is held goes out first, then `packet`.
+    fn restart_at(&mut self, seq: u8, packet: Vec<u8>) -> Pushed {
+        let mut ready = self.flush();
+        self.start(seq);
+        ready.push(packet);
+        Pushed {
+            ready,
+            duplicate: false,
+        }
     }
 
     fn start(&mut self, seq: u8) {
