@@ -22,6 +22,7 @@ pub mod node;
 pub mod pod;
 pub mod resource;
 pub mod serve;
+pub mod socketcand;
 pub mod telemetry;
 pub mod tunnel;
 pub mod uds;

@@ -1,0 +1,1 @@
+//! socketcand's ASCII protocol.
