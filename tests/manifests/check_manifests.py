@@ -145,6 +145,12 @@ COUNTERS = {
     "vcan_plugin_tunnel_packets_lost_total",
     "vcan_plugin_tunnel_packets_reordered_total",
     "vcan_plugin_tunnel_packets_dropped_total",
+    "vcan_plugin_socketcand_connections_total",
+    "vcan_plugin_socketcand_frames_total",
+    "vcan_plugin_socketcand_bytes_total",
+    "vcan_plugin_socketcand_protocol_errors_total",
+    "vcan_plugin_socketcand_disconnects_total",
+    "vcan_plugin_socketcand_frames_dropped_total",
 }
 GAUGES = {
     "vcan_plugin_devices",
@@ -160,6 +166,7 @@ GAUGES = {
     "vcan_plugin_can_controller_error_level",
     "vcan_plugin_tunnel_peers",
     "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds",
+    "vcan_plugin_socketcand_clients",
 }
 HISTOGRAMS = {
     "vcan_plugin_allocate_duration_seconds",
@@ -217,6 +224,14 @@ METRIC_LABELS: dict[str, set[str]] = {
     "vcan_plugin_tunnel_packets_reordered_total": {"bus", "peer", "kind"},
     "vcan_plugin_tunnel_packets_dropped_total": {"bus", "reason"},
     "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds": {"bus", "peer", "kind"},
+    # socketcand endpoints (socketcand_families).
+    "vcan_plugin_socketcand_clients": {"bus"},
+    "vcan_plugin_socketcand_connections_total": {"bus", "result"},
+    "vcan_plugin_socketcand_frames_total": {"bus", "direction"},
+    "vcan_plugin_socketcand_bytes_total": {"bus", "direction"},
+    "vcan_plugin_socketcand_protocol_errors_total": {"bus", "kind"},
+    "vcan_plugin_socketcand_disconnects_total": {"bus", "reason"},
+    "vcan_plugin_socketcand_frames_dropped_total": {"bus", "reason"},
 }
 # The per-pod traffic counters, which dashboard queries must filter by $namespace/$pod/$interface.
 TRAFFIC_COUNTERS = {m for m in COUNTERS if TRAFFIC_LABELS <= METRIC_LABELS[m]}

@@ -234,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
             interface: "can0".into(),
             uplink: None,
             tunnel: None,
+            socketcand: None,
         },
         "bench.io",
         &args.state_dir,

@@ -623,6 +623,7 @@ fn scrape(
         buses: Vec::new(),
         controllers: Vec::new(),
         tunnels: Vec::new(),
+        socketcand: Vec::new(),
     };
     let t2 = Instant::now();
     let text = metrics.render(&snapshot);

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use crate::bus::Bus;
 use crate::hardware::Controller;
 use crate::serve::ResourceServer;
+use crate::socketcand::server::Endpoint;
 use crate::telemetry::health::Health;
 use crate::telemetry::http::StateSource;
 use crate::telemetry::metrics::{
@@ -35,6 +36,7 @@ pub struct NodeState {
     buses: Vec<Arc<Bus>>,
     controllers: Vec<Arc<Controller>>,
     tunnels: Vec<Arc<Tunnel>>,
+    socketcand: Vec<Arc<Endpoint>>,
     vcan_health: watch::Receiver<Health>,
 }
 
@@ -53,8 +55,15 @@ impl NodeState {
             buses,
             controllers,
             tunnels,
+            socketcand: Vec::new(),
             vcan_health,
         }
+    }
+
+    /// The state with the buses' socketcand `endpoints` too.
+    pub fn with_socketcand(mut self, endpoints: Vec<Arc<Endpoint>>) -> Self {
+        self.socketcand = endpoints;
+        self
     }
 
     /// Every served pod's counters, read now; pods that went away have no series.
@@ -172,6 +181,7 @@ impl StateSource for NodeState {
             buses: self.buses(),
             controllers: self.controllers.iter().filter_map(|c| c.sample()).collect(),
             tunnels: self.tunnels(),
+            socketcand: self.socketcand.iter().map(|e| e.sample()).collect(),
         }
     }
 

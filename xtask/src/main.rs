@@ -9,6 +9,7 @@ mod ci;
 mod demo;
 mod images;
 mod manifests;
+mod python_can;
 mod setup;
 mod util;
 mod vm;

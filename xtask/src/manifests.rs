@@ -12,10 +12,10 @@
 //! port, how much of the host's bpffs the containers see, and where AppArmor and seccomp are
 //! switched off.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::util;
 
@@ -38,10 +38,11 @@ pub fn check_manifests(args: &CheckManifestsArgs) -> Result<bool> {
     let root = util::workspace_root();
     let checks = root.join(CHECKS_DIR);
     let venv = util::target_dir().join("manifests-venv");
-    let python = ensure_venv(
+    let python = util::ensure_venv(
         &venv,
         &checks.join("requirements.txt"),
         args.python.as_deref(),
+        "the manifest checks' Python packages",
     )?;
     let work = util::target_dir().join("manifests");
     // Renderings of an earlier run (or of a kustomization since removed) must not be checked.
@@ -70,60 +71,6 @@ pub fn check_manifests(args: &CheckManifestsArgs) -> Result<bool> {
     }
     let policy_ok = policy::check_rendered(&python, &rendered)?;
     Ok(status.success() && policy_ok)
-}
-
-/// Creates (or refreshes) the virtualenv and returns its interpreter.
-fn ensure_venv(venv: &Path, requirements: &Path, python: Option<&Path>) -> Result<PathBuf> {
-    let wanted = std::fs::read_to_string(requirements)
-        .with_context(|| format!("cannot read {}", requirements.display()))?;
-    let stamp = venv.join("requirements.installed.txt");
-    let interpreter = venv.join("bin").join("python");
-    if interpreter.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
-        return Ok(interpreter);
-    }
-
-    let base = match python {
-        Some(p) => p.to_path_buf(),
-        None if Path::new("/usr/bin/python3").is_file() => PathBuf::from("/usr/bin/python3"),
-        None => PathBuf::from("python3"),
-    };
-    eprintln!(
-        "[xtask] creating {} with {} from {}",
-        venv.display(),
-        base.display(),
-        requirements.display()
-    );
-    let created = Command::new(&base)
-        .args(["-m", "venv", "--clear"])
-        .arg(venv)
-        .status();
-    match created {
-        Ok(status) if status.success() => {}
-        Ok(status) => bail!(
-            "`{} -m venv` failed ({status}); on Debian install python3-venv (`cargo xtask setup`)",
-            base.display()
-        ),
-        Err(err) => bail!(
-            "cannot run {}: {err}; install python3 and python3-venv (`cargo xtask setup`)",
-            base.display()
-        ),
-    }
-    util::run(
-        Command::new(&interpreter)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--requirement",
-            ])
-            .arg(requirements),
-    )
-    .context("installing the manifest checks' Python packages from PyPI failed")?;
-    util::write_atomic(&stamp, wanted.as_bytes())?;
-    Ok(interpreter)
 }
 
 /// Least-privilege rules checked on every rendered kustomization (the files check_manifests.py

@@ -118,6 +118,66 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
 }
 
+/// Creates (or refreshes) a virtualenv at `venv` with the pinned PyPI packages of `requirements`
+/// and returns its interpreter. A stamp file in the venv records the requirements installed, so
+/// the venv is rebuilt whenever that file changes and left alone otherwise. `python` creates it
+/// (default: /usr/bin/python3, else python3 on PATH); `what` names the packages in messages.
+pub fn ensure_venv(
+    venv: &Path,
+    requirements: &Path,
+    python: Option<&Path>,
+    what: &str,
+) -> Result<PathBuf> {
+    let wanted = std::fs::read_to_string(requirements)
+        .with_context(|| format!("cannot read {}", requirements.display()))?;
+    let stamp = venv.join("requirements.installed.txt");
+    let interpreter = venv.join("bin").join("python");
+    if interpreter.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        return Ok(interpreter);
+    }
+
+    let base = match python {
+        Some(p) => p.to_path_buf(),
+        None if Path::new("/usr/bin/python3").is_file() => PathBuf::from("/usr/bin/python3"),
+        None => PathBuf::from("python3"),
+    };
+    eprintln!(
+        "[xtask] creating {} with {} from {}",
+        venv.display(),
+        base.display(),
+        requirements.display()
+    );
+    let created = Command::new(&base)
+        .args(["-m", "venv", "--clear"])
+        .arg(venv)
+        .status();
+    match created {
+        Ok(status) if status.success() => {}
+        Ok(status) => bail!(
+            "`{} -m venv` failed ({status}); on Debian install python3-venv (`cargo xtask setup`)",
+            base.display()
+        ),
+        Err(err) => bail!(
+            "cannot run {}: {err}; install python3 and python3-venv (`cargo xtask setup`)",
+            base.display()
+        ),
+    }
+    run(Command::new(&interpreter)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--requirement",
+        ])
+        .arg(requirements))
+    .with_context(|| format!("installing {what} from PyPI failed"))?;
+    write_atomic(&stamp, wanted.as_bytes())?;
+    Ok(interpreter)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,23 @@ pub struct BusSpec {
     pub uplink: Option<String>,
     /// The tunnel joining the bus to other nodes and external peers, if it spans beyond the node.
     pub tunnel: Option<TunnelSpec>,
+    /// The socketcand endpoint serving the bus to engineers' tools, if asked for.
+    pub socketcand: Option<SocketcandSpec>,
+}
+
+/// Default TCP port of a bus's socketcand endpoint (socketcand's default).
+pub const DEFAULT_SOCKETCAND_PORT: u16 = 29536;
+/// Default limit of clients connected at once to one socketcand endpoint.
+pub const DEFAULT_SOCKETCAND_CLIENTS: u32 = 16;
+
+/// A bus's socketcand endpoint (see [`crate::socketcand`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketcandSpec {
+    /// Where it listens. Loopback by default: socketcand has no authentication, so only
+    /// `kubectl port-forward` (or whoever is inside the plugin pod) reaches it.
+    pub listen: std::net::SocketAddr,
+    /// How many clients may be connected at once; the next is told so and closed.
+    pub max_clients: u32,
 }
 
 /// How far a bus reaches.
@@ -148,7 +165,21 @@ struct RawBus {
     #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
+    socketcand: Option<RawSocketcand>,
+    #[serde(default)]
     batch_us: Option<i64>,
+}
+
+/// A socketcand endpoint as written: `{"port": 29536, "listen": "127.0.0.1", "max_clients": 16}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSocketcand {
+    #[serde(default)]
+    port: Option<i64>,
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    max_clients: Option<i64>,
 }
 
 /// An external peer as written: `"192.0.2.10:20000"` or
@@ -320,6 +351,11 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
             }
             None
         };
+        let socketcand = bus
+            .socketcand
+            .as_ref()
+            .map(|raw| socketcand_spec(raw, &buses, &field))
+            .transpose()?;
         buses.push(BusSpec {
             name: bus.name,
             fd: bus.fd.unwrap_or(true),
@@ -327,9 +363,60 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
             interface,
             uplink: bus.uplink,
             tunnel,
+            socketcand,
         });
     }
     Ok(buses)
+}
+
+/// The socketcand endpoint of a bus, checked against the buses before it.
+fn socketcand_spec(
+    raw: &RawSocketcand,
+    before: &[BusSpec],
+    field: &dyn Fn(&'static str, String) -> BusConfigError,
+) -> Result<SocketcandSpec, BusConfigError> {
+    let port = match raw.port {
+        None => DEFAULT_SOCKETCAND_PORT,
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| field("socketcand.port", format!("{p} is not a TCP port")))?,
+    };
+    let ip: std::net::IpAddr = match &raw.listen {
+        None => std::net::Ipv4Addr::LOCALHOST.into(),
+        Some(a) => a.parse().map_err(|_| {
+            field(
+                "socketcand.listen",
+                format!(
+                    "{a:?} is not an IP address (the address to listen on, e.g. \"127.0.0.1\", \
+                     or \"0.0.0.0\" behind a NetworkPolicy)"
+                ),
+            )
+        })?,
+    };
+    let max_clients = match raw.max_clients {
+        None => DEFAULT_SOCKETCAND_CLIENTS,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| field("socketcand.max_clients", format!("{n} is not in 1..=1024")))?,
+    };
+    if let Some(other) = before
+        .iter()
+        .find(|b| b.socketcand.is_some_and(|s| s.listen.port() == port))
+    {
+        return Err(field(
+            "socketcand.port",
+            format!(
+                "{port} is already the socketcand port of bus {:?}: each bus needs its own",
+                other.name
+            ),
+        ));
+    }
+    Ok(SocketcandSpec {
+        listen: std::net::SocketAddr::new(ip, port),
+        max_clients,
+    })
 }
 
 /// Reads and parses the bus configuration file at `path`.
@@ -403,6 +490,7 @@ pub(super) fn example(fd: bool) -> BusSpec {
         interface: "can0".into(),
         uplink: None,
         tunnel: None,
+        socketcand: None,
     }
 }
 
@@ -428,7 +516,8 @@ mod tests {
                     members: 8,
                     interface: "pt0".into(),
                     uplink: None,
-                    tunnel: None
+                    tunnel: None,
+                    socketcand: None
                 },
                 BusSpec {
                     name: "body".into(),
@@ -436,7 +525,8 @@ mod tests {
                     members: DEFAULT_MEMBERS,
                     interface: DEFAULT_INTERFACE.into(),
                     uplink: None,
-                    tunnel: None
+                    tunnel: None,
+                    socketcand: None
                 }
             ]
         );
@@ -488,6 +578,56 @@ mod tests {
             assert!(err.to_string().contains(expected), "{err} !~ {expected}");
         }
     }
+    #[test]
+    fn socketcand_endpoints_listen_on_loopback_unless_told() {
+        let json = r#"{"buses":[{"name":"a","socketcand":{}},
+                       {"name":"b","socketcand":{"port":29537,"listen":"0.0.0.0","max_clients":2}},
+                       {"name":"c"}]}"#;
+        let buses = parse(json, "buses.json").expect("valid");
+        assert_eq!(
+            buses[0].socketcand,
+            Some(SocketcandSpec {
+                listen: "127.0.0.1:29536".parse().expect("address"),
+                max_clients: DEFAULT_SOCKETCAND_CLIENTS,
+            })
+        );
+        assert_eq!(
+            buses[1].socketcand,
+            Some(SocketcandSpec {
+                listen: "0.0.0.0:29537".parse().expect("address"),
+                max_clients: 2,
+            })
+        );
+        assert_eq!(buses[2].socketcand, None);
+        for (json, message) in [
+            (
+                r#"{"buses":[{"name":"a","socketcand":{}},{"name":"b","socketcand":{}}]}"#,
+                "buses[1].socketcand.port: 29536 is already the socketcand port of bus \"a\"",
+            ),
+            (
+                r#"{"buses":[{"name":"a","socketcand":{"port":0}}]}"#,
+                "buses[0].socketcand.port: 0 is not a TCP port",
+            ),
+            (
+                r#"{"buses":[{"name":"a","socketcand":{"listen":"localhost"}}]}"#,
+                "buses[0].socketcand.listen: \"localhost\" is not an IP address",
+            ),
+            (
+                r#"{"buses":[{"name":"a","socketcand":{"max_clients":0}}]}"#,
+                "buses[0].socketcand.max_clients: 0 is not in 1..=1024",
+            ),
+        ] {
+            let err = parse(json, "b.json").expect_err(json).to_string();
+            assert!(err.contains(message), "{err}");
+        }
+        let err = parse(
+            r#"{"buses":[{"name":"a","socketcand":{"beacon":true}}]}"#,
+            "b.json",
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `beacon`"), "{err}");
+    }
+
     #[test]
     fn buses_that_span_nodes_get_a_tunnel_each() {
         let buses = parse(

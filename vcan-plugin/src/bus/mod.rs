@@ -55,6 +55,9 @@ use topology::rules_between;
 pub const UPLINK_NAME: &str = "uplink";
 /// The tunnel's end of the bus in the bus namespace: a vxcan end joined by can-gw like a member's.
 pub const TUNNEL_END: &str = "tunnel";
+/// The socketcand endpoint's end of the bus in the bus namespace, joined like the tunnel's.
+pub const SOCKETCAND_END: &str = "socketcand";
+
 /// The name of the other end of bus `bus`'s tunnel pair, where the tunnel reads and writes
 /// frames: `vcant` and a hash of the bus's name, as bus names are longer than interface names
 /// may be. That end lives in a namespace private to the plugin process
@@ -62,11 +65,21 @@ pub const TUNNEL_END: &str = "tunnel";
 /// could read and write the cluster-wide bus): it goes, and the pair with it, when the process
 /// does, and the next process makes a new one.
 pub fn tunnel_io_name(bus: &str) -> String {
+    io_name("vcant", bus)
+}
+
+/// The name of the other end of bus `bus`'s socketcand pair (`vcans` and the hash), kept like
+/// the tunnel's (see [`tunnel_io_name`]).
+pub fn socketcand_io_name(bus: &str) -> String {
+    io_name("vcans", bus)
+}
+
+fn io_name(prefix: &str, bus: &str) -> String {
     // FNV-1a: stable across builds and platforms, unlike std's hasher.
     let hash = bus.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
-    format!("vcant{hash:08x}")
+    format!("{prefix}{hash:08x}")
 }
 
 /// What went wrong joining, leaving or inspecting a bus.
@@ -188,8 +201,8 @@ pub struct Bus {
     counted: Mutex<Counted>,
     /// The physical interface connecting the bus to a wire, kept in the bus namespace.
     uplink: Option<Arc<Controller>>,
-    /// Where the tunnel's I/O end lives (a bus with a tunnel only).
-    tunnel_io: Option<Netns>,
+    /// Where the I/O ends of the tunnel and the socketcand endpoint live (a bus with either).
+    io_ns: Option<Netns>,
 }
 impl Bus {
     /// Bus `spec` under `domain`, with its namespace file in `<state_dir>/buses/`.
@@ -204,13 +217,14 @@ impl Bus {
             creating: Mutex::new(()),
             counted: Mutex::new(Counted::default()),
             uplink: None,
-            tunnel_io: None,
+            io_ns: None,
         })
     }
 
-    /// The bus with its tunnel's I/O end in `ns` (for a bus with a tunnel).
-    pub fn with_tunnel_io(mut self, ns: Netns) -> Self {
-        self.tunnel_io = Some(ns);
+    /// The bus with the I/O ends of its tunnel and socketcand endpoint in `ns` (for a bus with
+    /// either).
+    pub fn with_io_namespace(mut self, ns: Netns) -> Self {
+        self.io_ns = Some(ns);
         self
     }
 
@@ -291,26 +305,38 @@ impl Bus {
         {
             fixed.push((fixed_member(UPLINK_NAME, l.index), self.uplink_mtu()));
         }
-        if self.spec.tunnel.is_some()
-            && let Some(l) = all
-                .iter()
-                .find(|l| l.name == TUNNEL_END && l.kind == "vxcan")
-        {
-            fixed.push((fixed_member(TUNNEL_END, l.index), self.spec.mtu()));
+        for (end, _) in self.io_ends() {
+            if let Some(l) = all.iter().find(|l| l.name == end && l.kind == "vxcan") {
+                fixed.push((fixed_member(end, l.index), self.spec.mtu()));
+            }
         }
         Ok((
             all.into_iter()
-                .filter(|l| l.kind == "vxcan" && l.name != TUNNEL_END)
+                .filter(|l| l.kind == "vxcan" && l.name != TUNNEL_END && l.name != SOCKETCAND_END)
                 .map(|l| (l.name, l.index))
                 .collect(),
             fixed,
         ))
     }
 
-    /// Whether the bus namespace stays without members: a bus with an uplink or a tunnel keeps
-    /// the wire and the other nodes connected between members.
+    /// The bus's ends whose other end the plugin process reads and writes: the tunnel's and the
+    /// socketcand endpoint's, as configured, with the name of their I/O end.
+    fn io_ends(&self) -> Vec<(&'static str, String)> {
+        let mut ends = Vec::new();
+        if self.spec.tunnel.is_some() {
+            ends.push((TUNNEL_END, tunnel_io_name(&self.spec.name)));
+        }
+        if self.spec.socketcand.is_some() {
+            ends.push((SOCKETCAND_END, socketcand_io_name(&self.spec.name)));
+        }
+        ends
+    }
+
+    /// Whether the bus namespace stays without members: a bus with an uplink, a tunnel or a
+    /// socketcand endpoint keeps the wire, the other nodes and the clients connected between
+    /// members.
     fn keeps_namespace(&self) -> bool {
-        self.uplink.is_some() || self.spec.tunnel.is_some()
+        self.uplink.is_some() || !self.io_ends().is_empty()
     }
 
     /// The MTU of the rules between the uplink and a member: FD frames cross only if the
@@ -363,7 +389,7 @@ impl Bus {
             let mut gw = Gateway::open(&bus.ns()).map_err(|e| bus.gateway_error(e))?;
             let added = gw.add_missing(&rules).map_err(|e| bus.gateway_error(e))?;
             if added > 0 {
-                tracing::info!(bus = %bus.spec.name, added, "uplink or tunnel connected");
+                tracing::info!(bus = %bus.spec.name, added, "uplink, tunnel or socketcand endpoint connected");
             }
             Ok::<_, BusError>(())
         })
@@ -371,7 +397,8 @@ impl Bus {
         Ok(())
     }
 
-    /// The bus namespace (made if missing) with the uplink and the tunnel's pair in it.
+    /// The bus namespace (made if missing) with the uplink and the pairs of the tunnel and the
+    /// socketcand endpoint in it.
     fn place_fixed_ends(&self) -> Result<(), BusError> {
         self.ensure_namespace()?;
         if let Some(controller) = &self.uplink {
@@ -387,16 +414,16 @@ impl Bus {
                     source: Box::new(source),
                 })?;
         }
-        if self.spec.tunnel.is_some()
-            && let Some(io_ns) = &self.tunnel_io
-        {
+        let Some(io_ns) = &self.io_ns else {
+            return Ok(());
+        };
+        for (end, io_name) in self.io_ends() {
             let vxcan_error = |source| BusError::Vxcan {
                 bus: self.spec.name.clone(),
                 source,
             };
-            let io_name = tunnel_io_name(&self.spec.name);
-            // A tunnel end without our I/O end is a previous process's (its namespace, and the
-            // I/O end with it, may still be going away) or one whose other end is elsewhere:
+            // An end without our I/O end is a previous process's (its namespace, and the I/O
+            // end with it, may still be going away) or one whose other end is elsewhere:
             // replaced, so the pair joins this process's namespace.
             let ours = Links::open(io_ns)
                 .and_then(|mut l| l.get(&io_name))
@@ -405,15 +432,15 @@ impl Bus {
                     source,
                 })?
                 .is_some();
-            if !ours && vxcan::delete(&self.ns(), TUNNEL_END).map_err(vxcan_error)? {
-                tracing::info!(bus = %self.spec.name, "stale tunnel end replaced");
+            if !ours && vxcan::delete(&self.ns(), end).map_err(vxcan_error)? {
+                tracing::info!(bus = %self.spec.name, end, "stale end replaced");
             }
             vxcan::ensure(
                 io_ns,
                 &self.ns(),
                 &VxcanSpec {
                     name: io_name,
-                    peer_name: TUNNEL_END.into(),
+                    peer_name: end.into(),
                     mtu: self.spec.mtu(),
                 },
             )

@@ -24,6 +24,7 @@ use crate::serve::bus_member::BusMembership;
 use crate::serve::passthrough::Passthrough;
 use crate::serve::private::PrivateVcans;
 use crate::serve::{Provision, ResourceServer};
+use crate::socketcand::server::Endpoint;
 use crate::telemetry::health::{self, Health};
 use crate::telemetry::{http, metrics::Metrics};
 use crate::tunnel::endpoint::Tunnel;
@@ -109,6 +110,9 @@ pub enum DaemonError {
     /// A bus tunnel failed.
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::endpoint::TunnelError),
+    /// A bus's socketcand endpoint could not run.
+    #[error(transparent)]
+    Socketcand(#[from] crate::socketcand::server::SocketcandError),
     /// The configuration needs more counter slots than the eBPF maps hold.
     #[error(transparent)]
     Capacity(#[from] bus::CapacityError),
@@ -170,8 +174,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Some(path) => Some(crate::tunnel::auth::TunnelKey::load(path)?),
         None => None,
     };
-    // One namespace of the process's own for every tunnel's I/O end (see bus::tunnel_io_name).
-    let tunnel_io = if plan.has_tunnels() {
+    // One namespace of the process's own for the I/O ends of every tunnel and socketcand
+    // endpoint (see bus::tunnel_io_name).
+    let io_ns = if plan.has_io_ends() {
         Some(crate::kernel::netns::process_private().map_err(DaemonError::TunnelNamespace)?)
     } else {
         None
@@ -214,6 +219,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let mut buses = Vec::new();
     let mut hardware = Vec::new();
     let mut tunnels = Vec::new();
+    let mut endpoints = Vec::new();
     for planned_bus in plan.buses {
         let name = planned_bus.spec.name.clone();
         let uplink = planned_bus.uplink.map(controller);
@@ -227,8 +233,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             source,
         })?
         .with_uplink(uplink);
-        let bus = match &tunnel_io {
-            Some(ns) => bus.with_tunnel_io(ns.clone()),
+        let bus = match &io_ns {
+            Some(ns) => bus.with_io_namespace(ns.clone()),
             None => bus,
         };
         tracing::info!(
@@ -241,7 +247,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             "serving shared CAN bus"
         );
         let bus = Arc::new(bus);
-        if let (Some(spec), Some(io_ns)) = (&bus.spec().tunnel, &tunnel_io) {
+        if let (Some(spec), Some(io_ns)) = (bus.spec().socketcand, &io_ns) {
+            tracing::info!(bus = %bus.spec().name, listen = %spec.listen, "serving the bus to socketcand clients");
+            endpoints.push(Arc::new(Endpoint::new(
+                &bus.spec().name,
+                &bus.spec().interface,
+                spec,
+                io_ns.clone(),
+            )));
+        }
+        if let (Some(spec), Some(io_ns)) = (&bus.spec().tunnel, &io_ns) {
             tunnels.push(Arc::new(
                 Tunnel::new(
                     &bus.spec().name,
@@ -311,21 +326,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         })
         .collect();
     let servers: Vec<Arc<ResourceServer>> = planned.iter().map(|p| p.server.clone()).collect();
-    let state = Arc::new(NodeState::new(
-        planned
-            .into_iter()
-            .zip(&registrars)
-            .map(|(p, r)| ServedResource {
-                server: p.server,
-                registered: r.registered_flag(),
-                health: p.health,
-            })
-            .collect(),
-        buses,
-        hardware,
-        tunnels.clone(),
-        vcan_health,
-    ));
+    let state = Arc::new(
+        NodeState::new(
+            planned
+                .into_iter()
+                .zip(&registrars)
+                .map(|(p, r)| ServedResource {
+                    server: p.server,
+                    registered: r.registered_flag(),
+                    health: p.health,
+                })
+                .collect(),
+            buses,
+            hardware,
+            tunnels.clone(),
+            vcan_health,
+        )
+        .with_socketcand(endpoints.clone()),
+    );
 
     // One task per long-running part, one failure policy: the first that fails stops them all
     // (the bus would silently not span the nodes without its tunnel, the node would lose a
@@ -338,6 +356,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     for tunnel in tunnels {
         let shutdown = shutdown.clone();
         tasks.spawn(async move { Ok(tunnel.run(shutdown).await?) });
+    }
+    for endpoint in endpoints {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { Ok(endpoint.run(shutdown).await?) });
     }
     {
         let address = config.metrics_address;

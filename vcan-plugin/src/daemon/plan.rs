@@ -40,9 +40,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether any bus has a tunnel (and so needs the namespace of the tunnels' I/O ends).
-    pub fn has_tunnels(&self) -> bool {
-        self.buses.iter().any(|b| b.spec.tunnel.is_some())
+    /// Whether any bus has a tunnel or a socketcand endpoint (and so needs the namespace of
+    /// their I/O ends).
+    pub fn has_io_ends(&self) -> bool {
+        self.buses
+            .iter()
+            .any(|b| b.spec.tunnel.is_some() || b.spec.socketcand.is_some())
     }
 
     /// Every hardware interface of the configuration, uplinks included.
@@ -194,7 +197,7 @@ mod tests {
             "socketcan.io/hw-bench"
         );
         assert_eq!(p.hardware().len(), 2);
-        assert!(!p.has_tunnels());
+        assert!(!p.has_io_ends());
     }
 
     #[test]
@@ -261,6 +264,6 @@ mod tests {
             1000,
         )
         .expect("a plan");
-        assert!(p.has_tunnels());
+        assert!(p.has_io_ends());
     }
 }

@@ -8,6 +8,8 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use tokio::io::unix::AsyncFd;
+
 use crate::kernel::netns::{self, Netns, NetnsError};
 
 /// `CAN_RAW` protocol of `PF_CAN`.
@@ -160,6 +162,55 @@ impl RawCanSocket {
         }
         Ok(())
     }
+}
+
+impl RawCanSocket {
+    /// Opens a socket on `ifname` in `ns` (on a blocking thread) and registers it with the async
+    /// runtime.
+    pub async fn open_async(
+        ns: &Netns,
+        ifname: &str,
+    ) -> Result<AsyncFd<RawCanSocket>, CanRawError> {
+        let (ns, name) = (ns.clone(), ifname.to_string());
+        let where_ = ns.to_string();
+        let socket = tokio::task::spawn_blocking(move || RawCanSocket::open(&ns, &name))
+            .await
+            .map_err(|e| CanRawError::Netns(NetnsError::Thread(e.to_string())))??;
+        // SAFETY: the socket owns its descriptor (an OwnedFd), never replaces it and keeps it open
+        // until it is dropped with the AsyncFd.
+        unsafe { AsyncFd::register(socket) }.map_err(|e| CanRawError::Socket {
+            ifname: ifname.to_string(),
+            ns: where_,
+            call: "epoll registration",
+            source: e.into_parts().1,
+        })
+    }
+}
+
+/// Reads the frames waiting on `can`, at most `max`, handing each to `each` as the kernel wrote
+/// it (a `can_frame` or a `canfd_frame`); pending forever without a socket, so that a `select!`
+/// can wait on a socket that is not open yet.
+pub async fn read_waiting(
+    can: Option<&AsyncFd<RawCanSocket>>,
+    max: usize,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    let Some(can) = can else {
+        return std::future::pending().await;
+    };
+    let mut guard = can.readable().await?;
+    let mut raw = [0u8; CANFD_MTU];
+    for _ in 0..max {
+        match guard.get_inner().recv(&mut raw) {
+            Ok(n) => each(&raw[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                guard.clear_ready();
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl AsRawFd for RawCanSocket {

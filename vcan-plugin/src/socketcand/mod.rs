@@ -6,3 +6,4 @@
 //! joined by can-gw like a member's, so forwarding among pods stays in the kernel.
 
 pub mod protocol;
+pub mod server;

@@ -124,6 +124,35 @@ pub struct Snapshot {
     pub controllers: Vec<ControllerSample>,
     /// Tunnels of buses that span nodes.
     pub tunnels: Vec<TunnelSample>,
+    /// The buses' socketcand endpoints.
+    pub socketcand: Vec<SocketcandSample>,
+}
+
+/// One bus's socketcand endpoint for a scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SocketcandSample {
+    /// The bus.
+    pub bus: String,
+    /// Clients connected now.
+    pub clients: u64,
+    /// Connections served since start.
+    pub accepted: u64,
+    /// Connections refused for the client limit.
+    pub refused: u64,
+    /// Frames written to clients (one per client).
+    pub frames_to_clients: u64,
+    /// Frames clients sent that went onto the bus.
+    pub frames_from_clients: u64,
+    /// Protocol bytes written to clients.
+    pub bytes_to_clients: u64,
+    /// Protocol bytes read from clients.
+    pub bytes_from_clients: u64,
+    /// Commands refused, by kind.
+    pub protocol_errors: Vec<(&'static str, u64)>,
+    /// Clients gone, by reason.
+    pub disconnects: Vec<(&'static str, u64)>,
+    /// Frames not passed on, by reason.
+    pub dropped: Vec<(&'static str, u64)>,
 }
 
 /// One bus tunnel's counts for a scrape.
@@ -671,6 +700,97 @@ fn tunnel_families(tunnels: &[TunnelSample]) -> Vec<prometheus::proto::MetricFam
     families
 }
 
+/// The socketcand endpoints' families, per bus.
+fn socketcand_families(endpoints: &[SocketcandSample]) -> Vec<prometheus::proto::MetricFamily> {
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    let counter = |suffix: &str, help: &str, labels: &[&str]| {
+        IntCounterVec::new(Opts::new(name(suffix), help), labels).expect("valid metric")
+    };
+    let clients = GaugeVec::new(
+        Opts::new(
+            name("socketcand_clients"),
+            "Clients connected to a bus's socketcand endpoint.",
+        ),
+        &["bus"],
+    )
+    .expect("valid metric");
+    let connections = counter(
+        "socketcand_connections_total",
+        "Connections to a bus's socketcand endpoint: accepted, or refused for the client limit.",
+        &["bus", "result"],
+    );
+    let frames = counter(
+        "socketcand_frames_total",
+        "CAN frames through a bus's socketcand endpoint: to_clients counts one per client, \
+         from_clients the frames clients put on the bus.",
+        &["bus", "direction"],
+    );
+    let bytes = counter(
+        "socketcand_bytes_total",
+        "Protocol bytes exchanged with a bus's socketcand clients.",
+        &["bus", "direction"],
+    );
+    let errors = counter(
+        "socketcand_protocol_errors_total",
+        "Commands of socketcand clients answered with an error, by kind.",
+        &["bus", "kind"],
+    );
+    let disconnects = counter(
+        "socketcand_disconnects_total",
+        "socketcand clients gone, by reason: closed (by the client), slow_client (stopped \
+         reading), protocol_error, handshake_timeout, wrong_bus, shutdown.",
+        &["bus", "reason"],
+    );
+    let dropped = counter(
+        "socketcand_frames_dropped_total",
+        "Frames a bus's socketcand endpoint did not pass on, by reason: fd_frame and \
+         remote_frame (the protocol cannot carry them), bus_not_connected, bus_full.",
+        &["bus", "reason"],
+    );
+    for e in endpoints {
+        let bus = e.bus.as_str();
+        clients.with_label_values(&[bus]).set(e.clients as f64);
+        connections
+            .with_label_values(&[bus, "accepted"])
+            .inc_by(e.accepted);
+        connections
+            .with_label_values(&[bus, "refused"])
+            .inc_by(e.refused);
+        for (direction, f, b) in [
+            ("to_clients", e.frames_to_clients, e.bytes_to_clients),
+            ("from_clients", e.frames_from_clients, e.bytes_from_clients),
+        ] {
+            frames.with_label_values(&[bus, direction]).inc_by(f);
+            bytes.with_label_values(&[bus, direction]).inc_by(b);
+        }
+        for (vec, counts) in [
+            (&errors, &e.protocol_errors),
+            (&disconnects, &e.disconnects),
+            (&dropped, &e.dropped),
+        ] {
+            for (label, n) in counts {
+                vec.with_label_values(&[bus, label]).inc_by(*n);
+            }
+        }
+    }
+    let mut families = clients.collect();
+    for vec in [
+        &connections,
+        &frames,
+        &bytes,
+        &errors,
+        &disconnects,
+        &dropped,
+    ] {
+        families.extend(vec.collect());
+    }
+    // Families without series (no errors yet) would fail the whole scrape in the text encoder.
+    families.retain(|f| !f.get_metric().is_empty());
+    families
+}
+
 /// Families describing the current state; built per scrape.
 fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
     let mut families = Vec::new();
@@ -754,6 +874,7 @@ fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
     }
     families.extend(controller_families(&now.controllers));
     families.extend(tunnel_families(&now.tunnels));
+    families.extend(socketcand_families(&now.socketcand));
     families.extend(gauge(
         "vcan_supported",
         "1 if this node can create vcan interfaces (vcan module present).",
@@ -860,6 +981,19 @@ mod tests {
                 }],
                 dropped: vec![("truncated", 3), ("unknown_peer", 1)],
             }],
+            socketcand: vec![SocketcandSample {
+                bus: "powertrain".into(),
+                clients: 2,
+                accepted: 5,
+                refused: 1,
+                frames_to_clients: 40,
+                frames_from_clients: 3,
+                bytes_to_clients: 1200,
+                bytes_from_clients: 90,
+                protocol_errors: vec![("bad_arguments", 2)],
+                disconnects: vec![("closed", 2), ("slow_client", 1)],
+                dropped: vec![("fd_frame", 4)],
+            }],
             controllers: vec![
                 ControllerSample {
                     controller: "bench".into(),
@@ -884,6 +1018,13 @@ mod tests {
             "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/vcan\"} 2",
             "vcan_plugin_reconcile_passes_total 2",
+            "vcan_plugin_socketcand_clients{bus=\"powertrain\"} 2",
+            "vcan_plugin_socketcand_connections_total{bus=\"powertrain\",result=\"refused\"} 1",
+            "vcan_plugin_socketcand_frames_total{bus=\"powertrain\",direction=\"to_clients\"} 40",
+            "vcan_plugin_socketcand_bytes_total{bus=\"powertrain\",direction=\"from_clients\"} 90",
+            "vcan_plugin_socketcand_protocol_errors_total{bus=\"powertrain\",kind=\"bad_arguments\"} 2",
+            "vcan_plugin_socketcand_disconnects_total{bus=\"powertrain\",reason=\"slow_client\"} 1",
+            "vcan_plugin_socketcand_frames_dropped_total{bus=\"powertrain\",reason=\"fd_frame\"} 4",
             "# TYPE vcan_plugin_reconcile_passes_total counter",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_pods_served{resource=\"socketcan.io/bus-powertrain\"} 3",

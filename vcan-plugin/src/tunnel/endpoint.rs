@@ -491,24 +491,11 @@ impl Tunnel {
     }
 
     async fn open_can(&self) -> Option<AsyncFd<RawCanSocket>> {
-        let ns = self.io_ns.clone();
-        let name = tunnel_io_name(&self.bus);
-        let opened = tokio::task::spawn_blocking(move || RawCanSocket::open(&ns, &name))
-            .await
-            .ok()?;
-        match opened {
-            // SAFETY: the socket owns its descriptor (an OwnedFd), never replaces it and keeps it
-            // open until it is dropped with the AsyncFd.
-            Ok(socket) => match unsafe { AsyncFd::register(socket) } {
-                Ok(fd) => {
-                    tracing::info!("tunnel connected to the bus");
-                    Some(fd)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot poll the tunnel's CAN end");
-                    None
-                }
-            },
+        match RawCanSocket::open_async(&self.io_ns, &tunnel_io_name(&self.bus)).await {
+            Ok(fd) => {
+                tracing::info!("tunnel connected to the bus");
+                Some(fd)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "the tunnel's CAN end is not there yet");
                 None
@@ -768,32 +755,17 @@ async fn next_answer(
     }
 }
 
-/// Frames waiting on the tunnel's CAN end, read until none is left; pending forever without one.
+/// Frames waiting on the tunnel's CAN end (a batch); pending forever without one.
 async fn readable(can: Option<&AsyncFd<RawCanSocket>>) -> std::io::Result<Vec<Frame>> {
-    let Some(can) = can else {
-        return std::future::pending().await;
-    };
-    let mut guard = can.readable().await?;
     let mut frames = Vec::new();
-    let mut raw = [0u8; CANFD_MTU];
-    loop {
-        match guard.get_inner().recv(&mut raw) {
-            Ok(n) => {
-                // The kernel only hands out whole classic or FD frames; anything else is skipped.
-                if let Ok(f) = Frame::from_kernel(&raw[..n]) {
-                    frames.push(f);
-                }
-                if frames.len() >= 256 {
-                    return Ok(frames);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                guard.clear_ready();
-                return Ok(frames);
-            }
-            Err(e) => return Err(e),
+    // The kernel only hands out whole classic or FD frames; anything else is skipped.
+    crate::kernel::can_raw::read_waiting(can, 256, |raw| {
+        if let Ok(f) = Frame::from_kernel(raw) {
+            frames.push(f);
         }
-    }
+    })
+    .await?;
+    Ok(frames)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -127,6 +127,7 @@ pub fn run_in_guest(job: &GuestJob) -> Result<GuestOutcome> {
     // The guest sees target/ through the host root share: the end-to-end tests import these.
     crate::images::ensure_for_vm();
     crate::cannelloni::ensure_for_vm();
+    crate::python_can::ensure_for_vm();
 
     let run = qemu::RunDir::create(&cache, &job.name)?;
     let stage2 = run.dir.join("stage2.sh");
