@@ -456,7 +456,7 @@ impl Endpoint {
             (Mode::NoBus, _) => {
                 bump(&self.stats.errors, "no_bus_open");
                 reply(protocol::format_error(&format!(
-                    "no bus is open: send '< open {} >' first",
+                    "no bus is open: open it first ('open {}')",
                     self.interface
                 )));
             }
@@ -477,14 +477,14 @@ impl Endpoint {
             (_, Command::ControlMode | Command::IsotpMode) => {
                 bump(&self.stats.errors, "unsupported");
                 reply(protocol::format_error(
-                    "only the raw and BCM modes are served here (use < rawmode >)",
+                    "only the raw and BCM modes are served here (use 'rawmode')",
                 ));
             }
             (_, Command::Unsupported(what)) => {
                 bump(&self.stats.errors, "unsupported");
                 reply(protocol::format_error(&format!(
-                    "{what} is not supported by this endpoint: use < rawmode > to receive \
-                     and < send > to send"
+                    "{what} is not supported by this endpoint: use 'rawmode' to receive and \
+                     'send' to send"
                 )));
             }
             (_, Command::Send(frame)) => self.send(&frame, client.id).await,
