@@ -13,8 +13,7 @@ use crate::socketcand::server::Endpoint;
 use crate::telemetry::health::Health;
 use crate::telemetry::http::StateSource;
 use crate::telemetry::metrics::{
-    self, BusFrames, BusSample, ResourceSample, Snapshot, TrafficSample, TunnelPeerSample,
-    TunnelSample,
+    BusFrames, BusSample, ResourceSample, Snapshot, TrafficSample, TunnelPeerSample, TunnelSample,
 };
 use crate::tunnel::endpoint::Tunnel;
 
@@ -73,18 +72,22 @@ impl NodeState {
             let Some(counters) = r.server.counters() else {
                 continue;
             };
-            for pod in r.server.served() {
-                for attachment in &pod.attachments {
-                    match counters.read(attachment) {
-                        Ok(snapshot) => samples.extend(metrics::traffic_samples(
-                            &pod.pod.namespace,
-                            &pod.pod.name,
-                            &attachment.info.ifname,
-                            &snapshot,
-                        )),
-                        Err(e) => {
-                            tracing::debug!(pod = %pod.pod, error = %e, "reading counters failed")
-                        }
+            let served = r.server.served();
+            let attachments: Vec<_> = served
+                .iter()
+                .flat_map(|pod| pod.attachments.iter().map(move |a| (pod, a)))
+                .collect();
+            let refs: Vec<_> = attachments.iter().map(|(_, a)| *a).collect();
+            for ((pod, attachment), read) in attachments.iter().zip(counters.read_many(&refs)) {
+                match read {
+                    Ok(snapshot) => samples.push(TrafficSample::new(
+                        &pod.pod.namespace,
+                        &pod.pod.name,
+                        &attachment.info.ifname,
+                        snapshot,
+                    )),
+                    Err(e) => {
+                        tracing::debug!(pod = %pod.pod, error = %e, "reading counters failed")
                     }
                 }
             }

@@ -259,7 +259,20 @@ fn ebpf_same_ifindex_in_two_namespaces_is_counted_apart() {
     assert_eq!(again, att_a);
     assert_eq!(counters.read(&att_a).expect("read").egress.classic, k(3, 3));
 
+    // A scrape's batched read of the whole map gives each attachment its own counts, the same as
+    // reading them one by one, and calls a detached one stale.
+    let many = counters.read_many(&[&att_b, &att_a]);
+    assert_eq!(many.len(), 2);
+    assert_eq!(many[0].as_ref().expect("b"), &sb);
+    assert_eq!(many[1].as_ref().expect("a"), &sa);
     counters.detach(&att_a).expect("detach a");
+    let many = counters.read_many(&[&att_a, &att_b]);
+    assert!(
+        matches!(many[0], Err(vcan_plugin::ebpf::EbpfError::Stale { .. })),
+        "{:?}",
+        many[0]
+    );
+    assert_eq!(many[1].as_ref().expect("b"), &sb);
     counters.detach(&att_b).expect("detach b");
 }
 

@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -14,6 +14,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `BPF_PROG_TYPE_SCHED_CLS`: a tc classifier.
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
@@ -61,6 +62,49 @@ unsafe fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long
         return Err(io::Error::last_os_error());
     }
     Ok(rc)
+}
+
+/// Reads up to `count` entries of the hash map `map` with one `BPF_MAP_LOOKUP_BATCH`, starting
+/// at `position` (`None`: the beginning) into `keys` and `values` (`key_size` and `value_size`
+/// bytes per entry; a per-CPU map's value is one 8-byte aligned value per possible CPU). Returns
+/// how many entries were read and where the next call goes on, `None` once the map is done.
+///
+/// One call replaces `count` lookups: reading every attachment's counters for a scrape is a few
+/// system calls instead of two per interface.
+pub fn lookup_batch(
+    map: BorrowedFd<'_>,
+    position: Option<u32>,
+    keys: &mut [u8],
+    key_size: usize,
+    values: &mut [u8],
+    value_size: usize,
+) -> io::Result<(usize, Option<u32>)> {
+    let count = (keys.len() / key_size.max(1)).min(values.len() / value_size.max(1));
+    let count = u32::try_from(count).map_err(|_| io::Error::other("batch too large"))?;
+    let mut in_batch = position.unwrap_or(0);
+    let mut out_batch = 0u32;
+    let mut attr = Attr::new();
+    if position.is_some() {
+        attr.put_u64(0, (&mut in_batch as *mut u32) as u64);
+    }
+    attr.put_u64(8, (&mut out_batch as *mut u32) as u64);
+    attr.put_u64(16, keys.as_mut_ptr() as u64);
+    attr.put_u64(24, values.as_mut_ptr() as u64);
+    attr.put_u32(32, count);
+    attr.put_u32(36, map.as_raw_fd() as u32);
+    // SAFETY: the kernel reads the position (4 bytes, a hash map's batch token), writes the next
+    // one and at most `count` keys and values into buffers checked above to hold them, all of
+    // which outlive the call.
+    let result = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+    // The kernel writes back how many entries it copied, also when it reached the end.
+    let mut read = [0u8; 4];
+    read.copy_from_slice(&attr.0[32..36]);
+    let read = u32::from_ne_bytes(read) as usize;
+    match result {
+        Ok(_) => Ok((read, Some(out_batch))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((read, None)),
+        Err(e) => Err(e),
+    }
 }
 
 /// A command that returns a new file descriptor.

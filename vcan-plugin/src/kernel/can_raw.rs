@@ -20,6 +20,9 @@ const SOL_CAN_RAW: libc::c_int = 101;
 const CAN_RAW_FD_FRAMES: libc::c_int = 5;
 pub use crate::kernel::frame::{CAN_MTU, CANFD_MTU};
 
+/// A CAN socket's receive buffer: about a thousand frames (each takes ~1 KiB of buffer).
+const RECEIVE_BUFFER: usize = 1 << 20;
+
 /// `struct sockaddr_can` up to the interface index (the address union is unused for CAN_RAW).
 #[repr(C)]
 struct SockaddrCan {
@@ -115,6 +118,17 @@ impl RawCanSocket {
         };
         if rc != 0 {
             return Err(fail("setsockopt(CAN_RAW_FD_FRAMES)"));
+        }
+        // Frames wait here while the reader waits for a CPU; the default buffer holds about 200.
+        {
+            use std::os::fd::AsFd;
+            if let Err(e) = crate::kernel::sockbuf::set(
+                fd.as_fd(),
+                crate::kernel::sockbuf::Buffer::Receive,
+                RECEIVE_BUFFER,
+            ) {
+                tracing::debug!(ifname, error = %e, "cannot enlarge a CAN socket's receive buffer");
+            }
         }
         let addr = SockaddrCan {
             family: libc::AF_CAN as libc::sa_family_t,

@@ -1,7 +1,8 @@
 //! The kernel's CAN plumbing, over our own rtnetlink: namespaces ([`netns`]), netlink messages
 //! with one set of constants ([`netlink`]), vcan links ([`link`]), vxcan pairs ([`vxcan`]),
 //! can-gw rules ([`cangw`]), physical CAN controllers ([`can`]), CAN_RAW sockets ([`can_raw`])
-//! the frame constants they all share ([`frame`]) and traffic-control filters ([`tc`]).
+//! the frame constants they all share ([`frame`]), traffic-control filters ([`tc`]) and socket
+//! buffer sizes ([`sockbuf`]).
 
 pub mod can;
 pub mod can_raw;
@@ -10,5 +11,6 @@ pub mod frame;
 pub mod link;
 pub mod netlink;
 pub mod netns;
+pub mod sockbuf;
 pub mod tc;
 pub mod vxcan;

@@ -24,6 +24,7 @@ use crate::bus::config::SocketcandSpec;
 use crate::bus::socketcand_io_name;
 use crate::kernel::can_raw::{CANFD_MTU, RawCanSocket, read_waiting};
 use crate::kernel::netns::Netns;
+use crate::kernel::sockbuf::{self, Buffer};
 use crate::socketcand::protocol::{self, Command, ProtocolError, Splitter};
 use crate::telemetry::metrics::SocketcandSample;
 use crate::tunnel::wire::Frame;
@@ -33,7 +34,7 @@ use crate::tunnel::wire::Frame;
 const CLIENT_QUEUE: usize = 2048;
 /// The kernel's send buffer of a client's socket, fixed rather than left to grow to megabytes:
 /// what a client that stopped reading can hold up is bounded, and noticed sooner.
-const SEND_BUFFER: libc::c_int = 64 * 1024;
+const SEND_BUFFER: usize = 64 * 1024;
 /// How long a client may take to open the bus after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Protocol errors after which a client is disconnected: it is not speaking socketcand.
@@ -613,19 +614,9 @@ async fn readable(can: Option<&AsyncFd<RawCanSocket>>) -> std::io::Result<Vec<Fr
 }
 
 fn limit_send_buffer(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the option value points at a c_int of the length given; the descriptor is open.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&SEND_BUFFER as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot size a client's send buffer");
+    use std::os::fd::AsFd;
+    if let Err(e) = sockbuf::set(stream.as_fd(), Buffer::Send, SEND_BUFFER) {
+        tracing::debug!(error = %e, "cannot size a client's send buffer");
     }
 }
 

@@ -52,7 +52,8 @@ impl Outcome {
     }
 }
 
-/// One series of CAN traffic counters.
+/// One interface's CAN traffic counters, as a scrape reads them; rendered as 32 series (per
+/// direction: frames and bytes of 7 kinds, frames of 2 identifier formats).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrafficSample {
     /// Kubernetes namespace of the pod.
@@ -61,52 +62,25 @@ pub struct TrafficSample {
     pub pod: String,
     /// Interface name inside the pod.
     pub interface: String,
-    /// `tx` or `rx`.
-    pub direction: &'static str,
-    /// What is counted.
-    pub measure: Measure,
-    /// The count.
-    pub value: u64,
+    /// Both directions' counters.
+    pub counters: crate::ebpf::CountersSnapshot,
 }
 
-/// One counted quantity of a [`TrafficSample`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Measure {
-    /// Frames of a kind: `classic`, `remote`, `error`, `fd`, `fd_brs`, `xl` or `other`.
-    Frames(&'static str),
-    /// Payload bytes of frames of a kind.
-    Bytes(&'static str),
-    /// Frames with an identifier format: `standard` (11-bit) or `extended` (29-bit).
-    IdFormat(&'static str),
-}
-
-/// The samples of one interface's counters.
-pub fn traffic_samples(
-    namespace: &str,
-    pod: &str,
-    interface: &str,
-    counters: &crate::ebpf::CountersSnapshot,
-) -> Vec<TrafficSample> {
-    let mut out = Vec::new();
-    for (direction, d) in [("tx", &counters.egress), ("rx", &counters.ingress)] {
-        let sample = |measure, value| TrafficSample {
+impl TrafficSample {
+    /// The sample of `pod`'s `interface` with `counters`.
+    pub fn new(
+        namespace: &str,
+        pod: &str,
+        interface: &str,
+        counters: crate::ebpf::CountersSnapshot,
+    ) -> Self {
+        TrafficSample {
             namespace: namespace.to_string(),
             pod: pod.to_string(),
             interface: interface.to_string(),
-            direction,
-            measure,
-            value,
-        };
-        for (kind, k) in d.kinds() {
-            // The label says what a user sees in candump: a remote transmission request.
-            let kind = if kind == "rtr" { "remote" } else { kind };
-            out.push(sample(Measure::Frames(kind), k.frames));
-            out.push(sample(Measure::Bytes(kind), k.bytes));
+            counters,
         }
-        out.push(sample(Measure::IdFormat("standard"), d.std_id));
-        out.push(sample(Measure::IdFormat("extended"), d.ext_id));
     }
-    out
 }
 
 /// The node's current state, gathered for one scrape.
@@ -476,32 +450,82 @@ fn escape(value: &str, out: &mut String) {
 
 /// Appends the per-pod traffic families in the text format.
 ///
-/// With a thousand interfaces these are tens of thousands of series per scrape; building them
-/// through the client library's metric vectors cost ~100× more than writing the lines directly.
+/// With a thousand interfaces these are tens of thousands of series per scrape: building them
+/// through the client library's metric vectors cost ~100× more than writing the lines directly,
+/// and the label values are escaped once per interface rather than once per line.
 fn write_traffic(out: &mut String, traffic: &[TrafficSample]) {
     use std::fmt::Write;
     if traffic.is_empty() {
         return;
     }
+    // What follows the first two labels of every line of an interface.
+    let tails: Vec<String> = traffic
+        .iter()
+        .map(|s| {
+            let mut tail = String::with_capacity(64);
+            tail.push_str("\",interface=\"");
+            escape(&s.interface, &mut tail);
+            tail.push_str("\",namespace=\"");
+            escape(&s.namespace, &mut tail);
+            tail.push_str("\",pod=\"");
+            escape(&s.pod, &mut tail);
+            tail.push_str("\"} ");
+            tail
+        })
+        .collect();
+    out.reserve(traffic.len() * 32 * 128);
     for (index, (suffix, label, help)) in TRAFFIC_FAMILIES.iter().enumerate() {
         let metric = name(suffix);
         let _ = writeln!(out, "# HELP {metric} {help}");
         let _ = writeln!(out, "# TYPE {metric} counter");
-        for s in traffic {
-            let value = match (index, s.measure) {
-                (0, Measure::Bytes(v)) | (1, Measure::Frames(v)) | (2, Measure::IdFormat(v)) => v,
-                _ => continue,
-            };
-            let _ = write!(out, "{metric}{{direction=\"{}\",{label}=\"", s.direction);
-            escape(value, out);
-            out.push_str("\",interface=\"");
-            escape(&s.interface, out);
-            out.push_str("\",namespace=\"");
-            escape(&s.namespace, out);
-            out.push_str("\",pod=\"");
-            escape(&s.pod, out);
-            let _ = writeln!(out, "\"}} {}", s.value);
+        for (s, tail) in traffic.iter().zip(&tails) {
+            for (direction, d) in [("tx", &s.counters.egress), ("rx", &s.counters.ingress)] {
+                let mut line = |value_label: &str, value: u64| {
+                    out.push_str(&metric);
+                    out.push_str("{direction=\"");
+                    out.push_str(direction);
+                    out.push_str("\",");
+                    out.push_str(label);
+                    out.push_str("=\"");
+                    out.push_str(value_label);
+                    out.push_str(tail);
+                    push_u64(out, value);
+                    out.push('\n');
+                };
+                match index {
+                    0 | 1 => {
+                        for (kind, k) in d.kinds() {
+                            // The label says what a user sees in candump: a remote transmission
+                            // request.
+                            let kind = if kind == "rtr" { "remote" } else { kind };
+                            line(kind, if index == 0 { k.bytes } else { k.frames });
+                        }
+                    }
+                    _ => {
+                        line("standard", d.std_id);
+                        line("extended", d.ext_id);
+                    }
+                }
+            }
         }
+    }
+}
+
+/// Appends `value` in decimal (`write!` costs several times more per number, and a scrape of a
+/// thousand interfaces writes 32 000 of them).
+fn push_u64(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    for d in &digits[at..] {
+        out.push(char::from(*d));
     }
 }
 
@@ -942,32 +966,14 @@ mod tests {
                     dropped: 1,
                 }),
             }],
-            traffic: vec![
-                TrafficSample {
-                    namespace: "default".into(),
-                    pod: "ecu".into(),
-                    interface: "vcan0".into(),
-                    direction: "tx",
-                    measure: Measure::Frames("classic"),
-                    value: 3,
-                },
-                TrafficSample {
-                    namespace: "default".into(),
-                    pod: "ecu".into(),
-                    interface: "vcan0".into(),
-                    direction: "tx",
-                    measure: Measure::Bytes("classic"),
-                    value: 24,
-                },
-                TrafficSample {
-                    namespace: "default".into(),
-                    pod: "ecu".into(),
-                    interface: "vcan0".into(),
-                    direction: "rx",
-                    measure: Measure::IdFormat("extended"),
-                    value: 2,
-                },
-            ],
+            traffic: vec![TrafficSample::new("default", "ecu", "vcan0", {
+                let mut c = crate::ebpf::CountersSnapshot::default();
+                c.egress.classic.frames = 3;
+                c.egress.classic.bytes = 24;
+                c.ingress.ext_id = 2;
+                c.ingress.rtr.frames = 1;
+                c
+            })],
             tunnels: vec![TunnelSample {
                 bus: "powertrain".into(),
                 peers: vec![TunnelPeerSample {
@@ -1033,6 +1039,8 @@ mod tests {
             "vcan_plugin_can_frames_total{direction=\"tx\",kind=\"classic\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 3",
             "vcan_plugin_can_bytes_total{direction=\"tx\",kind=\"classic\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 24",
             "vcan_plugin_can_id_format_frames_total{direction=\"rx\",id_format=\"extended\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 2",
+            "vcan_plugin_can_frames_total{direction=\"rx\",kind=\"remote\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 1",
+            "vcan_plugin_can_bytes_total{direction=\"rx\",kind=\"xl\",interface=\"vcan0\",namespace=\"default\",pod=\"ecu\"} 0",
             "# TYPE vcan_plugin_can_bytes_total counter",
             "vcan_plugin_prestart_phase_duration_seconds_bucket{phase=\"bpf_attach\",le=\"0.0001\"} 1",
             "# HELP vcan_plugin_can_frames_total",

@@ -22,6 +22,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use std::os::fd::AsFd;
+
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, watch};
@@ -32,6 +34,7 @@ use crate::bus::config::{Span, TunnelSpec};
 use crate::bus::tunnel_io_name;
 use crate::kernel::can_raw::{CANFD_MTU, RawCanSocket};
 use crate::kernel::netns::Netns;
+use crate::kernel::sockbuf::Buffer;
 use crate::tunnel::auth::{Freshness, ReplayWindow, TRAILER_LEN, TunnelKey};
 use crate::tunnel::peers::spawn_resolver;
 use crate::tunnel::reorder::Reorder;
@@ -40,6 +43,9 @@ use crate::tunnel::wire::{self, DEFAULT_PAYLOAD_LIMIT, Encoder, Frame};
 
 /// How often the peer service is resolved again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+/// The UDP socket's receive buffer: a few thousand packets, a burst of the other nodes' frames
+/// for as long as this task may wait for a CPU on a busy node.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 /// How often an idle tunnel tells the plugin's other instances it is alive (an empty packet,
 /// which cannelloni ignores).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -211,6 +217,9 @@ struct State {
     /// Frames waiting to be sent, in arrival order, with where they came from.
     out: Vec<(Frame, Origin)>,
     deadline: Option<tokio::time::Instant>,
+    /// When the last local frames were read (frames coming closer than the batch time share
+    /// packets; a frame after a longer quiet spell goes at once).
+    last_read: Option<tokio::time::Instant>,
     can: Option<AsyncFd<RawCanSocket>>,
     /// This run of the tunnel, for the instances' replay windows: its start time.
     epoch: u64,
@@ -334,6 +343,13 @@ impl Tunnel {
                 port: self.spec.port,
                 source,
             })?;
+        // A burst from the other nodes must wait in the socket while this task waits for a CPU,
+        // not be dropped: the default buffer holds about 200 small packets.
+        if let Err(e) =
+            crate::kernel::sockbuf::set(udp.as_fd(), Buffer::Receive, UDP_RECEIVE_BUFFER)
+        {
+            tracing::warn!(error = %e, "cannot enlarge the tunnel's receive buffer");
+        }
         tracing::info!("bus tunnel listening");
         let early = Arc::new(Notify::new());
         let mut resolved = self.service.clone().map(|service| {
@@ -350,6 +366,7 @@ impl Tunnel {
             peers: BTreeMap::new(),
             out: Vec::new(),
             deadline: None,
+            last_read: None,
             can: None,
             epoch: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -415,9 +432,11 @@ impl Tunnel {
                 }
                 readable = readable(state.can.as_ref()) => {
                     match readable {
+                        Ok(frames) if frames.is_empty() => {}
                         Ok(frames) => {
                             state.out.extend(frames.into_iter().map(|f| (f, Origin::Local)));
                             self.schedule(&mut state);
+                            state.last_read = Some(tokio::time::Instant::now());
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "the tunnel's CAN end failed; reopening");
@@ -433,13 +452,21 @@ impl Tunnel {
         }
     }
 
-    /// Sets when the waiting frames go out: after the batch time, or now if they fill a packet.
+    /// Sets when the waiting frames go out: at once after a quiet spell, after the batch time
+    /// while frames keep coming, or now if they fill a packet.
     fn schedule(&self, state: &mut State) {
         if state.out.is_empty() {
             return;
         }
         if state.deadline.is_none() {
-            state.deadline = Some(tokio::time::Instant::now() + self.spec.batch);
+            // Batching pays only while frames come faster than the batch time: the first frame
+            // after a quiet spell would wait for company that is not coming, which is pure
+            // latency. The frames that follow it within the batch time share packets.
+            let now = tokio::time::Instant::now();
+            let quiet = state
+                .last_read
+                .is_none_or(|t| now.duration_since(t) >= self.spec.batch);
+            state.deadline = Some(if quiet { now } else { now + self.spec.batch });
         }
         let size: usize = wire::HEADER_LEN
             + TRAILER_LEN
