@@ -972,11 +972,27 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
     // A physical controller, so that the dashboard's "Physical CAN controllers" row has data.
     load_can_controllers();
     let hardware = hardware_config();
+    // A bus with a socketcand endpoint, so that the "Tools on buses" row has data (its counters
+    // are exported from zero).
+    let buses = PathBuf::from("/run/vcan-node/dashboard-buses.json");
+    std::fs::create_dir_all("/run/vcan-node").expect("node dir");
+    std::fs::write(
+        &buses,
+        r#"{"buses": [{"name": "tools", "fd": false, "members": 2, "socketcand": {"port": 29538}}]}"#,
+    )
+    .expect("write bus config");
     let t = TestNode::start_with(
         DEVICES,
         METRICS,
-        vec!["--hardware-config".into(), hardware.display().to_string()],
-        &[(HW_BENCH, 1)],
+        vec![
+            "--hardware-config".into(),
+            hardware.display().to_string(),
+            "--bus-config".into(),
+            buses.display().to_string(),
+            "--state-dir".into(),
+            "/run/vcan-node/dashboard-state".into(),
+        ],
+        &[(HW_BENCH, 1), ("socketcan.io/bus-tools", 2)],
     )
     .await
     .expect("node starts");

@@ -355,7 +355,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     tasks.spawn(reconcile_loop(servers, metrics.clone(), shutdown.clone()));
     for tunnel in tunnels {
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { Ok(tunnel.run(shutdown).await?) });
+        tasks.spawn(on_own_thread(move || async move {
+            Ok(tunnel.run(shutdown).await?)
+        }));
     }
     for endpoint in endpoints {
         let shutdown = shutdown.clone();
@@ -384,6 +386,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Runs the future `make` returns on a thread of its own, with a single-threaded runtime, and
+/// waits for its result.
+///
+/// For a bus's tunnel, whose every frame crossing the node waits for it to be woken: on its own
+/// thread the task runs where its sockets' readiness is noticed, with no hand-over to a worker of
+/// the shared runtime (a thread wake-up, milliseconds on a loaded or emulated CPU) and no queue
+/// behind the other tasks.
+async fn on_own_thread<F, Fut>(make: F) -> Result<(), DaemonError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), DaemonError>> + 'static,
+{
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vcan-tunnel".into())
+        .spawn(move || {
+            let outcome = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(make()),
+                Err(e) => Err(DaemonError::Task(format!(
+                    "cannot start a tunnel's runtime: {e}"
+                ))),
+            };
+            let _ = done.send(outcome);
+        })
+        .map_err(|e| DaemonError::Task(format!("cannot start a tunnel's thread: {e}")))?;
+    result.await.unwrap_or_else(|_| {
+        Err(DaemonError::Task(
+            "a tunnel's thread ended without a result".into(),
+        ))
+    })
 }
 
 async fn open_counters(bpffs_dir: PathBuf) -> Option<Arc<Counters>> {

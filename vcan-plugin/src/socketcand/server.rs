@@ -123,6 +123,11 @@ impl Client {
     }
 }
 
+/// Kinds of protocol errors besides [`ProtocolError::LABELS`]: what a valid command may do wrong.
+const SESSION_ERRORS: [&str; 4] = ["wrong_bus", "no_bus_open", "bad_state", "unsupported"];
+/// Why frames are not passed on.
+const DROP_REASONS: [&str; 4] = ["fd_frame", "remote_frame", "bus_not_connected", "bus_full"];
+
 /// The endpoint's counts, read by scrapes.
 #[derive(Debug, Default)]
 struct Stats {
@@ -136,6 +141,33 @@ struct Stats {
     errors: Mutex<BTreeMap<&'static str, u64>>,
     disconnects: Mutex<BTreeMap<&'static str, u64>>,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Stats {
+    /// Every label from zero, so that a dashboard's rates draw (at 0) before the first error.
+    fn new() -> Self {
+        let zeros = |labels: &[&'static str]| Mutex::new(labels.iter().map(|l| (*l, 0)).collect());
+        let errors: Vec<&'static str> = ProtocolError::LABELS
+            .iter()
+            .chain(&SESSION_ERRORS)
+            .copied()
+            .collect();
+        let gone = [
+            Gone::Closed,
+            Gone::SlowClient,
+            Gone::ProtocolError,
+            Gone::HandshakeTimeout,
+            Gone::WrongBus,
+            Gone::Shutdown,
+        ]
+        .map(Gone::label);
+        Stats {
+            errors: zeros(&errors),
+            disconnects: zeros(&gone),
+            dropped: zeros(&DROP_REASONS),
+            ..Stats::default()
+        }
+    }
 }
 
 fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, label: &'static str) {
@@ -178,7 +210,7 @@ impl Endpoint {
             clients: Mutex::new(Vec::new()),
             can: Mutex::new(None),
             next_id: AtomicU64::new(1),
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(Stats::new()),
         }
     }
 
@@ -715,11 +747,17 @@ mod tests {
         assert_eq!(replies(&mut c, 1).await, ["< echo >"]);
         let s = e.sample();
         assert_eq!(s.clients, 1);
-        assert_eq!(s.dropped, [("bus_not_connected", 1)]);
+        let nonzero = |counts: &[(&'static str, u64)]| -> Vec<(&'static str, u64)> {
+            counts.iter().copied().filter(|(_, n)| *n > 0).collect()
+        };
+        assert_eq!(nonzero(&s.dropped), [("bus_not_connected", 1)]);
         assert_eq!(
-            s.protocol_errors,
+            nonzero(&s.protocol_errors),
             [("bad_arguments", 1), ("unknown_command", 1)]
         );
+        // Every label is there from zero.
+        assert_eq!(s.dropped.len(), DROP_REASONS.len());
+        assert_eq!(s.disconnects.len(), 6);
         drop(c);
         shutdown.cancel();
     }
