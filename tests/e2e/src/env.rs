@@ -92,6 +92,26 @@ impl TestNode {
 }
 
 impl TestNode {
+    /// The name (under /run/netns) of the network namespace of sandbox `sandbox`; panics if the
+    /// runtime does not say or the pod has none of its own.
+    pub async fn netns_of_sandbox(&self, sandbox: &str) -> String {
+        self.node
+            .cri
+            .netns_path(sandbox)
+            .await
+            .expect("sandbox status")
+            .expect("the pod has its own network namespace")
+            .file_name()
+            .expect("netns file name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The name of `pod`'s network namespace (see [`TestNode::netns_of_sandbox`]).
+    pub async fn netns_name(&self, pod: &crate::node::StartedPod) -> String {
+        self.netns_of_sandbox(&pod.sandbox).await
+    }
+
     /// Runs `spec` the way the kubelet does and panics, with the plugin's log, unless every
     /// container started.
     pub async fn run_pod_ok(&self, spec: &crate::PodSpec) -> crate::node::StartedPod {

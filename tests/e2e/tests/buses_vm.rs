@@ -69,21 +69,8 @@ fn listener(name: &str, resource: &str, frames: usize, ifname: &str) -> PodSpec 
     p
 }
 
-async fn netns_name(t: &TestNode, pod: &StartedPod) -> String {
-    t.node
-        .cri
-        .netns_path(&pod.sandbox)
-        .await
-        .expect("sandbox status")
-        .expect("pod has its own netns")
-        .file_name()
-        .expect("netns file name")
-        .to_string_lossy()
-        .into_owned()
-}
-
 async fn wait_bound(t: &TestNode, pod: &StartedPod, ifname: &str) {
-    let ns = netns_name(t, pod).await;
+    let ns = t.netns_name(pod).await;
     tokio::task::spawn_blocking({
         let ifname = ifname.to_string();
         move || wait_for_can_listener(&ns, &ifname, BIND_TIMEOUT)

@@ -93,25 +93,6 @@ fn repeat(n: u64, cmd: &str) -> String {
     format!("i=0; while [ $i -lt {n} ]; do {cmd} || exit 1; i=$((i+1)); done")
 }
 
-/// The pod's network namespace, by the name `ip netns` knows it (`cni-…`).
-async fn netns_name(t: &TestNode, pod: &StartedPod) -> String {
-    netns_of_sandbox(t, &pod.sandbox).await
-}
-
-async fn netns_of_sandbox(t: &TestNode, sandbox: &str) -> String {
-    let path = t
-        .node
-        .cri
-        .netns_path(sandbox)
-        .await
-        .expect("sandbox status")
-        .expect("the pod has its own network namespace");
-    path.file_name()
-        .expect("netns file name")
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Awaits `f`, panicking after [`STEP_TIMEOUT`] so that a hang fails the test with what hung.
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(STEP_TIMEOUT, f).await {
@@ -571,7 +552,7 @@ async fn metrics_count_every_frame_kind_exactly_and_agree_with_the_kernel() {
     }
 
     // The kernel's own counters of each interface agree with the per-kind sums.
-    let netns = netns_name(&t, &pod).await;
+    let netns = t.netns_name(&pod).await;
     for ifname in ["vcan0", "vcan1"] {
         assert_matches_kernel(&traffic, &netns, ifname);
     }
@@ -608,7 +589,7 @@ async fn metrics_keep_pods_whose_interfaces_share_an_ifindex_apart() {
         ifindex_a, ifindex_b,
         "the scenario needs both pods' vcan0 to have the same ifindex"
     );
-    let (netns_a, netns_b) = (netns_name(&t, &a).await, netns_name(&t, &b).await);
+    let (netns_a, netns_b) = (t.netns_name(&a).await, t.netns_name(&b).await);
     assert_ne!(netns_a, netns_b);
 
     sh(&t, &a, "cangen vcan0 -n 4 -g 1 -I 100 -L 2").await;
@@ -690,7 +671,7 @@ async fn churn_pod_up(t: &TestNode, name: &str) -> (PodSpec, String, String) {
         .prestart(&allocation.containers[0])
         .await
         .unwrap_or_else(|s| panic!("PreStart {name}: {}", s.message()));
-    let netns = netns_of_sandbox(t, &sandbox).await;
+    let netns = t.netns_of_sandbox(&sandbox).await;
     (spec, sandbox, netns)
 }
 
@@ -864,7 +845,7 @@ async fn metrics_keep_counting_across_a_plugin_restart() {
         .expect("node starts");
     let began = Instant::now();
     let pod = t.run_pod_ok(&idle_pod("default", "survivor", 2)).await;
-    let netns = netns_name(&t, &pod).await;
+    let netns = t.netns_name(&pod).await;
 
     const N: u64 = 10;
     const M: u64 = 7;

@@ -27,21 +27,6 @@ fn pod(name: &str, containers: Vec<ContainerSpec>) -> PodSpec {
     p
 }
 
-/// The netns name (under /run/netns) of a started pod, for `ip netns exec`.
-async fn netns_name(t: &TestNode, started: &StartedPod) -> String {
-    let path = t
-        .node
-        .cri
-        .netns_path(&started.sandbox)
-        .await
-        .expect("sandbox status")
-        .expect("pod has its own netns");
-    path.file_name()
-        .expect("netns file name")
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Strips candump -L's timestamps.
 fn frames(log: &str) -> Vec<String> {
     log.lines()
@@ -128,7 +113,7 @@ async fn containers_of_a_pod_share_a_bus_that_other_pods_do_not_see(t: &TestNode
         .await
         .expect("outsider");
     wait_for_can_listener(
-        &netns_name(t, &outsider).await,
+        &t.netns_name(&outsider).await,
         "vcan0",
         Duration::from_secs(30),
     );

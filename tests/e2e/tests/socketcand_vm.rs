@@ -56,21 +56,8 @@ fn listener(name: &str, frames: usize, filter: &str) -> PodSpec {
     p
 }
 
-async fn netns_name(t: &TestNode, pod: &StartedPod) -> String {
-    t.node
-        .cri
-        .netns_path(&pod.sandbox)
-        .await
-        .expect("sandbox status")
-        .expect("pod has its own netns")
-        .file_name()
-        .expect("netns file name")
-        .to_string_lossy()
-        .into_owned()
-}
-
 async fn wait_bound(t: &TestNode, pod: &StartedPod) {
-    let ns = netns_name(t, pod).await;
+    let ns = t.netns_name(pod).await;
     tokio::task::spawn_blocking(move || wait_for_can_listener(&ns, "can0", BIND_TIMEOUT))
         .await
         .expect("wait for listener");
@@ -79,7 +66,7 @@ async fn wait_bound(t: &TestNode, pod: &StartedPod) {
 /// Like [`wait_bound`] for a listener with a filter for one identifier, which the kernel lists
 /// among the filtered receivers (or those of single ids, by mask).
 async fn wait_bound_to_one_id(t: &TestNode, pod: &StartedPod) {
-    let ns = netns_name(t, pod).await;
+    let ns = t.netns_name(pod).await;
     eventually("the filtered listener binds", BIND_TIMEOUT, || {
         let out = run_in_netns(
             &ns,
