@@ -23,7 +23,8 @@ Checks, each reported as PASS, FAIL or SKIP, then a summary line:
   * promtool check rules / test rules, every alert unit-tested, the PrometheusRule matches the
     plain rules file, runbook links point at real README sections
   * the Grafana dashboard's structure, every expression parses (promtool), the bus-load formula
-    computes canbusload's numbers, metric names exist
+    computes canbusload's numbers, every query of the timed-bus row draws data on a busy timed bus,
+    metric names exist
   * dashboards, alerts and their tests select and group only by labels the metrics have (e.g. no
     id_format on the frame and byte counters), and deploy/README.md's metric table says the same
   * the Dockerfile's stages
@@ -151,6 +152,15 @@ COUNTERS = {
     "vcan_plugin_socketcand_protocol_errors_total",
     "vcan_plugin_socketcand_disconnects_total",
     "vcan_plugin_socketcand_frames_dropped_total",
+    "vcan_plugin_bus_busy_seconds_total",
+    "vcan_plugin_bus_wire_bits_total",
+    "vcan_plugin_bus_wire_frames_total",
+    "vcan_plugin_bus_member_frames_total",
+    "vcan_plugin_bus_member_busy_seconds_total",
+    "vcan_plugin_bus_tx_refused_total",
+    "vcan_plugin_bus_scheduler_dropped_total",
+    "vcan_plugin_bus_faults_injected_total",
+    "vcan_plugin_bus_fault_frames_total",
 }
 GAUGES = {
     "vcan_plugin_devices",
@@ -167,11 +177,14 @@ GAUGES = {
     "vcan_plugin_tunnel_peers",
     "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds",
     "vcan_plugin_socketcand_clients",
+    "vcan_plugin_bus_bitrate_bits_per_second",
+    "vcan_plugin_bus_faults_active",
 }
 HISTOGRAMS = {
     "vcan_plugin_allocate_duration_seconds",
     "vcan_plugin_prestart_duration_seconds",
     "vcan_plugin_prestart_phase_duration_seconds",
+    "vcan_plugin_bus_queue_wait_seconds",
 }
 FUTURE_METRICS = {
     "vcan_plugin_bus_frames_forwarded_total",
@@ -232,6 +245,21 @@ METRIC_LABELS: dict[str, set[str]] = {
     "vcan_plugin_socketcand_protocol_errors_total": {"bus", "kind"},
     "vcan_plugin_socketcand_disconnects_total": {"bus", "reason"},
     "vcan_plugin_socketcand_frames_dropped_total": {"bus", "reason"},
+    # Timed buses (a bus with a bitrate): `namespace`/`pod` name a member pod, or namespace "" and
+    # pod "tunnel"/"socketcand" for the bus's fixed ends. Fault `kind`: bus_off, disconnect, drop,
+    # corrupt, delay; scheduler drop `reason`: queue_full, fault.
+    "vcan_plugin_bus_bitrate_bits_per_second": {"bus"},
+    "vcan_plugin_bus_busy_seconds_total": {"bus"},
+    "vcan_plugin_bus_wire_bits_total": {"bus"},
+    "vcan_plugin_bus_wire_frames_total": {"bus"},
+    "vcan_plugin_bus_member_frames_total": {"bus", "namespace", "pod"},
+    "vcan_plugin_bus_member_busy_seconds_total": {"bus", "namespace", "pod"},
+    "vcan_plugin_bus_queue_wait_seconds": {"bus"},
+    "vcan_plugin_bus_tx_refused_total": {"bus", "namespace", "pod"},
+    "vcan_plugin_bus_scheduler_dropped_total": {"bus", "reason"},
+    "vcan_plugin_bus_faults_active": {"bus", "kind"},
+    "vcan_plugin_bus_faults_injected_total": {"bus", "namespace", "pod", "kind"},
+    "vcan_plugin_bus_fault_frames_total": {"bus", "namespace", "pod", "kind"},
 }
 # The per-pod traffic counters, which dashboard queries must filter by $namespace/$pod/$interface.
 TRAFFIC_COUNTERS = {m for m in COUNTERS if TRAFFIC_LABELS <= METRIC_LABELS[m]}
@@ -1680,9 +1708,13 @@ def bus_load_input_series(
 
 def check_bus_load(path: Path, promtool: str, work: Path) -> tuple[list[str], str]:
     d = json.loads(path.read_text())
-    panels = [pn for pn in all_panels(d) if "bus load" in pn.get("title", "").lower()]
+    # The estimate from the per-interface counters at $bitrate; the "Bus load (timed buses)" row
+    # measures timed buses instead (check_timed_bus_panels).
+    panels = [
+        pn for pn in all_panels(d) if pn["type"] != "row" and "equivalent bus load" in pn.get("title", "").lower()
+    ]
     if len(panels) != 1:
-        return [f"expected one bus-load panel, found {len(panels)}"], ""
+        return [f"expected one equivalent-bus-load panel, found {len(panels)}"], ""
     expr = panels[0]["targets"][0]["expr"]
     (work / "bus-load").mkdir(parents=True, exist_ok=True)
     p = []
@@ -1724,6 +1756,126 @@ def check_bus_load(path: Path, promtool: str, work: Path) -> tuple[list[str], st
         if proc.returncode != 0:
             p.append(f"{case.label}: expected {case.expected:.6g}:\n{proc.stdout}{proc.stderr}")
     return p, f"{len(BUS_LOAD_CASES)} cases evaluated by promtool"
+
+
+# A timed bus as the plugin exports it, with traffic and no fault: every counter from zero, each
+# label combination known in advance present. Bus "body" on node n1 is 37.5 % busy, two thirds of
+# it ecu-a's frames and one third ecu-b's; the fixed ends (tunnel, socketcand) send nothing.
+TIMED_BUS_ROW = "Bus load (timed buses)"
+TIMED_BUS_MEMBERS = [("ns", "ecu-a", 0.25), ("ns", "ecu-b", 0.125), ("", "tunnel", 0.0), ("", "socketcand", 0.0)]
+TIMED_BUS_LOAD = sum(busy for _, _, busy in TIMED_BUS_MEMBERS)
+TIMED_BUS_FAULT_KINDS = ("bus_off", "disconnect", "drop", "corrupt", "delay")
+TIMED_BUS_DROP_REASONS = ("queue_full", "fault")
+TIMED_BUS_WAIT_BUCKETS = ("0.0001", "0.001", "0.01", "0.1", "1", "+Inf")
+
+
+def timed_bus_input_series() -> list[dict[str, str]]:
+    base = 'job="vcan-plugin", instance="10.0.0.1:9720", node="n1", bus="body"'
+    zero = "0x20"
+
+    def rising(per_second: float) -> str:
+        return f"0+{per_second * 60:g}x20"
+
+    frames = 1000.0  # frames/s, 375 µs each on average
+    out = [
+        {"series": f"vcan_plugin_bus_bitrate_bits_per_second{{{base}}}", "values": "500000x20"},
+        {"series": f"vcan_plugin_bus_busy_seconds_total{{{base}}}", "values": rising(TIMED_BUS_LOAD)},
+        {"series": f"vcan_plugin_bus_wire_bits_total{{{base}}}", "values": rising(TIMED_BUS_LOAD * 500000)},
+        {"series": f"vcan_plugin_bus_wire_frames_total{{{base}}}", "values": rising(frames)},
+        # Every frame waited 0.1-1 ms: p50 and p99 fall in that bucket.
+        {"series": f"vcan_plugin_bus_queue_wait_seconds_sum{{{base}}}", "values": rising(frames * 0.0005)},
+        {"series": f"vcan_plugin_bus_queue_wait_seconds_count{{{base}}}", "values": rising(frames)},
+    ]
+    for le in TIMED_BUS_WAIT_BUCKETS:
+        out.append(
+            {"series": f'vcan_plugin_bus_queue_wait_seconds_bucket{{{base}, le="{le}"}}', "values": zero if le == "0.0001" else rising(frames)}
+        )
+    for reason in TIMED_BUS_DROP_REASONS:
+        out.append({"series": f'vcan_plugin_bus_scheduler_dropped_total{{{base}, reason="{reason}"}}', "values": zero})
+    for kind in TIMED_BUS_FAULT_KINDS:
+        out.append({"series": f'vcan_plugin_bus_faults_active{{{base}, kind="{kind}"}}', "values": zero})
+    for namespace, pod, busy in TIMED_BUS_MEMBERS:
+        member = f'{base}, namespace="{namespace}", pod="{pod}"'
+        out.append({"series": f"vcan_plugin_bus_member_busy_seconds_total{{{member}}}", "values": rising(busy)})
+        out.append({"series": f"vcan_plugin_bus_member_frames_total{{{member}}}", "values": rising(frames * busy / TIMED_BUS_LOAD)})
+        out.append({"series": f"vcan_plugin_bus_tx_refused_total{{{member}}}", "values": zero})
+        for kind in TIMED_BUS_FAULT_KINDS:
+            out.append({"series": f'vcan_plugin_bus_faults_injected_total{{{member}, kind="{kind}"}}', "values": zero})
+            out.append({"series": f'vcan_plugin_bus_fault_frames_total{{{member}, kind="{kind}"}}', "values": zero})
+    return out
+
+
+def row_panels(dashboard: dict[str, Any], title: str) -> list[dict[str, Any]] | None:
+    """The panels of the row titled `title` (nested if collapsed, else up to the next row)."""
+    top = dashboard.get("panels", [])
+    for i, panel in enumerate(top):
+        if panel["type"] == "row" and panel.get("title") == title:
+            if panel.get("panels"):
+                return panel["panels"]
+            out = []
+            for following in top[i + 1:]:
+                if following["type"] == "row":
+                    break
+                out.append(following)
+            return out
+    return None
+
+
+def check_timed_bus_panels(path: Path, promtool: str, work: Path) -> tuple[list[str], str]:
+    """Every query of the timed-bus row draws finite data on a timed bus with traffic and no fault
+    (as the end-to-end test requires), and the load and share panels compute the right numbers."""
+    d = json.loads(path.read_text())
+    panels = row_panels(d, TIMED_BUS_ROW)
+    if not panels:
+        return [f"no panels in row {TIMED_BUS_ROW!r}"], ""
+    rules = []
+    tests = []
+    exact = 0
+    for panel in panels:
+        for t in panel.get("targets", []):
+            name = f"timed_bus:panel_{panel['id']}_{t['refId']}"
+            rules.append({"record": name, "expr": substitute(t["expr"])})
+            # 1 if the query has at least one finite sample (NaN != NaN), no sample otherwise.
+            tests.append(
+                {"expr": f"(count({name} == {name}) > 0) * 0 + 1", "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}
+            )
+            names = metric_names(t["expr"])
+            if names == {"vcan_plugin_bus_busy_seconds_total"}:
+                tests.append(
+                    {
+                        "expr": name,
+                        "eval_time": "10m",
+                        "exp_samples": [{"labels": f'{name}{{node="n1", bus="body"}}', "value": TIMED_BUS_LOAD}],
+                    }
+                )
+                exact += 1
+            elif names == {"vcan_plugin_bus_busy_seconds_total", "vcan_plugin_bus_member_busy_seconds_total"}:
+                tests.append(
+                    {
+                        "expr": name,
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": f'{name}{{node="n1", bus="body", namespace="{ns}", pod="{pod}"}}', "value": busy / TIMED_BUS_LOAD}
+                            for ns, pod, busy in TIMED_BUS_MEMBERS
+                        ],
+                    }
+                )
+                exact += 1
+    if exact != 2:
+        return [f"row {TIMED_BUS_ROW!r}: expected one load query and one member-share query, found {exact} of them"], ""
+    directory = work / "timed-bus"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "timed-bus", "rules": rules}]}, sort_keys=False))
+    test = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": timed_bus_input_series(), "promql_expr_test": tests}],
+    }
+    (directory / "test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    proc = run_command([promtool, "test", "rules", "test.yml"], cwd=directory)
+    if proc.returncode != 0:
+        return [f"promtool test rules {directory / 'test.yml'}:\n{proc.stdout}{proc.stderr}"], ""
+    return [], f"{len(rules)} queries draw data on a busy timed bus; load and member shares exact"
 
 
 def check_metrics_in_source(root: Path, report: Report) -> tuple[list[str], str]:
@@ -2011,6 +2163,7 @@ def main(argv: list[str] | None = None) -> int:
         report.run("dashboard structure", lambda: check_dashboard_structure(dash))
         report.run("dashboard expressions parse", lambda: check_dashboard_expressions(dash, promtool, work))
         report.run("dashboard bus load = canbusload model", lambda: check_bus_load(dash, promtool, work))
+        report.run("dashboard timed-bus row draws data", lambda: check_timed_bus_panels(dash, promtool, work))
         if version:
             print(f"      ({version[0].strip()})")
     report.run("deploy/README.md: links, install commands, components, metrics", lambda: check_readme(root))

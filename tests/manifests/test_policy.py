@@ -714,6 +714,20 @@ class LabelChecks(unittest.TestCase):
         self.assertEqual(problems, ["vcan_plugin_tunnel_packets_lost_total has no label 'direction'"])
         self.assertEqual(cm.label_problems('max without (direction) (vcan_plugin_tunnel_packets_total{kind="instance", direction="tx"})'), [])
 
+    def test_timed_bus_labels(self) -> None:
+        # Bus load and wire counters are per bus only; members and faults per bus and member.
+        problems = cm.label_problems('sum by (node, bus, pod) (rate(vcan_plugin_bus_busy_seconds_total[5m]))')
+        self.assertEqual(problems, ["by (node, bus, pod): no metric there has label 'pod'"])
+        problems = cm.label_problems('vcan_plugin_bus_faults_active{pod="ecu"}')
+        self.assertEqual(problems, ["vcan_plugin_bus_faults_active has no label 'pod'"])
+        self.assertEqual(
+            cm.label_problems('histogram_quantile(0.99, sum by (bus, le) (rate(vcan_plugin_bus_queue_wait_seconds_bucket[5m])))'), []
+        )
+        for series in cm.timed_bus_input_series():
+            with self.subTest(series=series["series"]):
+                self.assertEqual(cm.label_problems(series["series"]), [])
+                self.assertTrue(cm.metric_names(series["series"]) <= cm.KNOWN_SERIES)
+
     def test_shipped_dashboard_and_rules(self) -> None:
         dashboard = json.loads((ROOT / "dashboards/vcan-plugin.json").read_text())
         for where, expr in cm.dashboard_expressions(dashboard):

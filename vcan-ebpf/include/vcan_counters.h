@@ -87,4 +87,18 @@ struct vcan_slot {
 	char ifname[16];      /* interface name when attached (IFNAMSIZ), NUL-padded */
 };
 
+/*
+ * Transmit queue of a member of a timed bus (vcan-plugin/src/bus/timing): how many of its frames
+ * may wait for the bus. The egress program lets a frame through while sent - done < limit and
+ * otherwise refuses it (TC_ACT_SHOT: the writer gets ENOBUFS, as from a controller whose queue is
+ * full). The program only adds to sent and refused; done lives in vcan_txdone_v1 because the
+ * scheduler writes it with map updates, which replace a whole value.
+ */
+struct vcan_txq {
+	__u64 sent;     /* frames let through at egress */
+	__u64 refused;  /* writes refused because the queue was full */
+	__u32 limit;    /* frames that may wait; 0: no limit */
+	__u32 reserved; /* zero; keeps the layout free of implicit padding */
+};
+
 #endif /* VCAN_COUNTERS_H */

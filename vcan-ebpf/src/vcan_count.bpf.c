@@ -58,6 +58,46 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vcan_slots_v1 SEC(".maps");
 
+/* Transmit queues of timed-bus members by slot (see struct vcan_txq); created by the loader when
+ * a member joins a timed bus, deleted with the slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VCAN_MAX_SLOTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct vcan_txq);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vcan_txq_v1 SEC(".maps");
+
+/* Frames of each queue that have left the bus, written by the timed bus's scheduler. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VCAN_MAX_SLOTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vcan_txdone_v1 SEC(".maps");
+
+/* Whether a frame leaving a timed-bus member may join its transmit queue. Two CPUs may both let
+ * the last free place's frame through: the bound is the limit plus the CPUs, never unbounded. */
+static __always_inline int queue_full(__u32 slot)
+{
+	struct vcan_txq *q = bpf_map_lookup_elem(&vcan_txq_v1, &slot);
+	__u64 *done;
+
+	if (!q || q->limit == 0)
+		return 0;
+	done = bpf_map_lookup_elem(&vcan_txdone_v1, &slot);
+	/* Signed: a count reset ahead of sent must read as an empty queue, not a full one. */
+	if ((__s64)(q->sent - (done ? *done : 0)) >= (__s64)q->limit) {
+		__sync_fetch_and_add(&q->refused, 1);
+		return 1;
+	}
+	__sync_fetch_and_add(&q->sent, 1);
+	return 0;
+}
+
 /* Largest payloads, to keep a corrupt length from inflating the byte counters. */
 #define CLASSIC_MAX_LEN 8
 #define FD_MAX_LEN 64
@@ -90,6 +130,9 @@ static __always_inline int count(struct __sk_buff *skb, __u32 dir)
 
 	if (key.slot == 0)
 		return TC_ACT_UNSPEC; /* not entered through an attachment's entry program */
+	/* A refused frame was never sent: not counted, and the writer learns it (ENOBUFS). */
+	if (dir == VCAN_DIR_EGRESS && queue_full(key.slot))
+		return TC_ACT_SHOT;
 	c = bpf_map_lookup_elem(&vcan_cnt_v1, &key);
 	if (!c)
 		return TC_ACT_UNSPEC; /* detached, or not set up yet: count nothing */

@@ -235,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
             uplink: None,
             tunnel: None,
             socketcand: None,
+            timing: None,
         },
         "bench.io",
         &args.state_dir,

@@ -623,6 +623,7 @@ fn scrape(
         vcan_supported: true,
         traffic,
         buses: Vec::new(),
+        timed_buses: Vec::new(),
         controllers: Vec::new(),
         tunnels: Vec::new(),
         socketcand: Vec::new(),

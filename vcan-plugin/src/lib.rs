@@ -13,6 +13,7 @@
 pub mod api;
 pub mod bus;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod hardware;

@@ -7,9 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 
 use crate::bus::Bus;
+use crate::bus::timing::load::{DROP_REASONS, WAIT_BUCKETS};
+use crate::control::request::FaultKind;
 use crate::hardware::Controller;
 use crate::serve::ResourceServer;
 use crate::socketcand::server::Endpoint;
+use crate::telemetry::bus_load::{FaultSample, MemberLabels, SenderSample, TimedBusSample};
 use crate::telemetry::health::Health;
 use crate::telemetry::http::StateSource;
 use crate::telemetry::metrics::{
@@ -153,6 +156,77 @@ impl NodeState {
             .collect()
     }
 
+    /// Every timed bus's load, shares and faults; every member and fault kind from zero.
+    fn timed_buses(&self) -> Vec<TimedBusSample> {
+        let counters = self.resources.iter().find_map(|r| r.server.counters());
+        self.buses
+            .iter()
+            .filter_map(|bus| {
+                let timed = bus.timed()?;
+                let load = timed.load();
+                let labels = |pod: &crate::pod::resources::PodRef| MemberLabels {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                };
+                let mut ends: Vec<_> = timed.ends().into_values().collect();
+                ends.sort_by(|a, b| a.pod.cmp(&b.pod));
+                let senders = ends
+                    .iter()
+                    .map(|e| {
+                        let share = load.senders.get(&e.pod).cloned().unwrap_or_default();
+                        SenderSample {
+                            member: labels(&e.pod),
+                            frames: share.frames,
+                            busy_seconds: share.busy.as_secs_f64(),
+                            refused: match (counters, e.slot) {
+                                (Some(c), Some(slot)) => c.tx_refused(slot),
+                                _ => 0,
+                            },
+                        }
+                    })
+                    .collect();
+                let faults = ends
+                    .iter()
+                    .filter(|e| !e.pod.namespace.is_empty())
+                    .flat_map(|e| {
+                        FaultKind::LABELS.iter().map(|kind| {
+                            let key = (e.pod.clone(), *kind);
+                            FaultSample {
+                                member: labels(&e.pod),
+                                kind,
+                                injected: load.faults_injected.get(&key).copied().unwrap_or(0),
+                                frames: load.fault_frames.get(&key).copied().unwrap_or(0),
+                            }
+                        })
+                    })
+                    .collect();
+                let mut cumulative = 0;
+                let wait_buckets = WAIT_BUCKETS
+                    .iter()
+                    .zip(load.wait_buckets)
+                    .map(|(le, n)| {
+                        cumulative += n;
+                        (*le, cumulative)
+                    })
+                    .collect();
+                Some(TimedBusSample {
+                    bus: bus.spec().name.clone(),
+                    bitrate: timed.timing().bitrate,
+                    busy_seconds: load.busy.as_secs_f64(),
+                    bits: load.bits,
+                    frames: load.frames,
+                    senders,
+                    wait_buckets,
+                    wait_count: cumulative + load.wait_over,
+                    wait_sum: load.wait_sum.as_secs_f64(),
+                    dropped: DROP_REASONS.iter().copied().zip(load.dropped).collect(),
+                    faults_active: timed.faults_by_kind(),
+                    faults,
+                })
+            })
+            .collect()
+    }
+
     fn resource_samples(&self) -> Vec<ResourceSample> {
         self.resources
             .iter()
@@ -185,6 +259,7 @@ impl StateSource for NodeState {
             controllers: self.controllers.iter().filter_map(|c| c.sample()).collect(),
             tunnels: self.tunnels(),
             socketcand: self.socketcand.iter().map(|e| e.sample()).collect(),
+            timed_buses: self.timed_buses(),
         }
     }
 

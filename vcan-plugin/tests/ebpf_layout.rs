@@ -11,7 +11,7 @@ use std::mem::{offset_of, size_of};
 use object::{Object, ObjectSection};
 use vcan_plugin::ebpf::layout::{
     CB_SLOT, COUNT_PROGRAMS, COUNTERS_MAP, DIRECTIONS, EGRESS_PROGRAM, INGRESS_PROGRAM, MAX_SLOTS,
-    PROGS_MAP, SLOTS_MAP, VcanCounters, VcanKey, VcanKind, VcanSlot,
+    PROGS_MAP, SLOTS_MAP, TXDONE_MAP, TXQ_MAP, VcanCounters, VcanKey, VcanKind, VcanSlot, VcanTxq,
 };
 
 // ─── A minimal BTF reader (see the kernel's Documentation/bpf/btf.rst) ─────────────────────────
@@ -284,6 +284,12 @@ fn structs_match_the_objects_btf() {
         size_of::<VcanSlot>(),
         fields!(VcanSlot: netns_ino, ifindex, mode, prog_id, tc_handle, tc_priority, reserved, ifname),
     );
+    assert_same(
+        "vcan_txq",
+        &btf,
+        size_of::<VcanTxq>(),
+        fields!(VcanTxq: sent, refused, limit, reserved),
+    );
 }
 
 #[test]
@@ -324,6 +330,21 @@ fn maps_use_the_mirrored_types_and_limits() {
     assert_eq!(btf.map_uint(&progs, "pinning"), LIBBPF_PIN_BY_NAME);
     assert_eq!(btf.size_of(progs["key"]), size_of::<u32>());
     assert_eq!(btf.size_of(progs["value"]), size_of::<u32>());
+
+    let txq = btf.map_def(TXQ_MAP);
+    assert_eq!(btf.map_uint(&txq, "type"), BPF_MAP_TYPE_HASH);
+    assert_eq!(btf.map_uint(&txq, "max_entries"), MAX_SLOTS);
+    assert_eq!(btf.map_uint(&txq, "map_flags"), BPF_F_NO_PREALLOC);
+    assert_eq!(btf.map_uint(&txq, "pinning"), LIBBPF_PIN_BY_NAME);
+    assert_eq!(btf.size_of(txq["key"]), size_of::<u32>());
+    assert_eq!(btf.get(btf.resolve(txq["value"])).name, "vcan_txq");
+    let done = btf.map_def(TXDONE_MAP);
+    assert_eq!(btf.map_uint(&done, "type"), BPF_MAP_TYPE_HASH);
+    assert_eq!(btf.map_uint(&done, "max_entries"), MAX_SLOTS);
+    assert_eq!(btf.map_uint(&done, "pinning"), LIBBPF_PIN_BY_NAME);
+    assert_eq!(btf.size_of(done["key"]), size_of::<u32>());
+    assert_eq!(btf.size_of(done["value"]), size_of::<u64>());
+    assert!(TXQ_MAP.len() <= 15 && TXDONE_MAP.len() <= 15);
 
     // Kernel map names are at most 15 bytes (BPF_OBJ_NAME_LEN - 1).
     assert!(COUNTERS_MAP.len() <= 15 && SLOTS_MAP.len() <= 15 && PROGS_MAP.len() <= 15);

@@ -38,6 +38,33 @@ pub struct BusSpec {
     pub tunnel: Option<TunnelSpec>,
     /// The socketcand endpoint serving the bus to engineers' tools, if asked for.
     pub socketcand: Option<SocketcandSpec>,
+    /// The bus's bitrate, if it is a timed bus: frames are then scheduled one at a time in the
+    /// plugin (see [`crate::bus::timing`]) instead of forwarded by can-gw at memory speed.
+    pub timing: Option<TimingSpec>,
+}
+
+/// Lowest nominal bitrate a timed bus accepts (bit/s).
+pub const MIN_BITRATE: u32 = 10_000;
+/// Highest nominal bitrate (bit/s): ISO 11898's limit for the arbitration phase.
+pub const MAX_BITRATE: u32 = 1_000_000;
+/// Highest data-phase bitrate of an FD bus (bit/s).
+pub const MAX_DATA_BITRATE: u32 = 15_000_000;
+/// A member's transmit queue when the configuration does not say: Linux's default
+/// `txqueuelen` for CAN interfaces.
+pub const DEFAULT_TX_QUEUE: u32 = 10;
+
+/// How a timed bus carries frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimingSpec {
+    /// Nominal (arbitration-phase) bitrate, bit/s.
+    pub bitrate: u32,
+    /// Data-phase bitrate of CAN FD frames with bit-rate switch, bit/s (FD buses only).
+    pub data_bitrate: Option<u32>,
+    /// Frames a member may have waiting for the bus; the next write fails with ENOBUFS.
+    pub tx_queue: u32,
+    /// Whether frames take their bit time (true) or go at once with the load only measured
+    /// against `bitrate` (false).
+    pub pace: bool,
 }
 
 /// Default TCP port of a bus's socketcand endpoint (socketcand's default).
@@ -168,6 +195,14 @@ struct RawBus {
     socketcand: Option<RawSocketcand>,
     #[serde(default)]
     batch_us: Option<i64>,
+    #[serde(default)]
+    bitrate: Option<i64>,
+    #[serde(default)]
+    data_bitrate: Option<i64>,
+    #[serde(default)]
+    tx_queue: Option<i64>,
+    #[serde(default)]
+    pace: Option<bool>,
 }
 
 /// A socketcand endpoint as written: `{"port": 29536, "listen": "127.0.0.1", "max_clients": 16}`.
@@ -239,6 +274,7 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
             .ok_or_else(|| field("members", format!("{members} is not in 1..=9999")))?;
         let interface = bus
             .interface
+            .clone()
             .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
         link::validate_name(&interface).map_err(|e| field("interface", e.to_string()))?;
         if let Some(uplink) = &bus.uplink
@@ -356,17 +392,89 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<BusSpec>, BusConfigError> {
             .as_ref()
             .map(|raw| socketcand_spec(raw, &buses, &field))
             .transpose()?;
+        let fd = bus.fd.unwrap_or(true);
+        let timing = timing_spec(&bus, fd, &field)?;
         buses.push(BusSpec {
             name: bus.name,
-            fd: bus.fd.unwrap_or(true),
+            fd,
             members,
             interface,
             uplink: bus.uplink,
             tunnel,
             socketcand,
+            timing,
         });
     }
     Ok(buses)
+}
+
+/// The timing of a bus (`bitrate`, `data_bitrate`, `tx_queue`, `pace`), if it has a bitrate.
+fn timing_spec(
+    bus: &RawBus,
+    fd: bool,
+    field: &dyn Fn(&'static str, String) -> BusConfigError,
+) -> Result<Option<TimingSpec>, BusConfigError> {
+    let Some(bitrate) = bus.bitrate else {
+        if bus.data_bitrate.is_some() || bus.tx_queue.is_some() || bus.pace.is_some() {
+            return Err(field(
+                "bitrate",
+                "data_bitrate, tx_queue and pace belong to timed buses: set \"bitrate\" too \
+                 (e.g. 500000)"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if bus.uplink.is_some() {
+        return Err(field(
+            "bitrate",
+            "a bus with an uplink runs at its wire's bitrate (the controller's settings in the \
+             hardware configuration): remove \"bitrate\" from the bus"
+                .into(),
+        ));
+    }
+    let bitrate = u32::try_from(bitrate)
+        .ok()
+        .filter(|b| (MIN_BITRATE..=MAX_BITRATE).contains(b))
+        .ok_or_else(|| {
+            field(
+                "bitrate",
+                format!("{bitrate} is not in {MIN_BITRATE}..={MAX_BITRATE} bit/s"),
+            )
+        })?;
+    let data_bitrate = match bus.data_bitrate {
+        None => None,
+        Some(_) if !fd => {
+            return Err(field(
+                "data_bitrate",
+                "a classic bus (\"fd\": false) has no data phase: remove data_bitrate".into(),
+            ));
+        }
+        Some(d) => Some(
+            u32::try_from(d)
+                .ok()
+                .filter(|d| (bitrate..=MAX_DATA_BITRATE).contains(d))
+                .ok_or_else(|| {
+                    field(
+                        "data_bitrate",
+                        format!("{d} is not in {bitrate}..={MAX_DATA_BITRATE} bit/s (at least the bitrate)"),
+                    )
+                })?,
+        ),
+    };
+    let tx_queue = match bus.tx_queue {
+        None => DEFAULT_TX_QUEUE,
+        Some(q) => u32::try_from(q)
+            .ok()
+            .filter(|q| (1..=1024).contains(q))
+            .ok_or_else(|| field("tx_queue", format!("{q} is not in 1..=1024")))?,
+    };
+    Ok(Some(TimingSpec {
+        bitrate,
+        data_bitrate,
+        tx_queue,
+        pace: bus.pace.unwrap_or(true),
+    }))
 }
 
 /// The socketcand endpoint of a bus, checked against the buses before it.
@@ -491,6 +599,7 @@ pub(super) fn example(fd: bool) -> BusSpec {
         uplink: None,
         tunnel: None,
         socketcand: None,
+        timing: None,
     }
 }
 
@@ -517,7 +626,8 @@ mod tests {
                     interface: "pt0".into(),
                     uplink: None,
                     tunnel: None,
-                    socketcand: None
+                    socketcand: None,
+                    timing: None
                 },
                 BusSpec {
                     name: "body".into(),
@@ -526,7 +636,8 @@ mod tests {
                     interface: DEFAULT_INTERFACE.into(),
                     uplink: None,
                     tunnel: None,
-                    socketcand: None
+                    socketcand: None,
+                    timing: None
                 }
             ]
         );
@@ -626,6 +737,65 @@ mod tests {
         )
         .expect_err("unknown field");
         assert!(err.to_string().contains("unknown field `beacon`"), "{err}");
+    }
+
+    #[test]
+    fn a_bitrate_makes_a_timed_bus_and_its_fields_are_checked() {
+        let buses = parse(
+            r#"{"buses":[{"name":"a","bitrate":500000},
+                         {"name":"b","bitrate":125000,"data_bitrate":2000000,"tx_queue":4,"pace":false},
+                         {"name":"c"}]}"#,
+            "cfg",
+        )
+        .expect("valid");
+        assert_eq!(
+            buses[0].timing,
+            Some(TimingSpec {
+                bitrate: 500_000,
+                data_bitrate: None,
+                tx_queue: DEFAULT_TX_QUEUE,
+                pace: true
+            })
+        );
+        assert_eq!(
+            buses[1].timing,
+            Some(TimingSpec {
+                bitrate: 125_000,
+                data_bitrate: Some(2_000_000),
+                tx_queue: 4,
+                pace: false
+            })
+        );
+        assert_eq!(buses[2].timing, None);
+        for (json, message) in [
+            (
+                r#"{"buses":[{"name":"a","bitrate":2000000}]}"#,
+                "buses[0].bitrate: 2000000 is not in 10000..=1000000 bit/s",
+            ),
+            (
+                r#"{"buses":[{"name":"a","tx_queue":3}]}"#,
+                "set \"bitrate\" too",
+            ),
+            (
+                r#"{"buses":[{"name":"a","fd":false,"bitrate":500000,"data_bitrate":2000000}]}"#,
+                "buses[0].data_bitrate: a classic bus",
+            ),
+            (
+                r#"{"buses":[{"name":"a","bitrate":500000,"data_bitrate":250000}]}"#,
+                "at least the bitrate",
+            ),
+            (
+                r#"{"buses":[{"name":"a","bitrate":500000,"tx_queue":0}]}"#,
+                "buses[0].tx_queue: 0 is not in 1..=1024",
+            ),
+            (
+                r#"{"buses":[{"name":"a","bitrate":500000,"uplink":"can0"}]}"#,
+                "runs at its wire's bitrate",
+            ),
+        ] {
+            let err = parse(json, "b.json").expect_err(json).to_string();
+            assert!(err.contains(message), "{err}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod member;
 pub mod stats;
+pub mod timing;
 pub mod topology;
 
 use std::collections::HashMap;
@@ -49,6 +50,7 @@ pub use member::{
 };
 use stats::Counted;
 pub use stats::{BusStats, FrameTotals};
+use timing::TimedBus;
 use topology::rules_between;
 
 /// The uplink's name in the bus namespace.
@@ -135,6 +137,14 @@ pub enum BusError {
         /// What failed.
         source: Box<HardwareError>,
     },
+    /// A timed bus's scheduler failed.
+    #[error("{source}")]
+    Timing {
+        /// The bus.
+        bus: String,
+        /// What failed.
+        source: Box<timing::TimingError>,
+    },
     /// A can-gw request failed.
     #[error("bus {bus}: {source}")]
     Gateway {
@@ -160,6 +170,15 @@ fn fixed_member(name: &str, index: u32) -> Member {
         bus_end: name.into(),
         bus_index: index,
         filters: Vec::new(),
+    }
+}
+
+/// A fixed end as a timed bus's scheduler sees it.
+fn fixed_end(end: &Member) -> timing::End {
+    timing::End {
+        pod: end.pod.clone(),
+        filters: Vec::new(),
+        slot: None,
     }
 }
 
@@ -203,10 +222,13 @@ pub struct Bus {
     uplink: Option<Arc<Controller>>,
     /// Where the I/O ends of the tunnel and the socketcand endpoint live (a bus with either).
     io_ns: Option<Netns>,
+    /// The scheduler of a timed bus (one with a bitrate), which replaces can-gw's rules.
+    timed: Option<Arc<TimedBus>>,
 }
 impl Bus {
     /// Bus `spec` under `domain`, with its namespace file in `<state_dir>/buses/`.
     pub fn new(spec: BusSpec, domain: &str, state_dir: &Path) -> Result<Self, ResourceNameError> {
+        let timed = spec.timing.map(|t| TimedBus::new(&spec.name, t));
         Ok(Bus {
             resource: spec.resource(domain)?,
             ns_path: state_dir.join("buses").join(&spec.name),
@@ -218,7 +240,32 @@ impl Bus {
             counted: Mutex::new(Counted::default()),
             uplink: None,
             io_ns: None,
+            timed,
         })
+    }
+
+    /// The scheduler of a timed bus.
+    pub fn timed(&self) -> Option<&Arc<TimedBus>> {
+        self.timed.as_ref()
+    }
+
+    /// Runs a timed bus's scheduler on the calling thread until it is stopped (blocking; returns
+    /// at once for other buses). can-gw rules a previous configuration left in the bus
+    /// namespace are removed first: frames must take the scheduler's time.
+    pub fn run_timing(&self, credits: Option<Arc<dyn timing::TxCredits>>) -> Result<(), BusError> {
+        let Some(timed) = &self.timed else {
+            return Ok(());
+        };
+        self.ensure_namespace()?;
+        Gateway::open(&self.ns())
+            .and_then(|mut gw| gw.flush())
+            .map_err(|e| self.gateway_error(e))?;
+        timed
+            .run(&self.ns(), credits)
+            .map_err(|source| BusError::Timing {
+                bus: self.spec.name.clone(),
+                source: Box::new(source),
+            })
     }
 
     /// The bus with the I/O ends of its tunnel and socketcand endpoint in `ns` (for a bus with
@@ -336,7 +383,7 @@ impl Bus {
     /// socketcand endpoint keeps the wire, the other nodes and the clients connected between
     /// members.
     fn keeps_namespace(&self) -> bool {
-        self.uplink.is_some() || !self.io_ends().is_empty()
+        self.uplink.is_some() || !self.io_ends().is_empty() || self.timed.is_some()
     }
 
     /// The MTU of the rules between the uplink and a member: FD frames cross only if the
@@ -363,6 +410,12 @@ impl Bus {
         let bus = self.clone();
         self.blocking(move || {
             let (present, fixed) = bus.links()?;
+            if let Some(timed) = &bus.timed {
+                for (end, _) in &fixed {
+                    timed.set_end(end.bus_index, fixed_end(end));
+                }
+                return Ok(());
+            }
             let members: Vec<Member> = bus
                 .lock_members()
                 .values()
@@ -559,8 +612,22 @@ impl Bus {
         }
     }
 
-    /// Adds the rules between `me` and every other member and records `me` (with the rules lock).
+    /// Adds the rules between `me` and every other member and records `me` (with the rules lock);
+    /// on a timed bus, hands `me` to the scheduler instead.
     fn connect(&self, me: Member) -> Result<(), BusError> {
+        if let Some(timed) = &self.timed {
+            timed.set_end(
+                me.bus_index,
+                timing::End {
+                    pod: me.pod.clone(),
+                    filters: me.filters.clone(),
+                    slot: None,
+                },
+            );
+            tracing::debug!(bus = %self.spec.name, pod = %me.pod, bus_end = %me.bus_end, "member joined the timed bus");
+            self.lock_members().insert(me.sandbox.clone(), me);
+            return Ok(());
+        }
         // Members whose bus end is gone (their pod went away, not yet reconciled) get no rules.
         let (present, fixed) = self.links()?;
         let others: Vec<Member> = self
@@ -613,6 +680,9 @@ impl Bus {
         let Some(member) = self.lock_members().remove(sandbox) else {
             return Ok(None);
         };
+        if let Some(timed) = &self.timed {
+            timed.remove_end(member.bus_index);
+        }
         if self.ns_path.exists() {
             // The pod's namespace going away already took the pair and the kernel its rules. Only
             // if the same bus end is still there are they deleted here (a reused index could
@@ -688,7 +758,11 @@ impl Bus {
             Vec::new()
         };
         counted.note(&listed, true);
-        Ok(counted.totals())
+        let mut totals = counted.totals();
+        if let Some(timed) = &self.timed {
+            totals.forwarded += timed.load().delivered;
+        }
+        Ok(totals)
     }
 }
 

@@ -113,6 +113,12 @@ pub enum DaemonError {
     /// A bus's socketcand endpoint could not run.
     #[error(transparent)]
     Socketcand(#[from] crate::socketcand::server::SocketcandError),
+    /// A timed bus's scheduler failed.
+    #[error(transparent)]
+    Timing(#[from] bus::BusError),
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Control(#[from] crate::control::socket::ControlError),
     /// The configuration needs more counter slots than the eBPF maps hold.
     #[error(transparent)]
     Capacity(#[from] bus::CapacityError),
@@ -132,6 +138,7 @@ pub enum DaemonError {
     },
 }
 
+pub mod faults;
 pub mod plan;
 
 /// One resource to serve, before it is wired.
@@ -326,6 +333,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         })
         .collect();
     let servers: Vec<Arc<ResourceServer>> = planned.iter().map(|p| p.server.clone()).collect();
+    let timed_buses: Vec<Arc<Bus>> = buses
+        .iter()
+        .filter(|b| b.timed().is_some())
+        .cloned()
+        .collect();
     let state = Arc::new(
         NodeState::new(
             planned
@@ -363,6 +375,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         let shutdown = shutdown.clone();
         tasks.spawn(async move { Ok(endpoint.run(shutdown).await?) });
     }
+    let credits = counters
+        .as_ref()
+        .map(|c| c.clone() as Arc<dyn crate::bus::timing::TxCredits>);
+    for bus in timed_buses.iter().cloned() {
+        tasks.spawn(run_timed_bus(bus, credits.clone(), shutdown.clone()));
+    }
+    if !timed_buses.is_empty() {
+        let path = config.control_socket();
+        tracing::info!(socket = %path.display(), "fault injection on timed buses through the control socket");
+        let handler = Arc::new(faults::BusFaults::new(timed_buses));
+        let shutdown = shutdown.clone();
+        tasks.spawn(
+            async move { Ok(crate::control::socket::serve(&path, handler, shutdown).await?) },
+        );
+    }
     {
         let address = config.metrics_address;
         let server = http::serve(address, metrics, state, shutdown.clone().cancelled_owned());
@@ -386,6 +413,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Runs a timed bus's scheduler on a thread of its own until `shutdown`: every frame of the bus
+/// waits for it, so it must not queue behind other tasks.
+async fn run_timed_bus(
+    bus: Arc<Bus>,
+    credits: Option<Arc<dyn crate::bus::timing::TxCredits>>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    let runner = bus.clone();
+    std::thread::Builder::new()
+        .name("vcan-timed-bus".into())
+        .spawn(move || {
+            let _ = done.send(runner.run_timing(credits));
+        })
+        .map_err(|e| DaemonError::Task(format!("cannot start a timed bus's thread: {e}")))?;
+    let stopper = bus.clone();
+    let stop_on_shutdown = async move {
+        shutdown.cancelled().await;
+        if let Some(t) = stopper.timed() {
+            t.stop();
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        r = result => r.unwrap_or_else(|_| Err(bus::BusError::Namespace {
+            bus: bus.spec().name.clone(),
+            ns: bus.namespace().display().to_string(),
+            source: crate::kernel::netns::NetnsError::Thread("the scheduler's thread ended without a result".into()),
+        })).map_err(DaemonError::from),
+        () = stop_on_shutdown => Ok(()),
+    }
 }
 
 /// Runs the future `make` returns on a thread of its own, with a single-threaded runtime, and

@@ -27,6 +27,11 @@ pub const SLOTS_MAP: &str = "vcan_slots_v1";
 /// direction; also its pin name.
 pub const PROGS_MAP: &str = "vcan_progs_v1";
 
+/// Name of the timed-bus transmit queues map (`struct vcan_txq` by slot); also its pin name.
+pub const TXQ_MAP: &str = "vcan_txq_v1";
+/// Name of the map of frames each transmit queue has seen leave the bus (`u64` by slot).
+pub const TXDONE_MAP: &str = "vcan_txdone_v1";
+
 /// `VCAN_CB_SLOT`: the `skb->cb[]` word that carries the slot from an entry program to the
 /// counting programs.
 pub const CB_SLOT: usize = 0;
@@ -107,6 +112,20 @@ pub struct VcanSlot {
     pub ifname: [u8; 16],
 }
 
+/// `struct vcan_txq`: a timed-bus member's transmit queue.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcanTxq {
+    /// Frames let through at egress (the program adds).
+    pub sent: u64,
+    /// Writes refused because the queue was full (the program adds).
+    pub refused: u64,
+    /// Frames that may wait; 0: no limit.
+    pub limit: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
 impl VcanSlot {
     /// The recorded interface name.
     pub fn ifname(&self) -> String {
@@ -136,9 +155,12 @@ unsafe impl aya::Pod for VcanKind {}
 unsafe impl aya::Pod for VcanCounters {}
 // SAFETY: as above.
 unsafe impl aya::Pod for VcanSlot {}
+// SAFETY: as above.
+unsafe impl aya::Pod for VcanTxq {}
 
 // No implicit padding: the sizes are the sums of the fields.
 const _: () = assert!(std::mem::size_of::<VcanKey>() == 8);
+const _: () = assert!(std::mem::size_of::<VcanTxq>() == 24);
 const _: () = assert!(std::mem::size_of::<VcanKind>() == 16);
 const _: () = assert!(std::mem::size_of::<VcanCounters>() == 7 * 16 + 2 * 8);
 const _: () = assert!(std::mem::size_of::<VcanSlot>() == 8 + 4 + 4 + 8 + 8 + 4 + 4 + 16);

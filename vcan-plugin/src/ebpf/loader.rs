@@ -26,8 +26,8 @@ use super::EbpfError;
 use super::entry;
 use super::layout::{
     COUNT_PROGRAMS, COUNTERS_MAP, DIR_EGRESS, DIR_INGRESS, DIRECTIONS, EGRESS_PROGRAM,
-    INGRESS_PROGRAM, MAX_SLOTS, MODE_CLSACT, MODE_TCX, PROGS_MAP, SLOTS_MAP, VcanCounters, VcanKey,
-    VcanSlot,
+    INGRESS_PROGRAM, MAX_SLOTS, MODE_CLSACT, MODE_TCX, PROGS_MAP, SLOTS_MAP, TXDONE_MAP, TXQ_MAP,
+    VcanCounters, VcanKey, VcanSlot, VcanTxq,
 };
 use super::sys;
 use crate::kernel::netlink::Socket;
@@ -42,6 +42,22 @@ pub(super) static OBJECT: &[u8] =
 pub(super) type CountersMap = PerCpuHashMap<MapData, VcanKey, VcanCounters>;
 /// The slot registry, typed.
 pub(super) type SlotsMap = BpfHashMap<MapData, u32, VcanSlot>;
+/// Timed-bus members' transmit queues, typed.
+pub(super) type TxqMap = BpfHashMap<MapData, u32, VcanTxq>;
+/// Frames of each transmit queue that left the bus, typed.
+pub(super) type TxDoneMap = BpfHashMap<MapData, u32, u64>;
+
+/// The pinned maps, opened and checked.
+pub(super) struct Maps {
+    /// The counters.
+    pub counters: CountersMap,
+    /// The slot registry.
+    pub slots: SlotsMap,
+    /// Transmit queues.
+    pub txq: TxqMap,
+    /// Frames done per transmit queue.
+    pub txdone: TxDoneMap,
+}
 
 /// How programs are attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -206,7 +222,7 @@ impl Programs {
 
 /// Opens the three pinned maps, checking that they have the layout this build expects, loads
 /// the counting programs and points the program array at them.
-pub(super) fn open(pin_dir: &Path) -> Result<(CountersMap, SlotsMap, Programs), EbpfError> {
+pub(super) fn open(pin_dir: &Path) -> Result<(Maps, Programs), EbpfError> {
     let mut ebpf = EbpfLoader::new()
         // The programs need no CO-RE relocations; skipping the kernel's BTF saves parsing
         // several MiB of /sys/kernel/btf/vmlinux.
@@ -232,6 +248,24 @@ pub(super) fn open(pin_dir: &Path) -> Result<(CountersMap, SlotsMap, Programs), 
         std::mem::size_of::<VcanSlot>(),
         MAX_SLOTS,
     )?;
+    let txq = take_checked(
+        &mut ebpf,
+        pin_dir,
+        TXQ_MAP,
+        MapType::Hash,
+        std::mem::size_of::<u32>(),
+        std::mem::size_of::<VcanTxq>(),
+        MAX_SLOTS,
+    )?;
+    let txdone = take_checked(
+        &mut ebpf,
+        pin_dir,
+        TXDONE_MAP,
+        MapType::Hash,
+        std::mem::size_of::<u32>(),
+        std::mem::size_of::<u64>(),
+        MAX_SLOTS,
+    )?;
     let mut array = take_checked(
         &mut ebpf,
         pin_dir,
@@ -245,6 +279,9 @@ pub(super) fn open(pin_dir: &Path) -> Result<(CountersMap, SlotsMap, Programs), 
         CountersMap::try_from(counters).map_err(|e| load_error("opening the counters map", &e))?;
     let slots =
         SlotsMap::try_from(slots).map_err(|e| load_error("opening the slot registry", &e))?;
+    let txq = TxqMap::try_from(txq).map_err(|e| load_error("opening the transmit queues", &e))?;
+    let txdone = TxDoneMap::try_from(txdone)
+        .map_err(|e| load_error("opening the transmit queues' counts", &e))?;
     {
         let mut jump = ProgramArray::try_from(&mut array)
             .map_err(|e| load_error("opening the program array", &e))?;
@@ -262,8 +299,12 @@ pub(super) fn open(pin_dir: &Path) -> Result<(CountersMap, SlotsMap, Programs), 
         }
     }
     Ok((
-        counters,
-        slots,
+        Maps {
+            counters,
+            slots,
+            txq,
+            txdone,
+        },
         Programs {
             _object: ebpf,
             array,

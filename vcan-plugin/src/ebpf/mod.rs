@@ -27,7 +27,7 @@ mod sys;
 
 pub mod layout;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -37,7 +37,9 @@ pub use loader::{AttachMode, attach_mode};
 
 use crate::kernel::link::{LinkError, Links};
 use crate::kernel::netns::{self, Netns, NetnsError};
-use layout::{DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, VcanCounters, VcanKey, VcanKind, VcanSlot};
+use layout::{
+    DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, VcanCounters, VcanKey, VcanKind, VcanSlot, VcanTxq,
+};
 use loader::{CountersMap, Programs, SlotsMap};
 
 /// Where the maps and TCX links are pinned unless configured otherwise.
@@ -396,7 +398,8 @@ impl Inner {
         }
     }
 
-    /// Forgets a slot entirely: registry record and counters.
+    /// Forgets a slot entirely: registry record and counters (the caller forgets its transmit
+    /// queue).
     fn release(&mut self, slot: u32) -> Result<(), EbpfError> {
         self.remove_entries(slot);
         match self.slots.remove(&slot) {
@@ -432,6 +435,39 @@ pub struct Counters {
     programs: Programs,
     inner: Mutex<Inner>,
     idle: Condvar,
+    /// Timed-bus transmit queues; a lock of their own, taken per frame by the schedulers.
+    queues: Mutex<Queues>,
+}
+
+impl crate::bus::timing::TxCredits for Counters {
+    fn release(&self, slot: u32) {
+        let mut q = self.lock_queues();
+        let Some(done) = q.done.get_mut(&slot) else {
+            return;
+        };
+        *done += 1;
+        let done = *done;
+        if let Err(e) = q.txdone.insert(slot, done, 0) {
+            tracing::debug!(slot, error = %e, "a transmit queue's credit was not given back");
+        }
+    }
+}
+
+/// The transmit queues of timed-bus members (see `struct vcan_txq`).
+struct Queues {
+    txq: loader::TxqMap,
+    txdone: loader::TxDoneMap,
+    /// Frames done per slot, as last written to `txdone` (this process is its only writer).
+    done: HashMap<u32, u64>,
+}
+
+impl Queues {
+    fn forget(&mut self, slot: u32) {
+        // Missing entries are fine: only members of timed buses have them.
+        let _ = self.txq.remove(&slot);
+        let _ = self.txdone.remove(&slot);
+        self.done.remove(&slot);
+    }
 }
 
 impl std::fmt::Debug for Counters {
@@ -448,7 +484,15 @@ impl Counters {
     /// registry left by an earlier run, and releases the slots whose interfaces are gone.
     pub fn open(config: &Config) -> Result<Self, EbpfError> {
         loader::prepare_pin_dir(&config.bpffs_dir)?;
-        let (counters, slots, programs) = loader::open(&config.bpffs_dir)?;
+        let (
+            loader::Maps {
+                counters,
+                slots,
+                txq,
+                txdone,
+            },
+            programs,
+        ) = loader::open(&config.bpffs_dir)?;
         let ncpus = aya::util::nr_cpus().map_err(|(path, e)| EbpfError::Load {
             what: "counting the possible CPUs".into(),
             detail: format!("{path}: {e}"),
@@ -463,6 +507,11 @@ impl Counters {
             mode: config.mode.unwrap_or_else(attach_mode),
             ncpus,
             programs,
+            queues: Mutex::new(Queues {
+                txq,
+                txdone,
+                done: HashMap::new(),
+            }),
             inner: Mutex::new(Inner {
                 counters,
                 slots,
@@ -486,6 +535,55 @@ impl Counters {
     /// How new attachments are made: `clsact` or `tcx`.
     pub fn attach_mode(&self) -> AttachMode {
         self.mode
+    }
+
+    fn lock_queues(&self) -> MutexGuard<'_, Queues> {
+        // Each update is one map write and one insert: a poisoned lock is still consistent.
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bounds the transmit queue of the interface counted in `slot` (a member of a timed bus) to
+    /// `limit` frames waiting for the bus: its egress program refuses more with ENOBUFS. Called
+    /// again for the same slot (a restarted plugin adopting the member), it starts the queue
+    /// empty: the frames that were waiting went with the previous scheduler.
+    pub fn set_tx_queue(&self, slot: u32, limit: u32) -> Result<(), EbpfError> {
+        let mut q = self.lock_queues();
+        let existing = q.txq.get(&slot, 0).ok();
+        match existing {
+            Some(txq) if txq.limit == limit => {
+                q.txdone
+                    .insert(slot, txq.sent, 0)
+                    .map_err(|e| map_error("resetting a transmit queue", &e))?;
+                q.done.insert(slot, txq.sent);
+            }
+            _ => {
+                // The program only adds to `sent`, so the new queue's count starts from zero
+                // with `done` at zero; a frame let through in between is counted either way.
+                q.txdone
+                    .insert(slot, 0, 0)
+                    .map_err(|e| map_error("creating a transmit queue", &e))?;
+                q.done.insert(slot, 0);
+                q.txq
+                    .insert(
+                        slot,
+                        VcanTxq {
+                            limit,
+                            ..VcanTxq::default()
+                        },
+                        0,
+                    )
+                    .map_err(|e| map_error("creating a transmit queue", &e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes refused because the transmit queue of `slot` was full.
+    pub fn tx_refused(&self, slot: u32) -> u64 {
+        self.lock_queues()
+            .txq
+            .get(&slot, 0)
+            .map_or(0, |q| q.refused)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -553,6 +651,7 @@ impl Counters {
         // or a TCX link lost its device): clean up so a fresh attach can follow.
         loader::detach_kernel(&self.pin_dir, None, slot, &record)?;
         inner.release(slot)?;
+        self.lock_queues().forget(slot);
         Ok(None)
     }
 
@@ -665,6 +764,7 @@ impl Counters {
         // On failure the record stays: the programs may still run, and must keep their slot.
         result?;
         inner.release(slot)?;
+        self.lock_queues().forget(slot);
         tracing::debug!(slot, ifname = %attachment.info.ifname, "counters detached");
         Ok(())
     }
@@ -809,6 +909,7 @@ impl Counters {
         for (slot, record) in dead {
             loader::detach_kernel(&self.pin_dir, None, slot, &record)?;
             inner.release(slot)?;
+            self.lock_queues().forget(slot);
             released.push(SlotInfo::from_record(slot, &record));
         }
         let orphans: Vec<u32> = inner

@@ -18,6 +18,12 @@ const CAN_RAW: libc::c_int = 1;
 const SOL_CAN_RAW: libc::c_int = 101;
 /// `CAN_RAW_FD_FRAMES`: also pass CAN FD frames (72 bytes).
 const CAN_RAW_FD_FRAMES: libc::c_int = 5;
+/// `CAN_RAW_ERR_FILTER`: which error frames to receive.
+const CAN_RAW_ERR_FILTER: libc::c_int = 2;
+/// `CAN_RAW_LOOPBACK`: whether frames sent are looped back to the namespace's other sockets.
+const CAN_RAW_LOOPBACK: libc::c_int = 3;
+/// `CAN_ERR_MASK`: every class of error frame.
+const CAN_ERR_MASK: u32 = 0x1FFF_FFFF;
 pub use crate::kernel::frame::{CAN_MTU, CANFD_MTU};
 
 /// A CAN socket's receive buffer: about a thousand frames (each takes ~1 KiB of buffer).
@@ -73,6 +79,99 @@ impl RawCanSocket {
         netns::run(ns, move || Self::open_here(&name, &where_))?
     }
 
+    /// Opens a socket on every CAN interface of `ns` (blocking): it reads each frame with the
+    /// interface it arrived on ([`RawCanSocket::recv_from`]) and sends out of any interface
+    /// ([`RawCanSocket::send_to`]). It also receives error frames, and what it sends is not looped
+    /// back to the namespace's other sockets (a timed bus's scheduler is the namespace's only
+    /// reader).
+    pub fn open_every_interface(ns: &Netns) -> Result<Self, CanRawError> {
+        let where_ = ns.to_string();
+        netns::run(ns, move || {
+            let socket = Self::open_here("", &where_)?;
+            let fail = |call| CanRawError::Socket {
+                ifname: "*".into(),
+                ns: where_.clone(),
+                call,
+                source: io::Error::last_os_error(),
+            };
+            socket
+                .set_option(CAN_RAW_ERR_FILTER, CAN_ERR_MASK as libc::c_int)
+                .map_err(|_| fail("setsockopt(CAN_RAW_ERR_FILTER)"))?;
+            socket
+                .set_option(CAN_RAW_LOOPBACK, 0)
+                .map_err(|_| fail("setsockopt(CAN_RAW_LOOPBACK)"))?;
+            Ok(socket)
+        })?
+    }
+
+    fn set_option(&self, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+        // SAFETY: the option value points at a c_int of the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                SOL_CAN_RAW,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads one frame into `buf` (at least [`CANFD_MTU`] bytes): its size and the index of the
+    /// interface it arrived on. `WouldBlock` when none is waiting.
+    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, u32)> {
+        let mut addr = SockaddrCan {
+            family: 0,
+            ifindex: 0,
+            addr: [0; 16],
+        };
+        let mut len = std::mem::size_of::<SockaddrCan>() as libc::socklen_t;
+        // SAFETY: buf is writable for its length, addr for len bytes.
+        let n = unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                (&mut addr as *mut SockaddrCan).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((n as usize, addr.ifindex as u32))
+    }
+
+    /// Sends one frame ([`CAN_MTU`] or [`CANFD_MTU`] bytes) out of interface `ifindex`.
+    pub fn send_to(&self, frame: &[u8], ifindex: u32) -> io::Result<()> {
+        let addr = SockaddrCan {
+            family: libc::AF_CAN as libc::sa_family_t,
+            ifindex: ifindex as libc::c_int,
+            addr: [0; 16],
+        };
+        // SAFETY: frame is readable for its length, addr is a sockaddr_can of the size given.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+                (&addr as *const SockaddrCan).cast(),
+                std::mem::size_of::<SockaddrCan>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Opens a socket bound to `ifname`, or to every interface for `""`.
     fn open_here(ifname: &str, ns: &str) -> Result<Self, CanRawError> {
         let fail = |call| CanRawError::Socket {
             ifname: ifname.to_string(),
@@ -84,9 +183,13 @@ impl RawCanSocket {
             ifname: ifname.to_string(),
             ns: ns.to_string(),
         })?;
-        // SAFETY: c_name is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-        if ifindex == 0 {
+        let ifindex = if ifname.is_empty() {
+            0
+        } else {
+            // SAFETY: c_name is a valid NUL-terminated string.
+            unsafe { libc::if_nametoindex(c_name.as_ptr()) }
+        };
+        if ifindex == 0 && !ifname.is_empty() {
             return Err(CanRawError::NoInterface {
                 ifname: ifname.to_string(),
                 ns: ns.to_string(),

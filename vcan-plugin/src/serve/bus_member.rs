@@ -89,6 +89,28 @@ impl Provision for BusMembership {
         }])
     }
 
+    /// On a timed bus, bounds the member's transmit queue and tells the scheduler its slot.
+    async fn counted(
+        &self,
+        owner: &PodDevices,
+        attachments: &[crate::ebpf::Attachment],
+        counters: &Arc<crate::ebpf::Counters>,
+    ) -> Result<(), ServeError> {
+        let Some(timed) = self.bus.timed() else {
+            return Ok(());
+        };
+        for a in attachments {
+            counters
+                .set_tx_queue(a.info.slot, timed.timing().tx_queue)
+                .map_err(|source| ServeError::Counters {
+                    pod: owner.pod.clone(),
+                    source: Box::new(source),
+                })?;
+            timed.set_slot(&owner.pod, a.info.slot);
+        }
+        Ok(())
+    }
+
     /// Connects the uplink and the tunnel if they are not (yet or any more), takes the gone members off the bus
     /// (their rules and pairs, if still there), and removes the bus namespace once no member is
     /// left in it; runs also with none gone, for members deleted while the plugin was down.

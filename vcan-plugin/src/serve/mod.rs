@@ -181,6 +181,17 @@ pub trait Provision: Send + Sync + 'static {
         netns: &Netns,
     ) -> Result<Vec<LinkInfo>, ServeError>;
 
+    /// Called once the interfaces [`Provision::provision`] made are counted (`attachments`),
+    /// before PreStart returns. The default does nothing.
+    async fn counted(
+        &self,
+        _owner: &PodDevices,
+        _attachments: &[Attachment],
+        _counters: &Arc<Counters>,
+    ) -> Result<(), ServeError> {
+        Ok(())
+    }
+
     /// Releases what `gone` pods held beyond their own namespace (which took their links with
     /// it). Called for every reconcile pass, also with none gone.
     async fn release(&self, gone: &[ServedPod]);
@@ -379,7 +390,15 @@ impl ResourceServer {
                             })
                         });
                 match attached {
-                    Ok(a) => a,
+                    Ok(a) => {
+                        if let Some(counters) = &self.counters
+                            && let Err(e) = self.provision.counted(&owner, &a, counters).await
+                        {
+                            self.provision.abandon(&owner, &sandbox).await;
+                            return Err(e);
+                        }
+                        a
+                    }
                     Err(source) => {
                         // The pod is not served: what was lent to it must not stay recorded.
                         self.provision.abandon(&owner, &sandbox).await;

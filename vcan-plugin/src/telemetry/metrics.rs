@@ -100,6 +100,8 @@ pub struct Snapshot {
     pub tunnels: Vec<TunnelSample>,
     /// The buses' socketcand endpoints.
     pub socketcand: Vec<SocketcandSample>,
+    /// Timed buses: load, shares, waits, faults.
+    pub timed_buses: Vec<super::bus_load::TimedBusSample>,
 }
 
 /// One bus's socketcand endpoint for a scrape.
@@ -250,7 +252,7 @@ pub struct Metrics {
     reconcile_passes: IntCounter,
 }
 
-fn name(suffix: &str) -> String {
+pub(super) fn name(suffix: &str) -> String {
     format!("{PREFIX}_{suffix}")
 }
 
@@ -899,6 +901,7 @@ fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
     families.extend(controller_families(&now.controllers));
     families.extend(tunnel_families(&now.tunnels));
     families.extend(socketcand_families(&now.socketcand));
+    families.extend(super::bus_load::families(&now.timed_buses));
     families.extend(gauge(
         "vcan_supported",
         "1 if this node can create vcan interfaces (vcan module present).",
@@ -910,6 +913,7 @@ fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::bus_load::{FaultSample, MemberLabels, SenderSample, TimedBusSample};
 
     #[test]
     fn requests_and_state_are_rendered_with_units_and_help() {
@@ -1000,6 +1004,36 @@ mod tests {
                 disconnects: vec![("closed", 2), ("slow_client", 1)],
                 dropped: vec![("fd_frame", 4)],
             }],
+            timed_buses: vec![TimedBusSample {
+                bus: "chassis".into(),
+                bitrate: 500_000,
+                busy_seconds: 0.25,
+                bits: 125_000,
+                frames: 1000,
+                senders: vec![SenderSample {
+                    member: MemberLabels {
+                        namespace: "default".into(),
+                        pod: "ecu".into(),
+                    },
+                    frames: 1000,
+                    busy_seconds: 0.25,
+                    refused: 7,
+                }],
+                wait_buckets: vec![(0.001, 900), (0.01, 1000)],
+                wait_count: 1000,
+                wait_sum: 0.5,
+                dropped: vec![("queue_full", 0), ("fault", 2)],
+                faults_active: vec![("bus_off", 1)],
+                faults: vec![FaultSample {
+                    member: MemberLabels {
+                        namespace: "default".into(),
+                        pod: "ecu".into(),
+                    },
+                    kind: "bus_off",
+                    injected: 1,
+                    frames: 5,
+                }],
+            }],
             controllers: vec![
                 ControllerSample {
                     controller: "bench".into(),
@@ -1031,6 +1065,19 @@ mod tests {
             "vcan_plugin_socketcand_protocol_errors_total{bus=\"powertrain\",kind=\"bad_arguments\"} 2",
             "vcan_plugin_socketcand_disconnects_total{bus=\"powertrain\",reason=\"slow_client\"} 1",
             "vcan_plugin_socketcand_frames_dropped_total{bus=\"powertrain\",reason=\"fd_frame\"} 4",
+            "vcan_plugin_bus_bitrate_bits_per_second{bus=\"chassis\"} 500000",
+            "vcan_plugin_bus_busy_seconds_total{bus=\"chassis\"} 0.25",
+            "vcan_plugin_bus_wire_bits_total{bus=\"chassis\"} 125000",
+            "vcan_plugin_bus_member_busy_seconds_total{bus=\"chassis\",namespace=\"default\",pod=\"ecu\"} 0.25",
+            "vcan_plugin_bus_tx_refused_total{bus=\"chassis\",namespace=\"default\",pod=\"ecu\"} 7",
+            "vcan_plugin_bus_queue_wait_seconds_bucket{bus=\"chassis\",le=\"0.001\"} 900",
+            "vcan_plugin_bus_queue_wait_seconds_bucket{bus=\"chassis\",le=\"+Inf\"} 1000",
+            "vcan_plugin_bus_queue_wait_seconds_sum{bus=\"chassis\"} 0.5",
+            "# TYPE vcan_plugin_bus_queue_wait_seconds histogram",
+            "vcan_plugin_bus_scheduler_dropped_total{bus=\"chassis\",reason=\"queue_full\"} 0",
+            "vcan_plugin_bus_faults_active{bus=\"chassis\",kind=\"bus_off\"} 1",
+            "vcan_plugin_bus_faults_injected_total{bus=\"chassis\",kind=\"bus_off\",namespace=\"default\",pod=\"ecu\"} 1",
+            "vcan_plugin_bus_fault_frames_total{bus=\"chassis\",kind=\"bus_off\",namespace=\"default\",pod=\"ecu\"} 5",
             "# TYPE vcan_plugin_reconcile_passes_total counter",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_pods_served{resource=\"socketcan.io/bus-powertrain\"} 3",
