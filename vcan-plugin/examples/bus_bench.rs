@@ -10,6 +10,12 @@
 //! 2. Throughput: one sender floods frames, every other member counts what it receives; frames/s
 //!    delivered per member through the bus vs the same number of receiving sockets on one vcan.
 //!
+//! With `--timed` it measures timed buses instead (a bus with a `bitrate`, scheduled by the
+//! plugin): one member writes a burst of classic 8-byte frames into a queue that holds them, the
+//! other timestamps each arrival; the span from the first to the last arrival against the sum of
+//! the exact bit times of frames 2..N is the accuracy, per bitrate, and the scheduler thread's CPU
+//! time per frame its cost.
+//!
 //! Figures go to stdout and, with `--summary FILE`, to a file.
 
 use std::fmt::Write as _;
@@ -20,6 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use vcan_plugin::bus::config::TimingSpec;
+use vcan_plugin::bus::timing::bits::{self, WireFrame};
 use vcan_plugin::bus::{Bus, BusSpec, MemberConfig};
 use vcan_plugin::kernel::link::{CanMtu, Links, VcanSpec};
 use vcan_plugin::kernel::netns::{self, Netns};
@@ -47,6 +55,15 @@ struct Args {
     /// Also write the figures to this file.
     #[arg(long)]
     summary: Option<PathBuf>,
+    /// Measure timed buses' accuracy and cost instead (bitrates from --bitrates).
+    #[arg(long)]
+    timed: bool,
+    /// Bitrates for --timed, bit/s.
+    #[arg(long, value_delimiter = ',', default_value = "125000,500000,1000000")]
+    bitrates: Vec<u32>,
+    /// Frames per burst for --timed.
+    #[arg(long, default_value_t = 1000)]
+    burst: usize,
 }
 
 const AF_CAN: i32 = 29;
@@ -217,6 +234,14 @@ fn drain(fds: &[&OwnedFd]) -> io::Result<()> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.timed {
+        let text = timed(&args).await?;
+        print!("{text}");
+        if let Some(path) = &args.summary {
+            std::fs::write(path, &text)?;
+        }
+        return Ok(());
+    }
     anyhow::ensure!(args.members >= 2, "a bus needs at least 2 members");
     let members_dir = args.state_dir.join("members");
     let base_ns = Netns::Path(args.state_dir.join("vcan"));
@@ -356,4 +381,177 @@ fn measure(
         tb / tv
     );
     Ok(text)
+}
+
+/// Nanoseconds thread `tid` of this process has run (`/proc/self/task/<tid>/schedstat`).
+fn thread_cpu_ns(tid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `--timed`: per bitrate, `rounds` bursts through a timed bus of two members.
+async fn timed(args: &Args) -> anyhow::Result<String> {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "timed buses: bursts of {} classic 8-byte frames, median of {} rounds",
+        args.burst, args.rounds
+    );
+    for &bitrate in &args.bitrates {
+        let bus = Arc::new(Bus::new(
+            BusSpec {
+                name: format!("timed-{bitrate}"),
+                fd: false,
+                members: 2,
+                interface: "can0".into(),
+                uplink: None,
+                tunnel: None,
+                socketcand: None,
+                timing: Some(TimingSpec {
+                    bitrate,
+                    data_bitrate: None,
+                    tx_queue: 1024,
+                    pace: true,
+                }),
+            },
+            "bench.io",
+            &args.state_dir,
+        )?);
+        let mut member_ns = Vec::new();
+        for k in 0..2 {
+            let path = args.state_dir.join(format!("timed-m{k}"));
+            netns::create_persistent(&path)?;
+            let ns = Netns::Path(path);
+            bus.join(
+                &PodRef {
+                    namespace: "bench".into(),
+                    name: format!("member-{k}"),
+                },
+                &format!("sandbox-{k}"),
+                &ns,
+                &format!("t{k:04}"),
+                &MemberConfig {
+                    interface: "can0".into(),
+                    filters: Vec::new(),
+                },
+            )
+            .await?;
+            member_ns.push(ns);
+        }
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let runner = bus.clone();
+        let scheduler = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            runner.run_timing(None)
+        });
+        let tid = tid_rx.recv()?;
+        let (burst, rounds) = (args.burst, args.rounds);
+        let result = tokio::task::spawn_blocking({
+            let member_ns = member_ns.clone();
+            move || burst_rounds(&member_ns, bitrate, burst, rounds, tid)
+        })
+        .await?;
+        if let Some(t) = bus.timed() {
+            t.stop();
+        }
+        let _ = scheduler.join();
+        for ns in &member_ns {
+            let _ = netns::remove_persistent(&ns.path());
+        }
+        let _ = bus
+            .leave((0..2).map(|k| format!("sandbox-{k}")).collect())
+            .await;
+        // A timed bus keeps its namespace without members; the bench's goes now.
+        let _ = netns::remove_persistent(bus.namespace());
+        let (error, worst, cpu_us) = result?;
+        let _ = writeln!(
+            text,
+            "{:>5} kbit/s: span vs sum of exact bit times {error:+.2} % (worst round {worst:+.2} %), \
+             scheduler CPU {cpu_us:.1} µs per frame",
+            bitrate / 1000
+        );
+    }
+    Ok(text)
+}
+
+/// Bursts through the timed bus between the first two namespaces; returns the median and worst
+/// relative error of the span (percent) and the scheduler thread's CPU per frame (µs).
+fn burst_rounds(
+    member_ns: &[Netns],
+    bitrate: u32,
+    burst: usize,
+    rounds: usize,
+    scheduler_tid: i32,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let tx = can_socket(&member_ns[0], "can0")?;
+    let rx = can_socket(&member_ns[1], "can0")?;
+    // The scheduler opens its socket when it starts: a probe that crosses says it is running.
+    let mut probes = 0;
+    loop {
+        send(&tx, &frame(0x7FF, 0))?;
+        if recv(&rx, Duration::from_millis(500))?.is_some() {
+            break;
+        }
+        probes += 1;
+        anyhow::ensure!(probes < 20, "the timed bus carries no frames");
+    }
+    drain(&[&rx])?;
+    let (mut errors, mut cpu) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let frames: Vec<[u8; FRAME_SIZE]> = (0..burst)
+            .map(|i| frame(0x123, (round * burst + i) as u32 * 0x0101_0101))
+            .collect();
+        let expected: f64 = frames[1..]
+            .iter()
+            .map(|f| {
+                let b = bits::frame_bits(&WireFrame {
+                    can_id: 0x123,
+                    data: &f[8..16],
+                    dlc: 8,
+                    fd: false,
+                    brs: false,
+                });
+                bits::duration(b, bitrate, None).as_secs_f64()
+            })
+            .sum();
+        let cpu_before = thread_cpu_ns(scheduler_tid);
+        let receiver = {
+            let rx = rx.try_clone()?;
+            std::thread::spawn(move || -> io::Result<Vec<Instant>> {
+                let mut at = Vec::with_capacity(burst);
+                while at.len() < burst {
+                    match recv(&rx, Duration::from_secs(5))? {
+                        Some(_) => at.push(Instant::now()),
+                        None => return Err(io::Error::other("frames lost")),
+                    }
+                }
+                Ok(at)
+            })
+        };
+        for f in &frames {
+            send(&tx, f)?;
+        }
+        let at = receiver
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("receiver panicked")))?;
+        let cpu_ns = thread_cpu_ns(scheduler_tid).saturating_sub(cpu_before);
+        let span = (at[burst - 1] - at[0]).as_secs_f64();
+        let error = (span / expected - 1.0) * 100.0;
+        eprintln!(
+            "{bitrate} bit/s round {round}: span {span:.4} s, expected {expected:.4} s, \
+             error {error:+.2} %, scheduler CPU {:.1} µs/frame",
+            cpu_ns as f64 / 1e3 / burst as f64
+        );
+        errors.push(error);
+        cpu.push(cpu_ns as f64 / 1e3 / burst as f64);
+    }
+    let worst = errors
+        .iter()
+        .copied()
+        .max_by(|a, b| a.abs().total_cmp(&b.abs()))
+        .unwrap_or(0.0);
+    Ok((median(errors), worst, median(cpu)))
 }

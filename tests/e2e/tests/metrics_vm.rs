@@ -954,12 +954,13 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
     load_can_controllers();
     let hardware = hardware_config();
     // A bus with a socketcand endpoint, so that the "Tools on buses" row has data (its counters
-    // are exported from zero).
+    // are exported from zero), and a timed bus with traffic for the "Bus load" row.
     let buses = PathBuf::from("/run/vcan-node/dashboard-buses.json");
     std::fs::create_dir_all("/run/vcan-node").expect("node dir");
     std::fs::write(
         &buses,
-        r#"{"buses": [{"name": "tools", "fd": false, "members": 2, "socketcand": {"port": 29538}}]}"#,
+        r#"{"buses": [{"name": "tools", "fd": false, "members": 2, "socketcand": {"port": 29538}},
+                      {"name": "timed", "fd": false, "members": 2, "bitrate": 500000}]}"#,
     )
     .expect("write bus config");
     let t = TestNode::start_with(
@@ -973,7 +974,11 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
             "--state-dir".into(),
             "/run/vcan-node/dashboard-state".into(),
         ],
-        &[(HW_BENCH, 1), ("socketcan.io/bus-tools", 2)],
+        &[
+            (HW_BENCH, 1),
+            ("socketcan.io/bus-tools", 2),
+            ("socketcan.io/bus-timed", 2),
+        ],
     )
     .await
     .expect("node starts");
@@ -1036,6 +1041,12 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
     let mut spec = PodSpec::new("default", "chatty");
     spec.containers = vec![app(1, generator)];
     let pod = t.run_pod_ok(&spec).await;
+    // A member of the timed bus sending steadily, for the bus load row.
+    let mut timed = PodSpec::new("default", "timed-talker");
+    let mut c = app(0, "cangen can0 -g 10 -L 8");
+    c.resources = vec![("socketcan.io/bus-timed".to_string(), 1)];
+    timed.containers = vec![c];
+    let timed = t.run_pod_ok(&timed).await;
 
     // The per-pod frame rate, as a user would ask for it.
     let per_pod =
@@ -1139,5 +1150,6 @@ async fn metrics_feed_prometheus_and_every_dashboard_panel() {
 
     t.node.delete_pod(&late).await.expect("delete");
     t.node.delete_pod(&pod).await.expect("delete");
+    t.node.delete_pod(&timed).await.expect("delete");
     println!("prometheus: test done in {:?}", started.elapsed());
 }

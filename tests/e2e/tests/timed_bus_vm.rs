@@ -16,11 +16,12 @@ use vcan_e2e::node::StartedPod;
 use vcan_e2e::wait::eventually;
 use vcan_e2e::{ContainerSpec, PodSpec};
 use vcan_plugin::bus::timing::bits::{self, WireFrame};
-use vcan_test_support::{require_testbed, wait_for_can_listener};
+use vcan_test_support::{require_testbed, run_in_netns, wait_for_can_listener};
 
 const STATE_DIR: &str = "/run/vcan-node/state";
 const WIRE: &str = "socketcan.io/bus-wire";
 const SLOW: &str = "socketcan.io/bus-slow";
+const TIGHT: &str = "socketcan.io/bus-tight";
 const WIRE_BITRATE: u32 = 125_000;
 const SLOW_BITRATE: u32 = 10_000;
 const BIND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,6 +38,8 @@ fn bus_config() -> PathBuf {
         format!(
             r#"{{"buses": [
                 {{"name": "wire", "fd": false, "members": 4, "interface": "can0",
+                  "bitrate": {WIRE_BITRATE}, "tx_queue": 1024}},
+                {{"name": "tight", "fd": false, "members": 2, "interface": "can0",
                   "bitrate": {WIRE_BITRATE}, "tx_queue": 10}},
                 {{"name": "slow", "fd": false, "members": 4, "interface": "can0",
                   "bitrate": {SLOW_BITRATE}, "tx_queue": 512}}]}}"#
@@ -46,12 +49,20 @@ fn bus_config() -> PathBuf {
     path
 }
 
-/// A member pod of `bus` dumping the first `frames` frames of can0 (`-e`: error frames too),
-/// then lingering so that commands exec'd into it finish.
+/// A member pod of `bus` dumping the first `frames` frames of can0, then lingering so that
+/// commands exec'd into it finish. With `errors` it dumps error frames too (candump's error mask
+/// filter), and a second candump prints them as `candump -e` decodes them, its lines prefixed
+/// with `E `.
 fn listener(name: &str, bus: &str, frames: usize, errors: bool) -> PodSpec {
-    let e = if errors { "-e " } else { "" };
-    let script =
-        format!("timeout {DUMP_TIMEOUT} candump {e}-L -n {frames} can0; rc=$?; sleep 3; exit $rc");
+    let script = if errors {
+        format!(
+            "(timeout {DUMP_TIMEOUT} candump -e -n {frames} can0,0:0,#FFFFFFFF | sed 's/^/E /') & \
+             timeout {DUMP_TIMEOUT} candump -L -n {frames} can0,0:0,#FFFFFFFF; rc=$?; wait; \
+             sleep 3; exit $rc"
+        )
+    } else {
+        format!("timeout {DUMP_TIMEOUT} candump -L -n {frames} can0; rc=$?; sleep 3; exit $rc")
+    };
     let mut c = ContainerSpec::new("app", CANUTILS_IMAGE, ["sh", "-c", &script]);
     c.resources = vec![(bus.to_string(), 1)];
     let mut p = PodSpec::new("default", name);
@@ -73,6 +84,33 @@ async fn wait_bound(t: &TestNode, pod: &StartedPod) {
     tokio::task::spawn_blocking(move || wait_for_can_listener(&ns, "can0", BIND_TIMEOUT))
         .await
         .expect("wait for listener");
+}
+
+/// Like [`wait_bound`] for a listener with `errors`: both its candumps, which the kernel lists
+/// among the error-frame receivers too.
+async fn wait_bound_for_errors(t: &TestNode, pod: &StartedPod) {
+    let ns = t.netns_name(pod).await;
+    let started = std::time::Instant::now();
+    loop {
+        let out = run_in_netns(&ns, "cat", &["/proc/net/can/rcvlist_err"]);
+        let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+        let bound = listing
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some("can0"))
+            .count();
+        // Both of the pod's candumps.
+        if bound >= 2 {
+            return;
+        }
+        if started.elapsed() > BIND_TIMEOUT {
+            let log = t.node.cri.logs(&pod.spec, "app").await.unwrap_or_default();
+            panic!(
+                "no error-frame listener on can0 in {}: {listing}\nits log: {log}",
+                pod.spec.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn exec_ok(t: &TestNode, pod: &StartedPod, cmd: &[&str]) -> String {
@@ -190,12 +228,13 @@ async fn timed_buses_take_bit_times_arbitrate_and_misbehave_on_request() {
             "--state-dir".into(),
             STATE_DIR.into(),
         ],
-        &[(WIRE, 4), (SLOW, 4)],
+        &[(WIRE, 4), (SLOW, 4), (TIGHT, 2)],
     )
     .await
     .expect("node starts");
 
-    frames_take_their_bit_time_and_a_fast_writer_gets_enobufs(&t).await;
+    frames_take_their_bit_time_and_the_load_is_theirs(&t).await;
+    a_writer_faster_than_the_bitrate_gets_enobufs(&t).await;
     the_lowest_identifier_wins(&t).await;
     bus_off_and_disconnect_reach_the_member(&t).await;
     let log = t.plugin.log();
@@ -206,38 +245,21 @@ async fn timed_buses_take_bit_times_arbitrate_and_misbehave_on_request() {
     );
 }
 
-/// 1000 classic 8-byte frames from one member at 125 kbit/s: the receiver's first-to-last span
-/// is the sum of the bit times of frames 2..1000 (the first one's end is the first timestamp),
-/// within 5 %; cangen, writing as fast as it can into a queue of 10, is refused (ENOBUFS) and
-/// retries; the bus's busy time is the frames' bit time, and the load it gives over the burst
-/// is within 2 points of the load the received frames make.
-async fn frames_take_their_bit_time_and_a_fast_writer_gets_enobufs(t: &TestNode) {
+/// 1000 classic 8-byte frames from one member at 125 kbit/s, written at once into a queue that
+/// holds them: the receiver's first-to-last span is the sum of the bit times of frames 2..1000
+/// (the first one's end is the first timestamp), within 5 %; the bus's busy time gives a load
+/// over the burst within 2 points of the load the received frames make.
+async fn frames_take_their_bit_time_and_the_load_is_theirs(t: &TestNode) {
     const FRAMES: usize = 1000;
     let rx = t.run_pod_ok(&listener("rx", WIRE, FRAMES, false)).await;
     let tx = t.run_pod_ok(&sender("tx", WIRE)).await;
     wait_bound(t, &rx).await;
     let busy_before = metric(t, "vcan_plugin_bus_busy_seconds_total{bus=\"wire\"}");
-    exec_ok(
-        t,
-        &tx,
-        &[
-            "cangen",
-            "can0",
-            "-g",
-            "0",
-            "-p",
-            "1000",
-            "-I",
-            "123",
-            "-L",
-            "8",
-            "-D",
-            "i",
-            "-n",
-            &FRAMES.to_string(),
-        ],
-    )
-    .await;
+    let n = FRAMES.to_string();
+    let cmd = [
+        "cangen", "can0", "-g", "0", "-I", "123", "-L", "8", "-D", "i", "-n", &n,
+    ];
+    exec_ok(t, &tx, &cmd).await;
     let got = dumped(t, &rx).await;
     assert_eq!(got.len(), FRAMES);
     let span = got[FRAMES - 1].at - got[0].at;
@@ -252,16 +274,6 @@ async fn frames_take_their_bit_time_and_a_fast_writer_gets_enobufs(t: &TestNode)
         error * 100.0
     );
     assert!(error.abs() <= 0.05, "span {span} s vs {expected} s");
-
-    let refused = metric(
-        t,
-        "vcan_plugin_bus_tx_refused_total{bus=\"wire\",namespace=\"default\",pod=\"tx\"}",
-    );
-    println!("writes refused with ENOBUFS: {refused}");
-    assert!(
-        refused > 0.0,
-        "cangen writing faster than the bitrate was never refused"
-    );
 
     let all_bits: f64 = got.iter().map(|f| f64::from(f.bits())).sum();
     eventually("the busy time is counted", Duration::from_secs(10), || {
@@ -285,6 +297,48 @@ async fn frames_take_their_bit_time_and_a_fast_writer_gets_enobufs(t: &TestNode)
     for pod in [&rx, &tx] {
         t.node.delete_pod(pod).await.expect("delete");
     }
+}
+
+/// A member writing 100 frames at once into a transmit queue of 10 at 125 kbit/s: cangen (not
+/// told to retry) stops with ENOBUFS after about ten frames, the refusal is counted, and the
+/// frames that were let through go on the bus.
+async fn a_writer_faster_than_the_bitrate_gets_enobufs(t: &TestNode) {
+    let tx = t.run_pod_ok(&sender("hasty", TIGHT)).await;
+    let cmd = [
+        "cangen", "can0", "-g", "0", "-I", "321", "-L", "8", "-n", "100",
+    ];
+    let out = t
+        .node
+        .cri
+        .exec(tx.container("app"), &cmd, EXEC_TIMEOUT)
+        .await
+        .expect("exec cangen");
+    println!(
+        "cangen into a queue of 10: exit {}, {}",
+        out.exit_code,
+        out.stderr.trim()
+    );
+    assert_ne!(out.exit_code, 0, "cangen must fail: {}", out.stdout);
+    assert!(
+        out.stderr.contains("No buffer space available"),
+        "ENOBUFS: {}",
+        out.stderr
+    );
+    let series = |name: &str| {
+        format!("vcan_plugin_bus_{name}{{bus=\"tight\",namespace=\"default\",pod=\"hasty\"}}")
+    };
+    let (refused, sent) = eventually("the queue drains", Duration::from_secs(10), || {
+        let refused = metric(t, &series("tx_refused_total"));
+        let sent = metric(t, &series("member_frames_total"));
+        if refused >= 1.0 && (10.0..=12.0).contains(&sent) {
+            Ok((refused, sent))
+        } else {
+            Err(format!("refused {refused}, on the bus {sent}"))
+        }
+    })
+    .await;
+    println!("writes refused {refused}, frames on the bus {sent}");
+    t.node.delete_pod(&tx).await.expect("delete");
 }
 
 /// A blocker with the highest priority holds a 10 kbit/s bus while members A (0x200) and B
@@ -372,7 +426,7 @@ async fn bus_off_and_disconnect_reach_the_member(t: &TestNode) {
     let ecu = t.run_pod_ok(&listener("ecu", WIRE, 5, true)).await;
     let peer = t.run_pod_ok(&listener("peer", WIRE, 3, false)).await;
     let cut = t.run_pod_ok(&listener("cut", WIRE, 2, false)).await;
-    wait_bound(t, &ecu).await;
+    wait_bound_for_errors(t, &ecu).await;
     wait_bound(t, &peer).await;
     wait_bound(t, &cut).await;
 
@@ -389,6 +443,20 @@ async fn bus_off_and_disconnect_reach_the_member(t: &TestNode) {
     ]);
     println!("{out}");
     let errors = dumped(t, &ecu).await;
+    let log = t.node.cri.logs(&ecu.spec, "app").await.expect("logs");
+    let decoded: Vec<&str> = log.lines().filter(|l| l.starts_with("E ")).collect();
+    println!("candump -e in ecu:\n{}", decoded.join("\n"));
+    // candump -e marks each error frame; the ids are the driver's classes in order.
+    let marked: Vec<&str> = decoded
+        .iter()
+        .filter(|l| l.contains("can0") && l.contains("ERRORFRAME"))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(
+        marked,
+        ["20000204", "20000204", "20000240", "20000300", "20000204"],
+        "candump -e: {decoded:?}"
+    );
     let described: Vec<String> = errors
         .iter()
         .map(|f| format!("{:08X}#{:02X?}", f.id, f.data))

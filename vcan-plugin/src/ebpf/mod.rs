@@ -440,12 +440,12 @@ pub struct Counters {
 }
 
 impl crate::bus::timing::TxCredits for Counters {
-    fn release(&self, slot: u32) {
+    fn release(&self, slot: u32, frames: u64) {
         let mut q = self.lock_queues();
         let Some(done) = q.done.get_mut(&slot) else {
             return;
         };
-        *done += 1;
+        *done += frames;
         let done = *done;
         if let Err(e) = q.txdone.insert(slot, done, 0) {
             tracing::debug!(slot, error = %e, "a transmit queue's credit was not given back");

@@ -63,6 +63,8 @@ struct Active {
     end: u32,
     pod: PodRef,
     kind: FaultKind,
+    /// Injected for every member (one of the copies).
+    for_all: bool,
     /// For bus-off, when the controller is off the bus.
     off_from: Instant,
     until: Instant,
@@ -101,8 +103,14 @@ fn error_frame(class: u32, controller: u8, tx_errors: u8, rx_errors: u8) -> Fram
 }
 
 impl Faults {
-    /// Starts `kind` on each of `members` (bus end, pod) at `now`.
-    pub fn inject(&mut self, members: &[(u32, PodRef)], kind: &FaultKind, now: Instant) {
+    /// Starts `kind` on each of `members` (bus end, pod) at `now`, injected for `target`.
+    pub fn inject(
+        &mut self,
+        members: &[(u32, PodRef)],
+        target: &Target,
+        kind: &FaultKind,
+        now: Instant,
+    ) {
         for (end, pod) in members {
             let (off_from, until, errors) = match kind {
                 FaultKind::BusOff { restart } => {
@@ -128,6 +136,7 @@ impl Faults {
                 end: *end,
                 pod: pod.clone(),
                 kind: kind.clone(),
+                for_all: *target == Target::All,
                 off_from,
                 until,
                 errors,
@@ -135,14 +144,16 @@ impl Faults {
         }
     }
 
-    /// Ends the faults of `target` (all if `None`) at once; returns how many ended. A member
+    /// Ends faults at once: every one for `None`, those injected for all members for
+    /// `Some(Target::All)`, a pod's own for `Some(Target::Pod)`; returns how many ended. A member
     /// taken out of bus-off this way gets no restart frames.
     pub fn clear(&mut self, target: Option<&Target>) -> usize {
         let before = self.active.len();
         self.active.retain(|a| match target {
-            None | Some(Target::All) => false,
+            None => false,
+            Some(Target::All) => !a.for_all,
             Some(Target::Pod { namespace, name }) => {
-                a.pod.namespace != *namespace || a.pod.name != *name
+                a.for_all || a.pod.namespace != *namespace || a.pod.name != *name
             }
         });
         before - self.active.len()
@@ -300,7 +311,12 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Faults::default();
         let restart = Duration::from_millis(100);
-        f.inject(&[(5, pod("ecu"))], &FaultKind::BusOff { restart }, t0);
+        f.inject(
+            &[(5, pod("ecu"))],
+            &Target::All,
+            &FaultKind::BusOff { restart },
+            t0,
+        );
         let first = f.due_error_frames(t0);
         assert_eq!(first.len(), 1);
         assert_eq!(
@@ -341,9 +357,18 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Faults::default();
         let d = Duration::from_millis(50);
-        f.inject(&[(1, pod("a"))], &FaultKind::Disconnect { duration: d }, t0);
+        f.inject(
+            &[(1, pod("a"))],
+            &Target::All,
+            &FaultKind::Disconnect { duration: d },
+            t0,
+        );
         f.inject(
             &[(2, pod("b"))],
+            &Target::Pod {
+                namespace: "default".into(),
+                name: "b".into(),
+            },
             &FaultKind::Drop {
                 probability: 1.0,
                 duration: d,
@@ -352,6 +377,7 @@ mod tests {
         );
         f.inject(
             &[(3, pod("c"))],
+            &Target::All,
             &FaultKind::Delay {
                 latency: Duration::from_millis(10),
                 jitter: Duration::from_millis(2),
@@ -381,6 +407,9 @@ mod tests {
             1
         );
         assert_eq!(f.receiving(2, t0), Verdict::Pass);
+        // Clearing the faults injected for all members ends a's and c's.
+        assert_eq!(f.clear(Some(&Target::All)), 2);
+        assert_eq!(f.next_deadline(), None);
     }
 
     #[test]
@@ -389,6 +418,7 @@ mod tests {
         let mut f = Faults::default();
         f.inject(
             &[(1, pod("a"))],
+            &Target::All,
             &FaultKind::Drop {
                 probability: 0.25,
                 duration: Duration::from_secs(1),

@@ -58,9 +58,22 @@ impl Load {
         self.busy += t.duration;
         self.bits += u64::from(t.bits.nominal) + u64::from(t.bits.data);
         self.frames += 1;
-        let s = self.senders.entry(sender.clone()).or_default();
-        s.frames += 1;
-        s.busy += t.duration;
+        // Looked up before inserting: the key's strings are cloned once per sender, not per frame.
+        match self.senders.get_mut(sender) {
+            Some(s) => {
+                s.frames += 1;
+                s.busy += t.duration;
+            }
+            None => {
+                self.senders.insert(
+                    sender.clone(),
+                    SenderLoad {
+                        frames: 1,
+                        busy: t.duration,
+                    },
+                );
+            }
+        }
         let waited = t.started.saturating_duration_since(t.arrived).as_secs_f64();
         self.wait_sum += t.started.saturating_duration_since(t.arrived);
         match WAIT_BUCKETS.iter().position(|b| waited <= *b) {

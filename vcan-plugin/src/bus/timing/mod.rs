@@ -48,8 +48,8 @@ const NO_WAKE_POLL: Duration = Duration::from_millis(5);
 
 /// Gives a member's transmit-queue credit back when its frame has left the scheduler.
 pub trait TxCredits: Send + Sync + std::fmt::Debug {
-    /// One frame of the member whose counters have `slot` is done.
-    fn release(&self, slot: u32);
+    /// `frames` frames of the member whose counters have `slot` are done.
+    fn release(&self, slot: u32, frames: u64);
 }
 
 /// Why the scheduler could not run.
@@ -215,7 +215,7 @@ impl TimedBus {
                 ),
             });
         }
-        lock(&self.faults).inject(&members, kind, Instant::now());
+        lock(&self.faults).inject(&members, target, kind, Instant::now());
         {
             let mut load = lock(&self.load);
             for (_, pod) in &members {
@@ -273,6 +273,7 @@ impl TimedBus {
             seen: u64::MAX,
             delayed: BTreeMap::new(),
             seq: 0,
+            released: HashMap::new(),
         };
         while !self.stop.load(Ordering::SeqCst) {
             run.step().map_err(|source| TimingError::Io {
@@ -296,6 +297,9 @@ struct Run {
     /// Frames delivered late by a delay fault: (due, seq) → (end, frame).
     delayed: BTreeMap<(Instant, u64), (u32, Frame)>,
     seq: u64,
+    /// Credits to give back at the end of the step, by slot: one map update per member and
+    /// step rather than per frame.
+    released: HashMap<u32, u64>,
 }
 
 impl Run {
@@ -318,6 +322,11 @@ impl Run {
             self.finish(&done, now);
         }
         self.fault_timers(now);
+        if let Some(credits) = &self.credits {
+            for (slot, frames) in self.released.drain() {
+                credits.release(slot, frames);
+            }
+        }
         let deadline = [
             self.schedule.deadline(),
             lock(&self.bus.faults).next_deadline(),
@@ -373,11 +382,11 @@ impl Run {
         Ok(())
     }
 
-    fn release(&self, from: u32) {
-        if let (Some(credits), Some(slot)) =
-            (&self.credits, self.ends.get(&from).and_then(|e| e.slot))
+    fn release(&mut self, from: u32) {
+        if self.credits.is_some()
+            && let Some(slot) = self.ends.get(&from).and_then(|e| e.slot)
         {
-            credits.release(slot);
+            *self.released.entry(slot).or_default() += 1;
         }
     }
 
@@ -440,8 +449,10 @@ impl Run {
 
     /// A frame left the wire: counted, its credit given back, delivered to every other end.
     fn finish(&mut self, done: &Transmission, now: Instant) {
-        let sender = self.pod(done.from);
-        lock(&self.bus.load).carried(&sender, done);
+        match self.ends.get(&done.from) {
+            Some(end) => lock(&self.bus.load).carried(&end.pod, done),
+            None => lock(&self.bus.load).carried(&self.pod(done.from), done),
+        }
         self.release(done.from);
         let can_id = done.frame.can_id();
         let mut faults = lock(&self.bus.faults);
