@@ -316,8 +316,10 @@ impl Run {
             }
             self.ends = ends;
         }
-        self.read_frames()?;
+        // One clock read per step: on emulated hardware (HPET) each read is a slow system call,
+        // and the schedule needs no finer stamps than the step's.
         let now = Instant::now();
+        self.read_frames(now)?;
         while let Some(done) = self.schedule.next_done(now) {
             self.finish(&done, now);
         }
@@ -340,9 +342,7 @@ impl Run {
         } else {
             NO_WAKE_POLL
         };
-        let timeout = deadline.map_or(longest, |d| {
-            d.saturating_duration_since(Instant::now()).min(longest)
-        });
+        let timeout = deadline.map_or(longest, |d| d.saturating_duration_since(now).min(longest));
         self.wait(timeout)
     }
 
@@ -400,7 +400,8 @@ impl Run {
         )
     }
 
-    fn read_frames(&mut self) -> std::io::Result<()> {
+    /// Reads the frames waiting, as arrived at `now`.
+    fn read_frames(&mut self, now: Instant) -> std::io::Result<()> {
         let mut raw = [0u8; CANFD_MTU];
         loop {
             let (n, from) = match self.socket.recv_from(&mut raw) {
@@ -411,7 +412,6 @@ impl Run {
                 Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => continue,
                 Err(e) => return Err(e),
             };
-            let now = Instant::now();
             let Some(mut frame) = Frame::from_raw(&raw[..n]) else {
                 self.release(from);
                 continue;
