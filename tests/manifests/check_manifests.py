@@ -2138,8 +2138,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report.skip("rendering equals real kustomize", "; ".join(oracle_notes) or "no kustomize installed")
 
-    example_pod = [d for d in yaml.safe_load_all((root / "deploy/examples/can-pod.yaml").read_text()) if d]
-    report.run("Kubernetes schemas (kubernetes-validate, offline)", lambda: validate_schemas(renders.rendered, {"examples/can-pod.yaml": example_pod}))
+    examples = {
+        f"examples/{name}": [d for d in yaml.safe_load_all((root / "deploy/examples" / name).read_text()) if d]
+        for name in ("can-pod.yaml", "fault-injector-rbac.yaml")
+    }
+    report.run("Kubernetes schemas (kubernetes-validate, offline)", lambda: validate_schemas(renders.rendered, examples))
     base_source = (root / "deploy/base/daemonset.yaml").read_text()
     for name, (_, flavour) in renders.cases.items():
         if name in renders.rendered:
@@ -2149,7 +2152,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda objects=objects, flavour=flavour: check_daemonset(objects, flavour, base_source),
             )
             report.run(f"selectors, namespaces, monitors: {name}", lambda objects=objects: check_objects(objects))
-    report.run("example pod requests 2 vcan interfaces", lambda: check_example_pod(example_pod[0]))
+    report.run("example pod requests 2 vcan interfaces", lambda: check_example_pod(examples["examples/can-pod.yaml"][0]))
 
     promtool = shutil.which(args.promtool) or (args.promtool if Path(args.promtool).is_file() else None)
     if promtool is None:

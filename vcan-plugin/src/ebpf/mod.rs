@@ -439,20 +439,6 @@ pub struct Counters {
     queues: Mutex<Queues>,
 }
 
-impl crate::bus::timing::TxCredits for Counters {
-    fn release(&self, slot: u32, frames: u64) {
-        let mut q = self.lock_queues();
-        let Some(done) = q.done.get_mut(&slot) else {
-            return;
-        };
-        *done += frames;
-        let done = *done;
-        if let Err(e) = q.txdone.insert(slot, done, 0) {
-            tracing::debug!(slot, error = %e, "a transmit queue's credit was not given back");
-        }
-    }
-}
-
 /// The transmit queues of timed-bus members (see `struct vcan_txq`).
 struct Queues {
     txq: loader::TxqMap,
@@ -576,6 +562,20 @@ impl Counters {
             }
         }
         Ok(())
+    }
+
+    /// Counts `frames` more frames of the transmit queue of `slot` as having left the bus, making
+    /// room for as many (a slot without a queue is ignored).
+    pub fn tx_done(&self, slot: u32, frames: u64) {
+        let mut q = self.lock_queues();
+        let Some(done) = q.done.get_mut(&slot) else {
+            return;
+        };
+        *done += frames;
+        let done = *done;
+        if let Err(e) = q.txdone.insert(slot, done, 0) {
+            tracing::debug!(slot, error = %e, "a transmit queue's room was not given back");
+        }
     }
 
     /// Writes refused because the transmit queue of `slot` was full.

@@ -52,6 +52,12 @@ pub trait TxCredits: Send + Sync + std::fmt::Debug {
     fn release(&self, slot: u32, frames: u64);
 }
 
+impl TxCredits for crate::ebpf::Counters {
+    fn release(&self, slot: u32, frames: u64) {
+        self.tx_done(slot, frames);
+    }
+}
+
 /// Why the scheduler could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum TimingError {
