@@ -207,21 +207,13 @@ impl RawCanSocket {
             return Err(fail("socket"));
         }
         // SAFETY: raw is a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let on: libc::c_int = 1;
-        // SAFETY: the option value points at a c_int of the length given.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                SOL_CAN_RAW,
-                CAN_RAW_FD_FRAMES,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
+        let socket = RawCanSocket {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
         };
-        if rc != 0 {
-            return Err(fail("setsockopt(CAN_RAW_FD_FRAMES)"));
-        }
+        socket
+            .set_option(CAN_RAW_FD_FRAMES, 1)
+            .map_err(|_| fail("setsockopt(CAN_RAW_FD_FRAMES)"))?;
+        let fd = socket.fd;
         // Frames wait here while the reader waits for a CPU; the default buffer holds about 200.
         {
             use std::os::fd::AsFd;
