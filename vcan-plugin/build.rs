@@ -1,5 +1,5 @@
 //! Generates the gRPC client and server code for the kubelet device-plugin,
-//! kubelet pod-resources and CRI APIs from the `.proto` files under `proto/`.
+//! kubelet pod-resources, CRI and containerd events APIs from the `.proto` files under `proto/`.
 //!
 //! The protos are parsed by `protox` (pure Rust, so no `protoc` is needed)
 //! and the resulting descriptor set is handed to `tonic-build`.
@@ -13,6 +13,8 @@ const PROTOS: &[&str] = &[
     "deviceplugin/v1beta1/api.proto",
     "podresources/v1/api.proto",
     "cri/v1/api.proto",
+    "containerd/services/events/v1/events.proto",
+    "containerd/events/task.proto",
 ];
 
 fn main() -> Result<()> {

@@ -627,6 +627,7 @@ fn scrape(
         controllers: Vec::new(),
         tunnels: Vec::new(),
         socketcand: Vec::new(),
+        sandbox_index: None,
     };
     let t2 = Instant::now();
     let text = metrics.render(&snapshot);

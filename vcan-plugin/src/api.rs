@@ -8,6 +8,8 @@
 //! - [`cri::v1`]: a subset of the Container Runtime Interface (`runtime.v1`),
 //!   as served by containerd and CRI-O, for looking up pod sandboxes and for
 //!   running pods from a kubelet stand-in in tests.
+//! - [`containerd`]: containerd's events service and task events, which keep
+//!   the plugin's index of pod sandboxes current between PreStarts.
 //!
 //! The `.proto` files are wire compatible with the upstream Kubernetes ones
 //! (same packages, services, methods, messages, field numbers and types), so
@@ -48,6 +50,27 @@ pub mod cri {
     #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::nursery)]
     pub mod v1 {
         tonic::include_proto!("runtime.v1");
+    }
+}
+
+/// containerd's own API, the events service and task events (subset).
+pub mod containerd {
+    /// Generated from `proto/containerd/events/task.proto`.
+    #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::nursery)]
+    pub mod events {
+        tonic::include_proto!("containerd.events");
+    }
+
+    /// containerd's services.
+    pub mod services {
+        /// The events service.
+        pub mod events {
+            /// Generated from `proto/containerd/services/events/v1/events.proto`.
+            #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::nursery)]
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.events.v1");
+            }
+        }
     }
 }
 

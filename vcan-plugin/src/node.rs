@@ -10,13 +10,15 @@ use crate::bus::Bus;
 use crate::bus::timing::load::{DROP_REASONS, WAIT_BUCKETS};
 use crate::control::request::FaultKind;
 use crate::hardware::Controller;
+use crate::pod::sandbox_index::SandboxIndex;
 use crate::serve::ResourceServer;
 use crate::socketcand::server::Endpoint;
 use crate::telemetry::bus_load::{FaultSample, MemberLabels, SenderSample, TimedBusSample};
 use crate::telemetry::health::Health;
 use crate::telemetry::http::StateSource;
 use crate::telemetry::metrics::{
-    BusFrames, BusSample, ResourceSample, Snapshot, TrafficSample, TunnelPeerSample, TunnelSample,
+    BusFrames, BusSample, ResourceSample, SandboxIndexSample, Snapshot, TrafficSample,
+    TunnelPeerSample, TunnelSample,
 };
 use crate::tunnel::endpoint::Tunnel;
 
@@ -39,6 +41,7 @@ pub struct NodeState {
     controllers: Vec<Arc<Controller>>,
     tunnels: Vec<Arc<Tunnel>>,
     socketcand: Vec<Arc<Endpoint>>,
+    sandbox_index: Option<Arc<SandboxIndex>>,
     vcan_health: watch::Receiver<Health>,
 }
 
@@ -58,6 +61,7 @@ impl NodeState {
             controllers,
             tunnels,
             socketcand: Vec::new(),
+            sandbox_index: None,
             vcan_health,
         }
     }
@@ -65,6 +69,12 @@ impl NodeState {
     /// The state with the buses' socketcand `endpoints` too.
     pub fn with_socketcand(mut self, endpoints: Vec<Arc<Endpoint>>) -> Self {
         self.socketcand = endpoints;
+        self
+    }
+
+    /// The state with the index of the runtime's sandboxes too.
+    pub fn with_sandbox_index(mut self, index: Arc<SandboxIndex>) -> Self {
+        self.sandbox_index = Some(index);
         self
     }
 
@@ -260,6 +270,16 @@ impl StateSource for NodeState {
             tunnels: self.tunnels(),
             socketcand: self.socketcand.iter().map(|e| e.sample()).collect(),
             timed_buses: self.timed_buses(),
+            sandbox_index: self.sandbox_index.as_ref().map(|index| {
+                let s = index.sample();
+                SandboxIndexSample {
+                    synced: s.synced,
+                    sandboxes: s.sandboxes as u64,
+                    hits: s.hits,
+                    misses: s.misses,
+                    resyncs: s.resyncs,
+                }
+            }),
         }
     }
 

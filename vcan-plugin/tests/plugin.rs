@@ -375,3 +375,44 @@ async fn prestart_reaches_the_pods_own_namespace_and_retries_when_rate_limited()
     }
     stop.cancel();
 }
+
+/// Twenty PreStarts' pod lookups at once share a few PodResources listings instead of making one
+/// each, every one of them sees every pod, and a lookup after them makes a listing of its own.
+#[tokio::test]
+async fn concurrent_pod_lookups_share_listings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("pod-resources").join("kubelet.sock");
+    let kubelet = vcan_test_support::kubelet::Kubelet::start(&dir.path().join("dp"), &socket)
+        .await
+        .expect("kubelet stand-in");
+    for i in 0..20 {
+        let id = format!("vcan-{i}");
+        kubelet.record_pod(
+            "default",
+            &format!("p{i}"),
+            &[("app", RESOURCE, &[id.as_str()])],
+        );
+    }
+    let client = vcan_plugin::pod::resources::PodResources::new(&socket);
+    let lookups: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.pods_with(RESOURCE).await })
+        })
+        .collect();
+    for lookup in lookups {
+        let pods = lookup.await.expect("task").expect("listing");
+        assert_eq!(pods.len(), 20);
+    }
+    let shared = kubelet.list_calls();
+    assert!(
+        (1..=3).contains(&shared),
+        "20 lookups at once made {shared} List calls"
+    );
+    client.pods_with(RESOURCE).await.expect("listing");
+    assert_eq!(
+        kubelet.list_calls(),
+        shared + 1,
+        "a later lookup lists again"
+    );
+}

@@ -70,6 +70,13 @@ impl Node {
             .run_sandbox(spec)
             .await
             .with_context(|| format!("RunPodSandbox for {}/{}", spec.namespace, spec.name))?;
+        // The kubelet reads the new sandbox's status (for the pod's IP) before starting
+        // containers, and makes sure each container's image is there before its
+        // PreStartContainer; the plugin sees PreStart after these calls, as it would in a cluster.
+        self.cri
+            .sandbox_status(&sandbox)
+            .await
+            .with_context(|| format!("PodSandboxStatus for {}/{}", spec.namespace, spec.name))?;
         let mut started = StartedPod {
             spec: spec.clone(),
             sandbox,
@@ -88,6 +95,10 @@ impl Node {
                 .filter(|a| a.container == container.name)
                 .cloned()
                 .collect();
+            self.cri
+                .image_id(&container.image)
+                .await
+                .with_context(|| format!("ImageStatus for container {}", container.name))?;
             let mut envs = HashMap::new();
             for devices in allocations {
                 let t = Instant::now();

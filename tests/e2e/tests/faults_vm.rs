@@ -418,6 +418,42 @@ async fn a_hung_or_restarted_containerd_releases_nothing(
         t.plugin.metric(TX_CLASSIC) == Some(6.0)
     })
     .await;
+    sandbox_index_follows_the_restarted_containerd(t, &before).await;
+}
+
+/// The plugin started while containerd hung and containerd restarted since: the index of
+/// sandboxes opened containerd's event stream again, listed the sandboxes again, and a pod
+/// started now finds its namespace in memory rather than by asking the runtime.
+async fn sandbox_index_follows_the_restarted_containerd(t: &TestNode, before: &Footprint) {
+    const SYNCED: &str = "vcan_plugin_sandbox_index_synced";
+    const RESYNCS: &str = "vcan_plugin_sandbox_index_resyncs_total";
+    const FROM_INDEX: &str = "vcan_plugin_sandbox_lookups_total{source=\"index\"}";
+    until(
+        "the sandbox index follows containerd again",
+        Duration::from_secs(30),
+        || t.plugin.metric(SYNCED) == Some(1.0),
+    )
+    .await;
+    let resyncs = t.plugin.metric(RESYNCS).expect("resync count");
+    assert!(
+        resyncs >= 2.0,
+        "one listing at the plugin's start, one after containerd's restart: {resyncs}"
+    );
+    let hits = t.plugin.metric(FROM_INDEX).expect("lookup count");
+    let fresh = t.run_pod_ok(&sleeper("after-containerd", 2, &[])).await;
+    let now = t.plugin.metric(FROM_INDEX).expect("lookup count");
+    assert_eq!(
+        now,
+        hits + 1.0,
+        "the new pod's sandbox was not found in memory:\n{}",
+        t.plugin.log()
+    );
+    println!("sandbox index: {resyncs} listings; the new pod's namespace found in memory");
+    t.node.delete_pod(&fresh).await.expect("delete");
+    until("the new pod released", RECONCILE * 2, || {
+        footprint(t) == *before
+    })
+    .await;
 }
 
 /// The plugin SIGKILLed at different moments of a PreStart (a private pod with two vcans and a

@@ -18,7 +18,8 @@ use crate::hardware::{self, Controller, HardwareSpec};
 use crate::kubelet::registration::Registrar;
 use crate::node::{NodeState, ServedResource};
 use crate::pod::resources::PodResources;
-use crate::pod::runtime::{self, CriRuntime, SandboxLookup};
+use crate::pod::runtime::{self, SandboxLookup};
+use crate::pod::sandbox_index::SandboxIndex;
 use crate::resource::DeviceSet;
 use crate::serve::bus_member::BusMembership;
 use crate::serve::passthrough::Passthrough;
@@ -193,7 +194,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let attach_mode = counters
         .as_ref()
         .map_or("none", |c| c.attach_mode().as_str());
-    let runtime: Arc<dyn SandboxLookup> = Arc::new(CriRuntime::new(&containerd_socket));
+    let sandbox_index = Arc::new(SandboxIndex::new(&containerd_socket));
+    let runtime: Arc<dyn SandboxLookup> = sandbox_index.clone();
     let pod_resources = PodResources::new(&config.pod_resources_socket);
     let interval = Duration::from_secs(config.health_interval.max(1));
     let vcan_health = health::watch(interval);
@@ -354,7 +356,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             tunnels.clone(),
             vcan_health,
         )
-        .with_socketcand(endpoints.clone()),
+        .with_socketcand(endpoints.clone())
+        .with_sandbox_index(sandbox_index.clone()),
     );
 
     // One task per long-running part, one failure policy: the first that fails stops them all
@@ -365,6 +368,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // without devices, and a bus member joining before an older member is adopted is connected
     // to it when the adoption adds that member's rules.
     tasks.spawn(reconcile_loop(servers, metrics.clone(), shutdown.clone()));
+    // Without the index every PreStart asks the runtime, which is slower but as correct: its end
+    // (a runtime without containerd's events API) stops nothing else.
+    let index_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            () = sandbox_index.run() => {}
+            () = index_shutdown.cancelled() => {}
+        }
+        index_shutdown.cancelled().await;
+        Ok(())
+    });
     for tunnel in tunnels {
         let shutdown = shutdown.clone();
         tasks.spawn(on_own_thread(move || async move {

@@ -4,13 +4,17 @@
 //! the time PreStart is called the owning pod is listed here.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::api::podresources::v1::ListPodResourcesRequest;
 use crate::api::podresources::v1::pod_resources_lister_client::PodResourcesListerClient;
+use crate::api::podresources::v1::{ListPodResourcesRequest, ListPodResourcesResponse};
 use crate::uds;
 
 /// A pod, by namespace and name (PodResources carries no UID).
@@ -38,7 +42,7 @@ pub struct PodDevices {
 }
 
 /// Why the owner of some devices could not be found.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PodResourcesError {
     /// The kubelet's PodResources API did not answer.
     #[error(
@@ -72,11 +76,35 @@ pub enum PodResourcesError {
     },
 }
 
-/// A client of the kubelet's PodResources API.
+/// A client of the kubelet's PodResources API. Clones share one stream of listings: a call
+/// joins the next listing to start (never one already under way, which may predate the pod it
+/// looks for), so that many PreStarts at once make a few `List` calls instead of one each.
 #[derive(Debug, Clone)]
 pub struct PodResources {
     client: PodResourcesListerClient<Channel>,
     path: PathBuf,
+    listings: Arc<Mutex<Listings>>,
+}
+
+/// A `List` call that several callers await.
+type Listing = Shared<BoxFuture<'static, Result<Arc<ListPodResourcesResponse>, PodResourcesError>>>;
+
+#[derive(Default)]
+struct Listings {
+    /// The listing that has not started yet (it waits for `running`): callers join it.
+    next: Option<(u64, Listing)>,
+    /// The listing under way (or the last one, finished).
+    running: Option<Listing>,
+    ids: u64,
+}
+
+impl std::fmt::Debug for Listings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listings")
+            .field("next", &self.next.as_ref().map(|(id, _)| id))
+            .field("listed", &self.ids)
+            .finish()
+    }
 }
 
 /// How often to retry when the kubelet rate-limits PodResources (100 qps, burst 10).
@@ -88,16 +116,58 @@ impl PodResources {
         PodResources {
             client: PodResourcesListerClient::new(uds::lazy_channel(path, uds::CALL_DEADLINE)),
             path: path.to_path_buf(),
+            listings: Arc::default(),
         }
     }
 
-    /// Every pod holding devices of `resource`, with its device IDs.
-    pub async fn pods_with(&self, resource: &str) -> Result<Vec<PodDevices>, PodResourcesError> {
+    fn lock(&self) -> MutexGuard<'_, Listings> {
+        self.listings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A listing that starts after this call: the next one to start, joined if another caller
+    /// already waits for it.
+    async fn listing(&self) -> Result<Arc<ListPodResourcesResponse>, PodResourcesError> {
+        let listing = {
+            let mut listings = self.lock();
+            match &listings.next {
+                Some((_, next)) => next.clone(),
+                None => {
+                    listings.ids += 1;
+                    let id = listings.ids;
+                    let previous = listings.running.clone();
+                    let this = self.clone();
+                    let listing = async move {
+                        if let Some(previous) = previous {
+                            let _ = previous.await;
+                        }
+                        {
+                            // Started: whoever comes now waits for the listing after this one.
+                            let mut listings = this.lock();
+                            if listings.next.as_ref().is_some_and(|(next, _)| *next == id) {
+                                listings.running = listings.next.take().map(|(_, l)| l);
+                            }
+                        }
+                        this.list_once().await.map(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
+                    listings.next = Some((id, listing.clone()));
+                    listing
+                }
+            }
+        };
+        listing.await
+    }
+
+    /// One `List` call, retried while the kubelet rate-limits it.
+    async fn list_once(&self) -> Result<ListPodResourcesResponse, PodResourcesError> {
         let mut delay = Duration::from_millis(20);
         let mut attempt = 0;
-        let response = loop {
+        loop {
             match self.client.clone().list(ListPodResourcesRequest {}).await {
-                Ok(r) => break r.into_inner(),
+                Ok(r) => return Ok(r.into_inner()),
                 Err(status)
                     if status.code() == Code::ResourceExhausted && attempt < RATE_LIMIT_RETRIES =>
                 {
@@ -113,10 +183,15 @@ impl PodResources {
                     });
                 }
             }
-        };
+        }
+    }
+
+    /// Every pod holding devices of `resource`, with its device IDs.
+    pub async fn pods_with(&self, resource: &str) -> Result<Vec<PodDevices>, PodResourcesError> {
+        let response = self.listing().await?;
         Ok(response
             .pod_resources
-            .into_iter()
+            .iter()
             .filter_map(|pod| {
                 let device_ids: Vec<String> = pod
                     .containers
@@ -127,8 +202,8 @@ impl PodResources {
                     .collect();
                 (!device_ids.is_empty()).then_some(PodDevices {
                     pod: PodRef {
-                        namespace: pod.namespace,
-                        name: pod.name,
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
                     },
                     device_ids,
                 })

@@ -150,108 +150,80 @@ pub fn netns_from_info(info: &str) -> Result<Option<PathBuf>, String> {
     }))
 }
 
-#[async_trait::async_trait]
-impl SandboxLookup for CriRuntime {
-    async fn sandbox(&self, pod: &PodRef) -> Result<Sandbox, RuntimeError> {
-        let mut client = self.client.clone();
-        let labels = HashMap::from([
-            ("io.kubernetes.pod.name".to_string(), pod.name.clone()),
-            (
-                "io.kubernetes.pod.namespace".to_string(),
-                pod.namespace.clone(),
-            ),
-        ]);
-        let items = client
-            .list_pod_sandbox(ListPodSandboxRequest {
-                filter: Some(PodSandboxFilter {
-                    state: Some(PodSandboxStateValue {
-                        state: PodSandboxState::SandboxReady as i32,
-                    }),
-                    label_selector: labels,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(|s| self.unavailable(s))?
-            .into_inner()
-            .items;
-        // Several ready sandboxes of one pod (same UID) happen briefly when it gets a new one: the
-        // newest is the live one. Ready sandboxes of different pods under one name mean an old
-        // pod still runs; picking one could put interfaces into the wrong pod.
-        let uids: BTreeSet<&str> = items
-            .iter()
-            .map(|s| {
-                s.labels
-                    .get("io.kubernetes.pod.uid")
-                    .map_or("", String::as_str)
-            })
-            .collect();
-        if uids.len() > 1 {
-            return Err(RuntimeError::Ambiguous {
-                pod: pod.clone(),
-                count: uids.len(),
-                uids: uids.into_iter().map(str::to_string).collect(),
-            });
-        }
-        let newest = items
-            .into_iter()
-            .max_by_key(|s| s.created_at)
-            .ok_or_else(|| RuntimeError::NoSandbox(pod.clone()))?;
-        let response = client
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: newest.id.clone(),
-                verbose: true,
-            })
-            .await
-            .map_err(|s| self.unavailable(s))?
-            .into_inner();
-        let status = response.status.unwrap_or_default();
-        let network_mode = status
-            .linux
-            .as_ref()
-            .and_then(|l| l.namespaces.as_ref())
-            .and_then(|n| n.options.as_ref())
-            .map(|o| o.network)
-            .unwrap_or_default();
-        let netns = if network_mode == NamespaceMode::Node as i32 {
-            None
-        } else {
-            let info = response
-                .info
-                .get("info")
-                .ok_or_else(|| RuntimeError::NoNetns {
-                    id: newest.id.clone(),
-                    pod: pod.clone(),
-                    why: "the verbose status has no `info` entry".into(),
-                })?;
-            let path = netns_from_info(info).map_err(|why| RuntimeError::NoNetns {
-                id: newest.id.clone(),
-                pod: pod.clone(),
-                why,
-            })?;
-            Some(path.ok_or_else(|| RuntimeError::NoNetns {
-                id: newest.id.clone(),
-                pod: pod.clone(),
-                why: "no network namespace path in the info".into(),
-            })?)
-        };
-        Ok(Sandbox {
-            uid: newest
-                .labels
-                .get("io.kubernetes.pod.uid")
-                .cloned()
-                .unwrap_or_default(),
-            id: newest.id,
-            netns,
-            annotations: if status.annotations.is_empty() {
-                newest.annotations
-            } else {
-                status.annotations
-            },
-        })
-    }
+/// A ready sandbox as the runtime lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The runtime's sandbox ID.
+    pub id: String,
+    /// The pod's UID (label `io.kubernetes.pod.uid`).
+    pub uid: String,
+    /// When the runtime created it, nanoseconds since the Unix epoch.
+    pub created_at: i64,
+}
 
-    async fn ready_sandboxes(&self) -> Result<HashSet<String>, RuntimeError> {
+/// A sandbox in full, from its verbose status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    /// The pod it belongs to.
+    pub pod: PodRef,
+    /// Whether it is ready (its pause process runs).
+    pub ready: bool,
+    /// When the runtime created it, nanoseconds since the Unix epoch.
+    pub created_at: i64,
+    /// Where it lives.
+    pub sandbox: Sandbox,
+}
+
+/// The sandbox of `pod` among `listed`, its ready sandboxes: the newest, since several of one pod
+/// (same UID) happen briefly when it gets a new one. Ready sandboxes of different pods under one
+/// name mean an old pod still runs; picking one could put interfaces into the wrong pod.
+pub fn choose<'a>(pod: &PodRef, listed: &'a [Listed]) -> Result<&'a Listed, RuntimeError> {
+    let uids: BTreeSet<&str> = listed.iter().map(|s| s.uid.as_str()).collect();
+    if uids.len() > 1 {
+        return Err(RuntimeError::Ambiguous {
+            pod: pod.clone(),
+            count: uids.len(),
+            uids: uids.into_iter().map(str::to_string).collect(),
+        });
+    }
+    listed
+        .iter()
+        .max_by_key(|s| s.created_at)
+        .ok_or_else(|| RuntimeError::NoSandbox(pod.clone()))
+}
+
+/// The pod a sandbox's labels name, if they name one.
+fn pod_of(labels: &HashMap<String, String>) -> Option<PodRef> {
+    Some(PodRef {
+        namespace: labels.get("io.kubernetes.pod.namespace")?.clone(),
+        name: labels.get("io.kubernetes.pod.name")?.clone(),
+    })
+}
+
+fn uid_of(labels: &HashMap<String, String>) -> String {
+    labels
+        .get("io.kubernetes.pod.uid")
+        .cloned()
+        .unwrap_or_default()
+}
+
+impl CriRuntime {
+    /// The ready sandboxes of `pod`, or of every pod; each with the pod its labels name.
+    pub async fn list_ready(
+        &self,
+        pod: Option<&PodRef>,
+    ) -> Result<Vec<(PodRef, Listed)>, RuntimeError> {
+        let label_selector = pod
+            .map(|pod| {
+                HashMap::from([
+                    ("io.kubernetes.pod.name".to_string(), pod.name.clone()),
+                    (
+                        "io.kubernetes.pod.namespace".to_string(),
+                        pod.namespace.clone(),
+                    ),
+                ])
+            })
+            .unwrap_or_default();
         let items = self
             .client
             .clone()
@@ -260,6 +232,7 @@ impl SandboxLookup for CriRuntime {
                     state: Some(PodSandboxStateValue {
                         state: PodSandboxState::SandboxReady as i32,
                     }),
+                    label_selector,
                     ..Default::default()
                 }),
             })
@@ -267,7 +240,102 @@ impl SandboxLookup for CriRuntime {
             .map_err(|s| self.unavailable(s))?
             .into_inner()
             .items;
-        Ok(items.into_iter().map(|s| s.id).collect())
+        Ok(items
+            .into_iter()
+            .filter_map(|s| {
+                let pod = pod_of(&s.labels)?;
+                Some((
+                    pod,
+                    Listed {
+                        uid: uid_of(&s.labels),
+                        id: s.id,
+                        created_at: s.created_at,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    /// The sandbox `id` in full; `None` when the runtime has no such sandbox (the ID of an app
+    /// container, say) or it belongs to no pod.
+    pub async fn describe(&self, id: &str) -> Result<Option<Described>, RuntimeError> {
+        let response = match self
+            .client
+            .clone()
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_string(),
+                verbose: true,
+            })
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
+            Err(status) => return Err(self.unavailable(status)),
+        };
+        let status = response.status.unwrap_or_default();
+        let Some(pod) = pod_of(&status.labels) else {
+            return Ok(None);
+        };
+        let network_mode = status
+            .linux
+            .as_ref()
+            .and_then(|l| l.namespaces.as_ref())
+            .and_then(|n| n.options.as_ref())
+            .map(|o| o.network)
+            .unwrap_or_default();
+        let no_netns = |why: String| RuntimeError::NoNetns {
+            id: id.to_string(),
+            pod: pod.clone(),
+            why,
+        };
+        let netns = if network_mode == NamespaceMode::Node as i32 {
+            None
+        } else {
+            let info = response
+                .info
+                .get("info")
+                .ok_or_else(|| no_netns("the verbose status has no `info` entry".into()))?;
+            let path = netns_from_info(info).map_err(no_netns)?;
+            Some(path.ok_or_else(|| no_netns("no network namespace path in the info".into()))?)
+        };
+        Ok(Some(Described {
+            ready: status.state == PodSandboxState::SandboxReady as i32,
+            created_at: status.created_at,
+            sandbox: Sandbox {
+                id: id.to_string(),
+                uid: uid_of(&status.labels),
+                netns,
+                annotations: status.annotations,
+            },
+            pod,
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl SandboxLookup for CriRuntime {
+    async fn sandbox(&self, pod: &PodRef) -> Result<Sandbox, RuntimeError> {
+        let listed: Vec<Listed> = self
+            .list_ready(Some(pod))
+            .await?
+            .into_iter()
+            .map(|(_, listed)| listed)
+            .collect();
+        let newest = choose(pod, &listed)?;
+        match self.describe(&newest.id).await? {
+            Some(described) => Ok(described.sandbox),
+            // Stopped and removed between the two calls.
+            None => Err(RuntimeError::NoSandbox(pod.clone())),
+        }
+    }
+
+    async fn ready_sandboxes(&self) -> Result<HashSet<String>, RuntimeError> {
+        Ok(self
+            .list_ready(None)
+            .await?
+            .into_iter()
+            .map(|(_, listed)| listed.id)
+            .collect())
     }
 }
 

@@ -102,6 +102,23 @@ pub struct Snapshot {
     pub socketcand: Vec<SocketcandSample>,
     /// Timed buses: load, shares, waits, faults.
     pub timed_buses: Vec<super::bus_load::TimedBusSample>,
+    /// The in-memory index of the runtime's pod sandboxes, if the runtime has an event stream.
+    pub sandbox_index: Option<SandboxIndexSample>,
+}
+
+/// The index of pod sandboxes that PreStart reads instead of asking the runtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SandboxIndexSample {
+    /// Whether it follows the runtime's events now (lookups are answered from memory).
+    pub synced: bool,
+    /// Ready sandboxes it knows.
+    pub sandboxes: u64,
+    /// Lookups answered from memory.
+    pub hits: u64,
+    /// Lookups that asked the runtime.
+    pub misses: u64,
+    /// Full listings of the runtime's sandboxes (each time the event stream opened).
+    pub resyncs: u64,
 }
 
 /// One bus's socketcand endpoint for a scrape.
@@ -413,6 +430,46 @@ impl Metrics {
         write_traffic(&mut text, &now.traffic);
         text
     }
+}
+
+/// The sandbox index's series.
+fn sandbox_index_families(index: &SandboxIndexSample) -> Vec<prometheus::proto::MetricFamily> {
+    let synced = Gauge::with_opts(Opts::new(
+        name("sandbox_index_synced"),
+        "1 while the index of pod sandboxes follows the runtime's events, so that PreStart finds \
+         a pod's namespace in memory; 0 while the stream is being (re)opened.",
+    ))
+    .expect("valid metric");
+    synced.set(f64::from(u8::from(index.synced)));
+    let sandboxes = Gauge::with_opts(Opts::new(
+        name("sandbox_index_sandboxes"),
+        "Ready pod sandboxes in the index.",
+    ))
+    .expect("valid metric");
+    sandboxes.set(index.sandboxes as f64);
+    let resyncs = IntCounter::with_opts(Opts::new(
+        name("sandbox_index_resyncs_total"),
+        "Full listings of the runtime's sandboxes: one each time its event stream opened.",
+    ))
+    .expect("valid metric");
+    resyncs.inc_by(index.resyncs);
+    let lookups = IntCounterVec::new(
+        Opts::new(
+            name("sandbox_lookups_total"),
+            "Sandbox lookups of PreStart, by where the answer came from: index (memory) or \
+             runtime (CRI calls: the pod was not indexed yet or the index was out of step).",
+        ),
+        &["source"],
+    )
+    .expect("valid metric");
+    lookups.with_label_values(&["index"]).inc_by(index.hits);
+    lookups.with_label_values(&["runtime"]).inc_by(index.misses);
+    let mut families = Vec::new();
+    families.extend(synced.collect());
+    families.extend(sandboxes.collect());
+    families.extend(resyncs.collect());
+    families.extend(lookups.collect());
+    families
 }
 
 /// Help text of the traffic families, in output order.
@@ -902,6 +959,9 @@ fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
     families.extend(tunnel_families(&now.tunnels));
     families.extend(socketcand_families(&now.socketcand));
     families.extend(super::bus_load::families(&now.timed_buses));
+    if let Some(index) = &now.sandbox_index {
+        families.extend(sandbox_index_families(index));
+    }
     families.extend(gauge(
         "vcan_supported",
         "1 if this node can create vcan interfaces (vcan module present).",
@@ -1034,6 +1094,13 @@ mod tests {
                     frames: 5,
                 }],
             }],
+            sandbox_index: Some(SandboxIndexSample {
+                synced: true,
+                sandboxes: 3,
+                hits: 40,
+                misses: 2,
+                resyncs: 1,
+            }),
             controllers: vec![
                 ControllerSample {
                     controller: "bench".into(),
@@ -1079,6 +1146,11 @@ mod tests {
             "vcan_plugin_bus_faults_injected_total{bus=\"chassis\",kind=\"bus_off\",namespace=\"default\",pod=\"ecu\"} 1",
             "vcan_plugin_bus_fault_frames_total{bus=\"chassis\",kind=\"bus_off\",namespace=\"default\",pod=\"ecu\"} 5",
             "# TYPE vcan_plugin_reconcile_passes_total counter",
+            "vcan_plugin_sandbox_index_synced 1",
+            "vcan_plugin_sandbox_index_sandboxes 3",
+            "vcan_plugin_sandbox_index_resyncs_total 1",
+            "vcan_plugin_sandbox_lookups_total{source=\"index\"} 40",
+            "vcan_plugin_sandbox_lookups_total{source=\"runtime\"} 2",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_pods_served{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/bus-powertrain\"} 1",
