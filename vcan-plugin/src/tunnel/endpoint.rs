@@ -35,6 +35,7 @@ use crate::bus::tunnel_io_name;
 use crate::kernel::can_raw::{CANFD_MTU, RawCanSocket};
 use crate::kernel::netns::Netns;
 use crate::kernel::sockbuf::Buffer;
+use crate::kernel::timerfd::PreciseTimer;
 use crate::tunnel::auth::{Freshness, ReplayWindow, TRAILER_LEN, TunnelKey};
 use crate::tunnel::peers::spawn_resolver;
 use crate::tunnel::reorder::Reorder;
@@ -141,6 +142,14 @@ pub enum TunnelError {
         bus: String,
         /// The port.
         port: u16,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The batch timer could not be made.
+    #[error("bus {bus}: cannot create the tunnel's batch timer: {source}")]
+    Timer {
+        /// The bus.
+        bus: String,
         /// The error.
         source: std::io::Error,
     },
@@ -392,8 +401,18 @@ impl Tunnel {
             .unwrap_or_else(|_| unreachable!("the payload limit holds the largest frame"));
         let mut buf = vec![0u8; wire::MAX_PACKET_LEN];
         let mut packet = Vec::with_capacity(DEFAULT_PAYLOAD_LIMIT);
+        // The batch time is a fraction of a millisecond to a few; tokio's timer would round it
+        // up to its next millisecond tick.
+        let mut flush_timer = PreciseTimer::new().map_err(|source| TunnelError::Timer {
+            bus: self.bus.clone(),
+            source,
+        })?;
         loop {
-            let flush_at = state.deadline;
+            if let Err(e) = flush_timer.set(state.deadline.map(tokio::time::Instant::into_std)) {
+                tracing::warn!(error = %e, "cannot arm the batch timer; sending now");
+                state.deadline = None;
+                self.send(&udp, &encoder, &mut state, &mut packet).await;
+            }
             let held_until = state
                 .peers
                 .values()
@@ -436,7 +455,13 @@ impl Tunnel {
                         Ok(frames) => {
                             state.out.extend(frames.into_iter().map(|f| (f, Origin::Local)));
                             self.schedule(&mut state);
-                            state.last_read = Some(tokio::time::Instant::now());
+                            let now = tokio::time::Instant::now();
+                            state.last_read = Some(now);
+                            // Frames due now go now, not after another turn of the loop.
+                            if state.deadline.is_some_and(|d| d <= now) {
+                                state.deadline = None;
+                                self.send(&udp, &encoder, &mut state, &mut packet).await;
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "the tunnel's CAN end failed; reopening");
@@ -444,7 +469,10 @@ impl Tunnel {
                         }
                     }
                 }
-                () = sleep_until(flush_at) => {
+                expired = flush_timer.expired() => {
+                    if let Err(e) = expired {
+                        tracing::warn!(error = %e, "the batch timer failed; sending now");
+                    }
                     state.deadline = None;
                     self.send(&udp, &encoder, &mut state, &mut packet).await;
                 }
