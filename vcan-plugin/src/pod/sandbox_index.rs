@@ -228,10 +228,13 @@ impl SandboxIndex {
     /// Describes the started task `id` on a task of its own, so that many pods starting at once
     /// are described at once; asks once more a moment later if it was not a ready sandbox yet.
     fn describe_started(self: &Arc<Self>, id: String) {
-        if self.lock().by_id.contains_key(&id) {
-            return;
+        {
+            let mut state = self.lock();
+            if state.by_id.contains_key(&id) {
+                return;
+            }
+            state.describing += 1;
         }
-        self.lock().describing += 1;
         let index = self.clone();
         tokio::spawn(async move {
             let first = index.learn(&id).await;
