@@ -619,6 +619,7 @@ fn scrape(
             allocated: targets.len(),
             pods_served: targets.len(),
             registered: true,
+            ..Default::default()
         }],
         vcan_supported: true,
         traffic,

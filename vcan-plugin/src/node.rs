@@ -242,6 +242,7 @@ impl NodeState {
             .iter()
             .map(|r| {
                 let devices = r.server.devices().len();
+                let (remembered, listed) = r.server.pod_lookups();
                 ResourceSample {
                     resource: r.server.resource().to_string(),
                     devices,
@@ -253,6 +254,8 @@ impl NodeState {
                     allocated: r.server.allocated(),
                     pods_served: r.server.served().len(),
                     registered: r.registered.load(Ordering::SeqCst),
+                    pod_lookups_remembered: remembered,
+                    pod_lookups_listed: listed,
                 }
             })
             .collect()

@@ -416,3 +416,64 @@ async fn concurrent_pod_lookups_share_listings() {
         "a later lookup lists again"
     );
 }
+
+/// The PodResources listing made after an Allocate answers the container's PreStart without a
+/// listing of its own, and never for devices allocated again after it was made: a device handed
+/// to another pod is looked up afresh.
+#[tokio::test]
+async fn a_pod_lookup_after_an_allocate_reads_the_listing_made_after_it() {
+    use vcan_plugin::pod::resources::{OwnerSource, PodResources};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("pod-resources").join("kubelet.sock");
+    let kubelet = vcan_test_support::kubelet::Kubelet::start(&dir.path().join("dp"), &socket)
+        .await
+        .expect("kubelet stand-in");
+    let client = PodResources::new(&socket);
+    let ids = vec!["vcan-0".to_string(), "vcan-1".to_string()];
+    kubelet.record_pod(
+        "default",
+        "first",
+        &[("app", RESOURCE, &["vcan-0", "vcan-1"])],
+    );
+    client.allocated(RESOURCE, &ids);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while kubelet.list_calls() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no listing after the Allocate"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the listing finish.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let listed = kubelet.list_calls();
+    let found = client.owner(RESOURCE, &ids).await.expect("owner");
+    assert_eq!(
+        (found.owner.pod.name.as_str(), found.source),
+        ("first", OwnerSource::Remembered)
+    );
+    assert_eq!(kubelet.list_calls(), listed, "answered from memory");
+
+    // The pod is gone and its devices go to another pod: the old listing must not answer.
+    kubelet.forget("default", "first");
+    kubelet.record_pod(
+        "default",
+        "second",
+        &[("app", RESOURCE, &["vcan-0", "vcan-1"])],
+    );
+    client.allocated(RESOURCE, &ids);
+    let found = client.owner(RESOURCE, &ids).await.expect("owner");
+    // From a listing of its own, or from the one after the new Allocate if that came first.
+    assert_eq!(found.owner.pod.name, "second");
+
+    // Devices whose Allocate this process did not see (it started later) are looked up afresh.
+    kubelet.record_pod("default", "older", &[("app", RESOURCE, &["vcan-7"])]);
+    let found = client
+        .owner(RESOURCE, &["vcan-7".to_string()])
+        .await
+        .expect("owner");
+    assert_eq!(
+        (found.owner.pod.name.as_str(), found.source),
+        ("older", OwnerSource::Listed)
+    );
+}

@@ -439,18 +439,39 @@ async fn sandbox_index_follows_the_restarted_containerd(t: &TestNode, before: &F
         resyncs >= 2.0,
         "one listing at the plugin's start, one after containerd's restart: {resyncs}"
     );
-    let hits = t.plugin.metric(FROM_INDEX).expect("lookup count");
-    let fresh = t.run_pod_ok(&sleeper("after-containerd", 2, &[])).await;
-    let now = t.plugin.metric(FROM_INDEX).expect("lookup count");
-    assert_eq!(
-        now,
-        hits + 1.0,
-        "the new pod's sandbox was not found in memory:\n{}",
-        t.plugin.log()
+    // Pods one after another, as a kubelet starts them: each PreStart finds its pod in the
+    // listing made after its Allocate and the sandbox in memory, without asking anyone.
+    let owners_remembered =
+        format!("vcan_plugin_pod_lookups_total{{resource=\"{RESOURCE}\",source=\"memory\"}}");
+    for i in 0..3 {
+        let hits = t.plugin.metric(FROM_INDEX).expect("lookup count");
+        let owners = t.plugin.metric(&owners_remembered).unwrap_or(0.0);
+        let fresh = t
+            .run_pod_ok(&sleeper(&format!("after-containerd-{i}"), 2, &[]))
+            .await;
+        let now = t.plugin.metric(FROM_INDEX).expect("lookup count");
+        assert_eq!(
+            now,
+            hits + 1.0,
+            "pod {i}: the sandbox was not found in memory:\n{}",
+            t.plugin.log()
+        );
+        let now = t
+            .plugin
+            .metric(&owners_remembered)
+            .expect("pod lookup count");
+        assert_eq!(
+            now,
+            owners + 1.0,
+            "pod {i}: the pod was not found in the listing after its Allocate:\n{}",
+            t.plugin.log()
+        );
+        t.node.delete_pod(&fresh).await.expect("delete");
+    }
+    println!(
+        "sandbox index: {resyncs} listings; three new pods' owners and namespaces found in memory"
     );
-    println!("sandbox index: {resyncs} listings; the new pod's namespace found in memory");
-    t.node.delete_pod(&fresh).await.expect("delete");
-    until("the new pod released", RECONCILE * 2, || {
+    until("the new pods released", RECONCILE * 2, || {
         footprint(t) == *before
     })
     .await;

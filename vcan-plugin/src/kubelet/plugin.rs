@@ -210,6 +210,9 @@ impl DevicePlugin for PluginService {
                 ..Default::default()
             });
         }
+        for container in &requests {
+            self.server.note_allocate(&container.devices_ids);
+        }
         self.metrics
             .allocate(&resource, Outcome::Success, started.elapsed());
         tracing::debug!(containers = requests.len(), elapsed = ?started.elapsed(), "Allocate");

@@ -2,10 +2,17 @@
 //!
 //! PreStartContainer carries only device IDs; the kubelet records an allocation at admission, so by
 //! the time PreStart is called the owning pod is listed here.
+//!
+//! The sandbox is created between admission and PreStart (a second or more), so the plugin lists
+//! the pods shortly after each Allocate and PreStart reads the owner from that listing. A listing
+//! answers for a device only if it started after the device's last Allocate: the kubelet hands a
+//! device to a new pod only through a new Allocate, so such a listing names the pod a listing made
+//! now would name.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -84,6 +91,43 @@ pub struct PodResources {
     client: PodResourcesListerClient<Channel>,
     path: PathBuf,
     listings: Arc<Mutex<Listings>>,
+    memory: Arc<Mutex<Memory>>,
+}
+
+/// What the listings after Allocates remember for PreStart.
+#[derive(Debug, Default)]
+struct Memory {
+    /// When each device (resource, ID) was last allocated by this process.
+    allocated: HashMap<(String, String), Instant>,
+    /// The newest listing by the time it was asked for.
+    latest: Option<(Instant, Arc<ListPodResourcesResponse>)>,
+}
+
+/// How long after an Allocate the pods are listed: the kubelet records the allocation once
+/// Allocate has returned.
+const LIST_AFTER_ALLOCATE: Duration = Duration::from_millis(30);
+/// Listings after an Allocate until one shows its devices, and the wait between them.
+const LISTS_AFTER_ALLOCATE: u32 = 3;
+const LIST_AGAIN_AFTER: Duration = Duration::from_millis(150);
+
+/// Where the owner of some devices came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerSource {
+    /// A listing made after the devices' Allocate, before the PreStart.
+    Remembered,
+    /// A listing made for this lookup.
+    Listed,
+}
+
+/// The owner of some devices and the listing it was found in.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    /// The pod holding the devices.
+    pub owner: PodDevices,
+    /// Every pod holding devices of the resource, per that listing.
+    pub pods: Vec<PodDevices>,
+    /// Where the listing came from.
+    pub source: OwnerSource,
 }
 
 /// A `List` call that several callers await.
@@ -117,7 +161,83 @@ impl PodResources {
             client: PodResourcesListerClient::new(uds::lazy_channel(path, uds::CALL_DEADLINE)),
             path: path.to_path_buf(),
             listings: Arc::default(),
+            memory: Arc::default(),
         }
+    }
+
+    fn memory(&self) -> MutexGuard<'_, Memory> {
+        self.memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes that the kubelet allocated `ids` of `resource` now, and lists the pods a moment
+    /// later (again, a few times, until the listing shows them) so that the PreStart of the
+    /// container finds its pod in memory. Needs a tokio runtime.
+    pub fn allocated(&self, resource: &str, ids: &[String]) {
+        let now = Instant::now();
+        {
+            let mut memory = self.memory();
+            for id in ids {
+                memory
+                    .allocated
+                    .insert((resource.to_string(), id.clone()), now);
+            }
+        }
+        let this = self.clone();
+        let resource = resource.to_string();
+        let ids = ids.to_vec();
+        tokio::spawn(async move {
+            let mut wait = LIST_AFTER_ALLOCATE;
+            for _ in 0..LISTS_AFTER_ALLOCATE {
+                tokio::time::sleep(wait).await;
+                wait = LIST_AGAIN_AFTER;
+                if this.remembered_owner(&resource, &ids).is_some() {
+                    return;
+                }
+                if let Err(e) = this.listing().await {
+                    tracing::debug!(error = %e, "cannot list pods after an Allocate");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The owner of `ids` according to the newest listing, if it started after every one of
+    /// them was last allocated.
+    fn remembered_owner(&self, resource: &str, ids: &[String]) -> Option<Owner> {
+        let memory = self.memory();
+        let (started, response) = memory.latest.as_ref()?;
+        let after_allocation = ids.iter().all(|id| {
+            memory
+                .allocated
+                .get(&(resource.to_string(), id.clone()))
+                .is_some_and(|at| at < started)
+        });
+        if !after_allocation {
+            return None;
+        }
+        let pods = pods_in(response, resource);
+        let owner = owner_of(pods.clone(), resource, ids).ok()?;
+        Some(Owner {
+            owner,
+            pods,
+            source: OwnerSource::Remembered,
+        })
+    }
+
+    /// The pod holding all of `ids` of `resource`: from the listing made after their Allocate if
+    /// that shows it, otherwise from a new listing.
+    pub async fn owner(&self, resource: &str, ids: &[String]) -> Result<Owner, PodResourcesError> {
+        if let Some(owner) = self.remembered_owner(resource, ids) {
+            return Ok(owner);
+        }
+        let pods = self.pods_with(resource).await?;
+        Ok(Owner {
+            owner: owner_of(pods.clone(), resource, ids)?,
+            pods,
+            source: OwnerSource::Listed,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Listings> {
@@ -149,7 +269,15 @@ impl PodResources {
                                 listings.running = listings.next.take().map(|(_, l)| l);
                             }
                         }
-                        this.list_once().await.map(Arc::new)
+                        let asked = Instant::now();
+                        let listed = this.list_once().await.map(Arc::new);
+                        if let Ok(response) = &listed {
+                            let mut memory = this.memory();
+                            if memory.latest.as_ref().is_none_or(|(at, _)| *at < asked) {
+                                memory.latest = Some((asked, response.clone()));
+                            }
+                        }
+                        listed
                     }
                     .boxed()
                     .shared();
@@ -186,30 +314,35 @@ impl PodResources {
         }
     }
 
-    /// Every pod holding devices of `resource`, with its device IDs.
+    /// Every pod holding devices of `resource`, with its device IDs, from a listing that starts
+    /// after this call.
     pub async fn pods_with(&self, resource: &str) -> Result<Vec<PodDevices>, PodResourcesError> {
-        let response = self.listing().await?;
-        Ok(response
-            .pod_resources
-            .iter()
-            .filter_map(|pod| {
-                let device_ids: Vec<String> = pod
-                    .containers
-                    .iter()
-                    .flat_map(|c| &c.devices)
-                    .filter(|d| d.resource_name == resource)
-                    .flat_map(|d| d.device_ids.iter().cloned())
-                    .collect();
-                (!device_ids.is_empty()).then_some(PodDevices {
-                    pod: PodRef {
-                        namespace: pod.namespace.clone(),
-                        name: pod.name.clone(),
-                    },
-                    device_ids,
-                })
-            })
-            .collect())
+        Ok(pods_in(&*self.listing().await?, resource))
     }
+}
+
+/// Every pod of `response` holding devices of `resource`, with its device IDs.
+fn pods_in(response: &ListPodResourcesResponse, resource: &str) -> Vec<PodDevices> {
+    response
+        .pod_resources
+        .iter()
+        .filter_map(|pod| {
+            let device_ids: Vec<String> = pod
+                .containers
+                .iter()
+                .flat_map(|c| &c.devices)
+                .filter(|d| d.resource_name == resource)
+                .flat_map(|d| d.device_ids.iter().cloned())
+                .collect();
+            (!device_ids.is_empty()).then_some(PodDevices {
+                pod: PodRef {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                },
+                device_ids,
+            })
+        })
+        .collect()
 }
 
 /// The pod among `pods` holding all of `ids` of `resource`.

@@ -28,9 +28,16 @@ use crate::pod::runtime_events::{self, EventsError, TaskEvent};
 /// acknowledgement to wait for; events of sandboxes that fall between are caught by the
 /// reconcile pass (see [`SandboxLookup::ready_sandboxes`]) or answered by the runtime.
 const SUBSCRIBE_SETTLE: Duration = Duration::from_millis(200);
-/// When to ask again about a started task that was not (yet) a ready sandbox: the CRI records a
-/// sandbox only after its task has started.
-const DESCRIBE_AGAIN_AFTER: Duration = Duration::from_millis(250);
+/// When to ask again about a started task that was not (yet) a ready sandbox, counted from the
+/// previous answer: the CRI records a sandbox as ready only after its task has started (and after
+/// a database write, which takes a while on a slow disk). App containers' tasks are never
+/// sandboxes, so the asking stops after the last of these.
+const DESCRIBE_AGAIN_AFTER: [Duration; 4] = [
+    Duration::from_millis(25),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+];
 /// Longest a lookup that missed waits for started tasks being described before it asks the
 /// runtime itself: about one description under load.
 const DESCRIBE_WAIT: Duration = Duration::from_millis(300);
@@ -55,6 +62,11 @@ struct State {
     by_id: HashMap<String, Entry>,
     /// Started tasks being described now: a lookup that misses waits for them.
     describing: usize,
+    /// Started tasks described once but not (yet) as a ready sandbox; asked again a moment later,
+    /// or at once by a lookup that misses.
+    waiting: HashSet<String>,
+    /// Waiting tasks being described again on a lookup's behalf: other lookups wait for them.
+    asking: HashSet<String>,
     /// IDs whose task ended, newest last: a description that returns after the end must not
     /// add the sandbox back.
     ended: VecDeque<String>,
@@ -163,20 +175,47 @@ impl SandboxIndex {
             .map(|e| e.sandbox.clone())
     }
 
-    /// `pod`'s sandbox from memory; if it is not there while started tasks are being described,
-    /// once they are (or [`DESCRIBE_WAIT`] has passed).
+    /// `pod`'s sandbox from memory; if it is not there, once the started tasks being described
+    /// are, and once those described too early to be ready sandboxes have been asked again (or
+    /// [`DESCRIBE_WAIT`] has passed). The kubelet calls PreStart only after RunPodSandbox has
+    /// returned, so by now the CRI knows the pod's sandbox as ready.
     async fn remembered_soon(&self, pod: &PodRef) -> Option<Sandbox> {
         let deadline = tokio::time::Instant::now() + DESCRIBE_WAIT;
+        let mut asked = HashSet::new();
         loop {
             let described = self.described.notified();
             if let Some(sandbox) = self.remembered(pod) {
                 return Some(sandbox);
             }
-            {
-                let state = self.lock();
-                if !state.synced || state.describing == 0 {
+            let (ask, busy) = {
+                let mut state = self.lock();
+                if !state.synced {
                     return None;
                 }
+                let ask: Vec<String> = state
+                    .waiting
+                    .iter()
+                    .filter(|id| !state.asking.contains(*id) && !asked.contains(*id))
+                    .cloned()
+                    .collect();
+                state.asking.extend(ask.iter().cloned());
+                (ask, state.describing > 0 || !state.asking.is_empty())
+            };
+            if !ask.is_empty() {
+                let again = futures::future::join_all(ask.iter().map(|id| self.learn(id)));
+                let _ = tokio::time::timeout_at(deadline, again).await;
+                {
+                    let mut state = self.lock();
+                    for id in &ask {
+                        state.asking.remove(id);
+                    }
+                }
+                asked.extend(ask);
+                self.described.notify_waiters();
+                continue;
+            }
+            if !busy {
+                return None;
             }
             if tokio::time::timeout_at(deadline, described).await.is_err() {
                 return self.remembered(pod);
@@ -189,6 +228,7 @@ impl SandboxIndex {
         state.synced = false;
         state.by_id.clear();
         state.ended.clear();
+        state.waiting.clear();
     }
 
     fn forget(&self, id: &str) {
@@ -196,6 +236,7 @@ impl SandboxIndex {
         if state.by_id.remove(id).is_some() {
             tracing::debug!(sandbox = id, "sandbox ended; removed from the index");
         }
+        state.waiting.remove(id);
         if state.ended.len() == ENDED_KEPT {
             state.ended.pop_front();
         }
@@ -208,6 +249,7 @@ impl SandboxIndex {
         match self.runtime.describe(id).await? {
             Some(d) if d.ready => {
                 let mut state = self.lock();
+                state.waiting.remove(id);
                 if !state.has_ended(id) {
                     tracing::debug!(sandbox = id, pod = %d.pod, "sandbox started; indexed");
                     state.by_id.insert(
@@ -226,7 +268,8 @@ impl SandboxIndex {
     }
 
     /// Describes the started task `id` on a task of its own, so that many pods starting at once
-    /// are described at once; asks once more a moment later if it was not a ready sandbox yet.
+    /// are described at once; while it is not a ready sandbox, asks again a little later (a
+    /// lookup that misses meanwhile asks at once, see [`SandboxIndex::remembered_soon`]).
     fn describe_started(self: &Arc<Self>, id: String) {
         {
             let mut state = self.lock();
@@ -237,21 +280,30 @@ impl SandboxIndex {
         }
         let index = self.clone();
         tokio::spawn(async move {
-            let first = index.learn(&id).await;
-            index.lock().describing -= 1;
-            index.described.notify_waiters();
-            match first {
-                Ok(true) => {}
-                Ok(false) => {
-                    tokio::time::sleep(DESCRIBE_AGAIN_AFTER).await;
-                    if !index.lock().has_ended(&id)
-                        && let Err(e) = index.learn(&id).await
-                    {
-                        tracing::debug!(error = %e, "cannot describe a started task");
-                    }
+            let mut learned = index.learn(&id).await;
+            {
+                let mut state = index.lock();
+                state.describing -= 1;
+                if matches!(learned, Ok(false)) && !state.has_ended(&id) {
+                    state.waiting.insert(id.clone());
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot describe a started task"),
             }
+            index.described.notify_waiters();
+            for delay in DESCRIBE_AGAIN_AFTER {
+                if !matches!(learned, Ok(false)) {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                if !index.lock().waiting.contains(&id) {
+                    // Indexed on a lookup's behalf, or ended.
+                    return;
+                }
+                learned = index.learn(&id).await;
+            }
+            if let Err(e) = learned {
+                tracing::debug!(error = %e, "cannot describe a started task");
+            }
+            index.lock().waiting.remove(&id);
         });
     }
 
@@ -419,6 +471,23 @@ mod tests {
             None
         );
         assert!(index.remembered(&pod("c")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lookup_asks_again_about_waiting_tasks_once_and_never_hangs() {
+        let index = index(Vec::new(), true);
+        index.lock().waiting.insert("task-1".into());
+        let started = std::time::Instant::now();
+        // The runtime cannot be reached: the task is asked about, and the lookup gives up.
+        assert!(index.remembered_soon(&pod("a")).await.is_none());
+        assert!(
+            started.elapsed() < DESCRIBE_WAIT * 2,
+            "{:?}",
+            started.elapsed()
+        );
+        let state = index.lock();
+        assert!(state.asking.is_empty(), "{:?}", state.asking);
+        assert!(state.waiting.contains("task-1"));
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ use crate::ebpf::{Attachment, Counters, EbpfError};
 use crate::kernel::link::{LinkError, LinkInfo};
 use crate::kernel::netns::{self, Netns};
 use crate::pod::annotations::PodConfigError;
-use crate::pod::resources::{self, PodDevices, PodRef, PodResources, PodResourcesError};
+use crate::pod::resources::{OwnerSource, PodDevices, PodRef, PodResources, PodResourcesError};
 use crate::pod::runtime::{RuntimeError, Sandbox, SandboxLookup};
 use crate::resource::{DeviceSet, ResourceName};
 pub use crate::telemetry::metrics::PreStartTimings;
@@ -235,6 +235,10 @@ pub struct ResourceServer {
     epoch: AtomicU64,
     /// Devices held by pods at the last look at PodResources.
     allocated: AtomicUsize,
+    /// PreStart's pod lookups answered by a listing made after the Allocate, and by a listing
+    /// of their own.
+    owners_remembered: AtomicU64,
+    owners_listed: AtomicU64,
     /// Why each pod that could not be adopted was not, so the log says it once.
     not_adopted: Mutex<HashMap<PodRef, String>>,
 }
@@ -268,6 +272,8 @@ impl ResourceServer {
             served: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             allocated: AtomicUsize::new(0),
+            owners_remembered: AtomicU64::new(0),
+            owners_listed: AtomicU64::new(0),
             not_adopted: Mutex::new(HashMap::new()),
         }
     }
@@ -290,6 +296,15 @@ impl ResourceServer {
     /// Devices held by pods, as of the last PodResources listing.
     pub fn allocated(&self) -> usize {
         self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// PreStart's pod lookups: (answered by the listing made after the Allocate, by a listing of
+    /// their own).
+    pub fn pod_lookups(&self) -> (u64, u64) {
+        (
+            self.owners_remembered.load(Ordering::Relaxed),
+            self.owners_listed.load(Ordering::Relaxed),
+        )
     }
 
     fn note_allocations(&self, pods: &[PodDevices]) {
@@ -330,6 +345,13 @@ impl ResourceServer {
         self.provision.allocate_env(&self.resource, ids)
     }
 
+    /// Notes that the kubelet allocated `ids` (checked by [`ResourceServer::allocate_env`]), so
+    /// that the owner is listed before the container's PreStart asks for it.
+    pub fn note_allocate(&self, ids: &[String]) {
+        self.pod_resources
+            .allocated(&self.resource.to_string(), ids);
+    }
+
     /// Makes the interfaces of the pod holding `ids`, returning once they are up.
     #[tracing::instrument(name = "prestart", skip_all, fields(resource = %self.resource, devices = ids.len()))]
     pub async fn prestart(
@@ -340,11 +362,15 @@ impl ResourceServer {
         let mut timings = PreStartTimings::default();
         let started = Instant::now();
         let resource = self.resource.to_string();
-        let pods = self.pod_resources.pods_with(&resource).await?;
-        self.note_allocations(&pods);
-        let owner = resources::owner_of(pods, &resource, ids)?;
+        let found = self.pod_resources.owner(&resource, ids).await?;
+        self.note_allocations(&found.pods);
+        match found.source {
+            OwnerSource::Remembered => &self.owners_remembered,
+            OwnerSource::Listed => &self.owners_listed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         timings.pod_lookup = started.elapsed();
-        let served = self.serve(owner, &mut timings).await?;
+        let served = self.serve(found.owner, &mut timings).await?;
         Ok((served, timings))
     }
 

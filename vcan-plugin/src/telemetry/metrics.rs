@@ -234,6 +234,10 @@ pub struct ResourceSample {
     pub pods_served: usize,
     /// Whether the kubelet accepted the current registration.
     pub registered: bool,
+    /// PreStart's pod lookups answered by the listing made after the Allocate.
+    pub pod_lookups_remembered: u64,
+    /// PreStart's pod lookups that listed the pods themselves.
+    pub pod_lookups_listed: u64,
 }
 
 /// One shared bus's state for a scrape.
@@ -913,6 +917,28 @@ fn state_families(now: &Snapshot) -> Vec<prometheus::proto::MetricFamily> {
         }
         families.extend(g.collect());
     }
+    if !now.resources.is_empty() {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                name("pod_lookups_total"),
+                "PreStart's lookups of the pod holding its devices, by the PodResources listing \
+                 used: memory (made after the devices' Allocate) or kubelet (made for the \
+                 PreStart: the plugin did not see the Allocate, or the listing after it came \
+                 too early).",
+            ),
+            &["resource", "source"],
+        )
+        .expect("valid metric");
+        for r in &now.resources {
+            lookups
+                .with_label_values(&[r.resource.as_str(), "memory"])
+                .inc_by(r.pod_lookups_remembered);
+            lookups
+                .with_label_values(&[r.resource.as_str(), "kubelet"])
+                .inc_by(r.pod_lookups_listed);
+        }
+        families.extend(lookups.collect());
+    }
     if !now.buses.is_empty() {
         let members = GaugeVec::new(
             Opts::new(
@@ -1011,6 +1037,8 @@ mod tests {
                     allocated: 2,
                     pods_served: 1,
                     registered: true,
+                    pod_lookups_remembered: 5,
+                    pod_lookups_listed: 1,
                 },
                 ResourceSample {
                     resource: "socketcan.io/bus-powertrain".into(),
@@ -1019,6 +1047,7 @@ mod tests {
                     allocated: 3,
                     pods_served: 3,
                     registered: true,
+                    ..Default::default()
                 },
             ],
             vcan_supported: true,
@@ -1124,6 +1153,8 @@ mod tests {
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_prestart_requests_total{outcome=\"error\",resource=\"socketcan.io/vcan\"} 1",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/vcan\"} 2",
+            "vcan_plugin_pod_lookups_total{resource=\"socketcan.io/vcan\",source=\"memory\"} 5",
+            "vcan_plugin_pod_lookups_total{resource=\"socketcan.io/vcan\",source=\"kubelet\"} 1",
             "vcan_plugin_reconcile_passes_total 2",
             "vcan_plugin_socketcand_clients{bus=\"powertrain\"} 2",
             "vcan_plugin_socketcand_connections_total{bus=\"powertrain\",result=\"refused\"} 1",

@@ -231,6 +231,10 @@ async fn main() -> Result<()> {
     for pod in &started_pods {
         t.node.delete_pod(pod).await?;
     }
+    // The plugin's log, kept past the node for a closer look at a run.
+    if let Some(path) = std::env::var_os("VCAN_BENCH_PLUGIN_LOG") {
+        std::fs::write(&path, t.plugin.log())?;
+    }
 
     println!(
         "targets: solo p99 {:.2} ms (goal <= 25 ms); concurrent p99 / solo p50 = {:.2} (goal <= 3)",
