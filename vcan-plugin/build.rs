@@ -1,5 +1,5 @@
 //! Generates the gRPC client and server code for the kubelet device-plugin,
-//! kubelet pod-resources, CRI and containerd events APIs from the `.proto` files under `proto/`.
+//! kubelet pod-resources, CRI and containerd events and containers APIs from the `.proto` files under `proto/`.
 //!
 //! The protos are parsed by `protox` (pure Rust, so no `protoc` is needed)
 //! and the resulting descriptor set is handed to `tonic-build`.
@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "podresources/v1/api.proto",
     "cri/v1/api.proto",
     "containerd/services/events/v1/events.proto",
+    "containerd/services/containers/v1/containers.proto",
     "containerd/events/task.proto",
 ];
 

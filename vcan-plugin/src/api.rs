@@ -9,7 +9,8 @@
 //!   as served by containerd and CRI-O, for looking up pod sandboxes and for
 //!   running pods from a kubelet stand-in in tests.
 //! - [`containerd`]: containerd's events service and task events, which keep
-//!   the plugin's index of pod sandboxes current between PreStarts.
+//!   the plugin's index of pod sandboxes current between PreStarts, and its
+//!   container records, which describe a sandbox whose task started.
 //!
 //! The `.proto` files are wire compatible with the upstream Kubernetes ones
 //! (same packages, services, methods, messages, field numbers and types), so
@@ -53,7 +54,7 @@ pub mod cri {
     }
 }
 
-/// containerd's own API, the events service and task events (subset).
+/// containerd's own API, the events and containers services and task events (subset).
 pub mod containerd {
     /// Generated from `proto/containerd/events/task.proto`.
     #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::nursery)]
@@ -69,6 +70,15 @@ pub mod containerd {
             #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::nursery)]
             pub mod v1 {
                 tonic::include_proto!("containerd.services.events.v1");
+            }
+        }
+
+        /// The containers service (container records).
+        pub mod containers {
+            /// Generated from `proto/containerd/services/containers/v1/containers.proto`.
+            #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::nursery)]
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.containers.v1");
             }
         }
     }

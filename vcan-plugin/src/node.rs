@@ -281,6 +281,8 @@ impl StateSource for NodeState {
                     hits: s.hits,
                     misses: s.misses,
                     resyncs: s.resyncs,
+                    described_by_record: s.described_by_record,
+                    described_by_cri: s.described_by_cri,
                 }
             }),
         }

@@ -443,6 +443,12 @@ async fn sandbox_index_follows_the_restarted_containerd(t: &TestNode, before: &F
     // listing made after its Allocate and the sandbox in memory, without asking anyone.
     let owners_remembered =
         format!("vcan_plugin_pod_lookups_total{{resource=\"{RESOURCE}\",source=\"memory\"}}");
+    const BY_RECORD: &str = "vcan_plugin_sandbox_descriptions_total{source=\"record\"}";
+    const BY_CRI: &str = "vcan_plugin_sandbox_descriptions_total{source=\"cri\"}";
+    let (records, cri) = (
+        t.plugin.metric(BY_RECORD).expect("description count"),
+        t.plugin.metric(BY_CRI).expect("description count"),
+    );
     for i in 0..3 {
         let hits = t.plugin.metric(FROM_INDEX).expect("lookup count");
         let owners = t.plugin.metric(&owners_remembered).unwrap_or(0.0);
@@ -468,6 +474,17 @@ async fn sandbox_index_follows_the_restarted_containerd(t: &TestNode, before: &F
         );
         t.node.delete_pod(&fresh).await.expect("delete");
     }
+    // containerd's own record of each new sandbox described it; the CRI was not needed.
+    let (records_now, cri_now) = (
+        t.plugin.metric(BY_RECORD).expect("description count"),
+        t.plugin.metric(BY_CRI).expect("description count"),
+    );
+    assert!(
+        records_now >= records + 3.0 && cri_now == cri,
+        "sandboxes described from records {records} -> {records_now}, by the CRI {cri} -> \
+         {cri_now}:\n{}",
+        t.plugin.log()
+    );
     println!(
         "sandbox index: {resyncs} listings; three new pods' owners and namespaces found in memory"
     );

@@ -3,6 +3,7 @@
 //! and what its annotations ask.
 
 pub mod annotations;
+pub mod container_record;
 pub mod resources;
 pub mod runtime;
 pub mod runtime_events;

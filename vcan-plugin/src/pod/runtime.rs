@@ -193,14 +193,14 @@ pub fn choose<'a>(pod: &PodRef, listed: &'a [Listed]) -> Result<&'a Listed, Runt
 }
 
 /// The pod a sandbox's labels name, if they name one.
-fn pod_of(labels: &HashMap<String, String>) -> Option<PodRef> {
+pub(crate) fn pod_of(labels: &HashMap<String, String>) -> Option<PodRef> {
     Some(PodRef {
         namespace: labels.get("io.kubernetes.pod.namespace")?.clone(),
         name: labels.get("io.kubernetes.pod.name")?.clone(),
     })
 }
 
-fn uid_of(labels: &HashMap<String, String>) -> String {
+pub(crate) fn uid_of(labels: &HashMap<String, String>) -> String {
     labels
         .get("io.kubernetes.pod.uid")
         .cloned()

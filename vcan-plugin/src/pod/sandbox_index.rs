@@ -2,9 +2,10 @@
 //! PreStart finds a pod's network namespace without asking the runtime.
 //!
 //! The index is filled by one listing when the event stream opens (and again after every gap in
-//! it) and by the events afterwards: a started task whose ID the CRI describes as a ready sandbox
-//! is added, an ended one removed. Started tasks are described concurrently; an ID whose end was
-//! seen is never added back by a description that returns later.
+//! it) and by the events afterwards: a started task whose container record is a sandbox's (or, if
+//! the record cannot be read, that the CRI describes as a ready sandbox) is added, an ended one
+//! removed. Started tasks are described concurrently; an ID whose end was seen is never added back
+//! by a description that returns later.
 //!
 //! It only ever answers from memory what the runtime would answer: a pod it does not know, a pod
 //! with sandboxes of several UIDs, a namespace file that is gone, or an index out of step with the
@@ -19,6 +20,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::Notify;
 
+use crate::pod::container_record::{ContainerRecords, Record};
 use crate::pod::resources::PodRef;
 use crate::pod::runtime::{self, CriRuntime, Listed, RuntimeError, Sandbox, SandboxLookup};
 use crate::pod::runtime_events::{self, EventsError, TaskEvent};
@@ -91,12 +93,28 @@ pub struct IndexSample {
     pub misses: u64,
     /// Full listings (stream opened or reopened).
     pub resyncs: u64,
+    /// Sandboxes described from containerd's container record.
+    pub described_by_record: u64,
+    /// Sandboxes described by the CRI (the record could not be read).
+    pub described_by_cri: u64,
+}
+
+/// What describing a started task found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Learned {
+    /// A ready sandbox, now in the index (unless it ended meanwhile).
+    Indexed,
+    /// Not a ready sandbox yet, as far as the CRI can tell.
+    NotYet,
+    /// An app container's task, or a container gone: never a sandbox.
+    NotSandbox,
 }
 
 /// Sandbox lookups from memory, falling back to the runtime; see the module documentation.
 #[derive(Debug)]
 pub struct SandboxIndex {
     runtime: CriRuntime,
+    records: ContainerRecords,
     socket: PathBuf,
     state: Mutex<State>,
     /// Woken when a description finishes.
@@ -104,6 +122,8 @@ pub struct SandboxIndex {
     hits: AtomicU64,
     misses: AtomicU64,
     resyncs: AtomicU64,
+    by_record: AtomicU64,
+    by_cri: AtomicU64,
 }
 
 impl SandboxIndex {
@@ -112,12 +132,15 @@ impl SandboxIndex {
     pub fn new(socket: &Path) -> Self {
         SandboxIndex {
             runtime: CriRuntime::new(socket),
+            records: ContainerRecords::new(socket),
             socket: socket.to_path_buf(),
             state: Mutex::new(State::default()),
             described: Notify::new(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            by_record: AtomicU64::new(0),
+            by_cri: AtomicU64::new(0),
         }
     }
 
@@ -137,6 +160,8 @@ impl SandboxIndex {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
+            described_by_record: self.by_record.load(Ordering::Relaxed),
+            described_by_cri: self.by_cri.load(Ordering::Relaxed),
         }
     }
 
@@ -243,10 +268,25 @@ impl SandboxIndex {
         state.ended.push_back(id.to_string());
     }
 
-    /// Describes `id` and records it if it is a ready sandbox that has not ended meanwhile;
-    /// whether it is a ready sandbox.
-    async fn learn(&self, id: &str) -> Result<bool, RuntimeError> {
-        match self.runtime.describe(id).await? {
+    /// Describes `id` (from its container record, else by the CRI) and records it if it is a
+    /// ready sandbox that has not ended meanwhile.
+    async fn learn(&self, id: &str) -> Result<Learned, RuntimeError> {
+        let described = match self.records.describe(id).await {
+            Ok(Record::Sandbox(d)) => {
+                self.by_record.fetch_add(1, Ordering::Relaxed);
+                Some(d)
+            }
+            Ok(Record::NotSandbox) => return Ok(Learned::NotSandbox),
+            Err(e) => {
+                tracing::debug!(error = %e, "describing the sandbox through the CRI instead");
+                let described = self.runtime.describe(id).await?;
+                if described.is_some() {
+                    self.by_cri.fetch_add(1, Ordering::Relaxed);
+                }
+                described
+            }
+        };
+        match described {
             Some(d) if d.ready => {
                 let mut state = self.lock();
                 state.waiting.remove(id);
@@ -261,9 +301,9 @@ impl SandboxIndex {
                         },
                     );
                 }
-                Ok(true)
+                Ok(Learned::Indexed)
             }
-            _ => Ok(false),
+            _ => Ok(Learned::NotYet),
         }
     }
 
@@ -284,13 +324,13 @@ impl SandboxIndex {
             {
                 let mut state = index.lock();
                 state.describing -= 1;
-                if matches!(learned, Ok(false)) && !state.has_ended(&id) {
+                if matches!(learned, Ok(Learned::NotYet)) && !state.has_ended(&id) {
                     state.waiting.insert(id.clone());
                 }
             }
             index.described.notify_waiters();
             for delay in DESCRIBE_AGAIN_AFTER {
-                if !matches!(learned, Ok(false)) {
+                if !matches!(learned, Ok(Learned::NotYet)) {
                     break;
                 }
                 tokio::time::sleep(delay).await;

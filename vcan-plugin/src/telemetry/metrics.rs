@@ -119,6 +119,10 @@ pub struct SandboxIndexSample {
     pub misses: u64,
     /// Full listings of the runtime's sandboxes (each time the event stream opened).
     pub resyncs: u64,
+    /// Sandboxes described from containerd's container record.
+    pub described_by_record: u64,
+    /// Sandboxes described by the CRI's verbose status.
+    pub described_by_cri: u64,
 }
 
 /// One bus's socketcand endpoint for a scrape.
@@ -468,11 +472,27 @@ fn sandbox_index_families(index: &SandboxIndexSample) -> Vec<prometheus::proto::
     .expect("valid metric");
     lookups.with_label_values(&["index"]).inc_by(index.hits);
     lookups.with_label_values(&["runtime"]).inc_by(index.misses);
+    let descriptions = IntCounterVec::new(
+        Opts::new(
+            name("sandbox_descriptions_total"),
+            "Sandboxes the index described, by how: record (containerd's container record, one \
+             metadata read) or cri (the CRI's verbose status, when the record could not be read).",
+        ),
+        &["source"],
+    )
+    .expect("valid metric");
+    descriptions
+        .with_label_values(&["record"])
+        .inc_by(index.described_by_record);
+    descriptions
+        .with_label_values(&["cri"])
+        .inc_by(index.described_by_cri);
     let mut families = Vec::new();
     families.extend(synced.collect());
     families.extend(sandboxes.collect());
     families.extend(resyncs.collect());
     families.extend(lookups.collect());
+    families.extend(descriptions.collect());
     families
 }
 
@@ -1129,6 +1149,8 @@ mod tests {
                 hits: 40,
                 misses: 2,
                 resyncs: 1,
+                described_by_record: 7,
+                described_by_cri: 1,
             }),
             controllers: vec![
                 ControllerSample {
@@ -1182,6 +1204,8 @@ mod tests {
             "vcan_plugin_sandbox_index_resyncs_total 1",
             "vcan_plugin_sandbox_lookups_total{source=\"index\"} 40",
             "vcan_plugin_sandbox_lookups_total{source=\"runtime\"} 2",
+            "vcan_plugin_sandbox_descriptions_total{source=\"record\"} 7",
+            "vcan_plugin_sandbox_descriptions_total{source=\"cri\"} 1",
             "vcan_plugin_devices_allocated{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_pods_served{resource=\"socketcan.io/bus-powertrain\"} 3",
             "vcan_plugin_allocate_requests_total{outcome=\"success\",resource=\"socketcan.io/bus-powertrain\"} 1",
