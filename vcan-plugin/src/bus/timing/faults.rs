@@ -231,7 +231,16 @@ impl Faults {
         let mut due = Vec::new();
         for a in &mut self.active {
             while a.errors.front().is_some_and(|(at, _)| *at <= now) {
-                if let Some((_, frame)) = a.errors.pop_front() {
+                if let Some((at, frame)) = a.errors.pop_front() {
+                    // restart-ms counts from the bus-off the member saw: a bus-off frame that
+                    // went out late moves the restart (and the end of the silence) with it.
+                    let late = now.saturating_duration_since(at);
+                    if frame.can_id() & CAN_ERR_BUSOFF != 0 && !late.is_zero() {
+                        for (later, _) in &mut a.errors {
+                            *later += late;
+                        }
+                        a.until += late;
+                    }
                     due.push(ErrorFrame {
                         end: a.end,
                         pod: a.pod.clone(),
@@ -350,6 +359,31 @@ mod tests {
         assert_eq!(f.sending(5, off + restart), Verdict::Pass);
         f.expire(off + restart);
         assert_eq!(f.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_bus_off_frame_sent_late_moves_the_restart_with_it() {
+        let t0 = Instant::now();
+        let mut f = Faults::default();
+        let restart = Duration::from_millis(300);
+        f.inject(
+            &[(5, pod("ecu"))],
+            &Target::All,
+            &FaultKind::BusOff { restart },
+            t0,
+        );
+        let off = t0 + 2 * ERROR_STEP;
+        let late = Duration::from_millis(40);
+        assert_eq!(f.due_error_frames(off + late).len(), 3);
+        assert_eq!(f.next_deadline(), Some(off + late + restart));
+        assert!(f.due_error_frames(off + restart).is_empty());
+        assert_eq!(
+            f.sending(5, off + restart),
+            Verdict::Drop("bus_off"),
+            "still off the bus: restart-ms has not passed since the bus-off frame"
+        );
+        assert_eq!(f.due_error_frames(off + late + restart).len(), 2);
+        assert_eq!(f.sending(5, off + late + restart), Verdict::Pass);
     }
 
     #[test]
